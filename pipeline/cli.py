@@ -1,0 +1,217 @@
+"""The `pipeline` command: run a pipeline file, or draw its diagram.
+
+A pipeline file is a Python file defining `pipeline(args: list[str]) -> Term`: it receives the
+arguments given after `--` and returns the root term. Heavy modules are imported only by the
+sub-command that needs them, so `pipeline --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.engine import Engine
+    from pipeline.term import Term
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+LEVEL_NAMES = ("harmless", "mostly-harmless", "average", "above-average", "dangerous")
+
+
+class PipelineFileError(Exception):
+    """The pipeline file could not give a pipeline; the message names the file and line."""
+
+
+def load_pipeline(path: Path, args: list[str]) -> Term[Any]:
+    """Import the pipeline file at `path` and call its `pipeline(args)`."""
+    from pipeline.term import Term
+
+    if not path.is_file():
+        raise PipelineFileError(f"{path}: no such file")
+    module_name = f"_pipeline_file_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise PipelineFileError(f"{path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    # Let the file import modules that sit beside it.
+    sys.path.insert(0, str(path.resolve().parent))
+    try:
+        spec.loader.exec_module(module)
+        make = getattr(module, "pipeline", None)
+        if not callable(make):
+            raise PipelineFileError(f"{path}: defines no function pipeline(args)")
+        root = make(args)
+    except PipelineFileError:
+        raise
+    except SyntaxError as exc:
+        raise PipelineFileError(f"{exc.filename}:{exc.lineno}: SyntaxError: {exc.msg}") from None
+    except Exception as exc:
+        raise PipelineFileError(_located(exc, path)) from None
+    if not isinstance(root, Term):
+        line = make.__code__.co_firstlineno
+        raise PipelineFileError(
+            f"{path}:{line}: pipeline() returned {type(root).__name__}, expected a Term"
+        )
+    return root
+
+
+def _located(exc: Exception, path: Path) -> str:
+    """`FILE:LINE: Type: message`, at the deepest frame of the traceback inside the file."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    target = str(path.resolve())
+    inside = [f for f in frames if Path(f.filename).resolve().as_posix() == target]
+    frame = inside[-1] if inside else frames[-1]
+    return f"{frame.filename}:{frame.lineno}: {type(exc).__name__}: {exc}"
+
+
+def _split_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of `pipeline`."""
+    parser = argparse.ArgumentParser(
+        prog="pipeline",
+        description="Incremental, reactive CI pipelines. A pipeline file defines "
+        "`pipeline(args) -> Term`; arguments after `--` are passed to it.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run", help="run a pipeline until interrupted (or once with --once)",
+        description="Evaluate the pipeline in FILE and keep it up to date as its inputs change, "
+        "until Ctrl-C (which cancels running jobs and saves state). Arguments after `--` go to "
+        "the file's pipeline(args).",
+    )
+    run.add_argument("file", metavar="FILE", type=Path, help="the pipeline file (Python)")
+    run.add_argument("--state-dir", metavar="DIR", type=Path, default=Path("var"),
+                     help="where cached outcomes and job logs are kept (default: ./var)")
+    run.add_argument("--confirm", metavar="LEVEL", choices=LEVEL_NAMES,
+                     help="jobs at or above this risk level wait for confirmation; one of "
+                     + ", ".join(LEVEL_NAMES) + " (default: never ask)")
+    run.add_argument("--once", action="store_true",
+                     help="run until nothing is ready or running, print each node's state, label "
+                     "and job, and exit 0 if the pipeline succeeded or 1 if not")
+
+    diagram = commands.add_parser(
+        "diagram", help="write the pipeline's diagram without running anything",
+        description="Write the static diagram of the pipeline in FILE (no job runs). "
+        "Arguments after `--` go to the file's pipeline(args).",
+    )
+    diagram.add_argument("file", metavar="FILE", type=Path, help="the pipeline file (Python)")
+    diagram.add_argument("-o", "--output", metavar="OUT", type=Path,
+                         help="write to OUT.svg or OUT.dot (default: DOT on standard output)")
+    diagram.add_argument("--expand", metavar="ID", action="append", default=[],
+                         help="open the collapsed group ID (key=value); may be repeated")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `pipeline` command; returns the exit status."""
+    own, passed = _split_args(list(sys.argv[1:] if argv is None else argv))
+    options = build_parser().parse_args(own)
+    try:
+        if options.command == "diagram":
+            return _diagram(options, passed)
+        return _run(options, passed)
+    except PipelineFileError as exc:
+        print(f"pipeline: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _diagram(options: argparse.Namespace, args: list[str]) -> int:
+    from pipeline.analysis import pipeline_graph
+    from pipeline.diagram import DiagramError, dot_to_svg, to_dot
+
+    out: Path | None = options.output
+    if out is not None and out.suffix not in (".svg", ".dot"):
+        print(f"pipeline: {out}: the output must end in .svg or .dot", file=sys.stderr)
+        return EXIT_USAGE
+    root = load_pipeline(options.file, args)
+    dot = to_dot(pipeline_graph(root, expand=options.expand))
+    if out is None:
+        sys.stdout.write(dot)
+        return EXIT_OK
+    try:
+        out.write_text(dot_to_svg(dot) if out.suffix == ".svg" else dot)
+    except DiagramError as exc:
+        print(f"pipeline: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _run(options: argparse.Namespace, args: list[str]) -> int:
+    from pipeline.engine import PipelineError
+    from pipeline.level import Level
+
+    root = load_pipeline(options.file, args)
+    confirm = Level.parse(options.confirm) if options.confirm else None
+    try:
+        return asyncio.run(_serve(root, options.state_dir, confirm, options.once))
+    except PipelineError as exc:
+        print(f"pipeline: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+async def _serve(root: Term[Any], state_dir: Path, confirm: Any, once: bool) -> int:
+    from pipeline.engine import Engine
+    from pipeline.output import Ok
+
+    engine = Engine(root, state_dir=state_dir, confirm=confirm)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await engine.start()
+    try:
+        if once:
+            await _until(engine.wait_idle(), stop)
+            print_states(engine)
+        else:
+            engine.jobs.on_change(_print_job)
+            engine.on_change(lambda: stop.set() if engine.fatal is not None else None)
+            await stop.wait()
+            if engine.fatal is not None:
+                raise engine.fatal
+        result = engine.root_output()
+    finally:
+        await engine.stop(reason="Cancelled: pipeline stopped")
+    return EXIT_OK if isinstance(result, Ok) else EXIT_FAILED
+
+
+async def _until(work: Any, stop: asyncio.Event) -> None:
+    """Run `work` unless `stop` is set first (Ctrl-C)."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if task in done:
+        task.result()
+    else:
+        task.cancel()
+
+
+def _print_job(job: Any) -> None:
+    print(f"{job.state:<24} {job.label:<24} {job.id}", flush=True)
+
+
+def print_states(engine: Engine) -> None:
+    """One line per node: state, label, and job id (marked "(cached)" if not run here)."""
+    from pipeline.analysis import pipeline_graph
+
+    for _, attrs in pipeline_graph(engine.root, engine).nodes(data=True):
+        job = attrs["job_id"] or ""
+        if job and attrs["cached"]:
+            job += " (cached)"
+        print(f"{attrs['state']:<24} {attrs['label']:<30} {job}".rstrip())

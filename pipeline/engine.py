@@ -1,0 +1,316 @@
+"""The engine: turns a term into live nodes and keeps their outputs up to date, incrementally.
+
+Every node has a height greater than its inputs'. A change schedules the nodes that read the
+changed output on a heap ordered by height, so each is evaluated after everything it depends on
+and only what is downstream of a change is visited; a node whose new output equals its old one
+schedules nothing. Dynamic dependencies (the sub-graph of a `bind`, the items of a `list_map`)
+raise heights as needed, and a dependency that would close a loop is reported as a cycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.cache import Cache
+from pipeline.clock import Clock, SystemClock
+from pipeline.jobs import Confirmation, JobRegistry
+from pipeline.level import Level
+from pipeline.monitor import Monitor, Watcher
+from pipeline.nodes import NODE_CLASSES, Node
+from pipeline.output import Output
+from pipeline.term import Term, as_term
+
+
+class PipelineError(Exception):
+    """A problem with the pipeline itself (not with one of its jobs)."""
+
+
+class CycleError(PipelineError):
+    """A dynamic sub-graph depends on its own output."""
+
+
+class Engine:
+    """Evaluates a pipeline and keeps it up to date.
+
+    `state_dir` holds the cache database and job logs (default `./var`); `confirm` is the
+    confirmation threshold (jobs at or above it wait for a person); `clock` gives the time for
+    schedules (a fake clock in tests). Use within a running event loop:
+
+        async with Engine(root) as engine:
+            await engine.wait_idle()
+    """
+
+    def __init__(
+        self,
+        root: Term[Any],
+        *,
+        state_dir: Path | str = "var",
+        confirm: Level | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.root = as_term(root)
+        self.state_dir = Path(state_dir)
+        self.clock: Clock = clock or SystemClock()
+        self.confirmation = Confirmation(confirm)
+        self.jobs = JobRegistry(self.state_dir / "job", self.confirmation, clock=self.clock.now)
+        self.cache = Cache(self, self.state_dir / "db.sqlite")
+        self.evaluations = 0
+        self.root_node: Node | None = None
+        self.fatal: PipelineError | None = None
+        self._nodes: dict[Term[Any], Node] = {}
+        self._uids = itertools.count()
+        self._heap: list[tuple[int, int, Node]] = []
+        self._seq = itertools.count()
+        self._kicked = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle = asyncio.Event()
+        self._watchers: dict[Hashable, Watcher] = {}
+        self._stopping: set[asyncio.Task[None]] = set()
+        self._change_listeners: list[Callable[[], None]] = []
+
+    # Life cycle
+
+    async def start(self) -> None:
+        """Instantiate the root term and start evaluating."""
+        self._loop = asyncio.get_running_loop()
+        self.cache.open()
+        self.jobs.on_change(lambda _job: self.check_idle())
+        self.root_node = self.acquire(self.root)
+
+    async def stop(self, *, reason: str = "Engine stopped") -> None:
+        """Cancel running jobs (their outcomes are not recorded), remove watches, save state."""
+        await self.cache.shutdown(reason)
+        if self.root_node is not None:
+            root, self.root_node = self.root_node, None
+            self.release(root)
+        if self._stopping:
+            await asyncio.gather(*self._stopping, return_exceptions=True)
+        self.cache.close()
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the engine runs on."""
+        if self._loop is None:
+            raise RuntimeError("engine not started")
+        return self._loop
+
+    # Nodes
+
+    def acquire(self, term: Term[Any]) -> Node:
+        """The node for `term`, created (with its inputs) if not live yet; counts one more user."""
+        node = self._nodes.get(term)
+        if node is None:
+            node = self._instantiate(term)
+        node.refcount += 1
+        return node
+
+    def _instantiate(self, term: Term[Any]) -> Node:
+        # Iterative depth-first walk, so that long chains do not hit the recursion limit.
+        stack: list[tuple[Term[Any], int]] = [(term, 0)]
+        while stack:
+            current, i = stack[-1]
+            if i < len(current.inputs):
+                stack[-1] = (current, i + 1)
+                child = current.inputs[i]
+                if child not in self._nodes:
+                    stack.append((child, 0))
+                continue
+            stack.pop()
+            if current in self._nodes:
+                continue
+            inputs = [self._nodes[c] for c in current.inputs]
+            node_class = NODE_CLASSES.get(type(current))
+            if node_class is None:
+                node_class = self.cache.node_class(current)
+            node = node_class(self, current, inputs, next(self._uids))
+            for input_node in inputs:
+                input_node.refcount += 1
+                input_node.dependents.add(node)
+            self._nodes[current] = node
+            node.attach()
+            self.schedule(node)
+        return self._nodes[term]
+
+    def release(self, node: Node) -> None:
+        """Count one user less; a node nobody uses is destroyed and releases its inputs."""
+        stack = [node]
+        while stack:
+            current = stack.pop()
+            current.refcount -= 1
+            if current.refcount > 0:
+                continue
+            current.dead = True
+            del self._nodes[current.term]
+            current.destroy()
+            for input_node in current.inputs:
+                input_node.dependents.discard(current)
+                stack.append(input_node)
+
+    def node_for(self, term: Term[Any]) -> Node | None:
+        """The live node of `term`, if any."""
+        return self._nodes.get(term)
+
+    def nodes(self) -> Iterator[Node]:
+        """Every live node."""
+        return iter(list(self._nodes.values()))
+
+    def add_dependency(self, node: Node, dependency: Node) -> bool:
+        """Make `node` read `dependency` dynamically; True if `node`'s height had to rise (it is
+        then scheduled again, to be evaluated after `dependency`)."""
+        dependency.dependents.add(node)
+        if dependency.height < node.height:
+            return False
+        self._raise_height(node, dependency.height + 1, dependency)
+        self.schedule(node)
+        return True
+
+    def remove_dependency(self, node: Node, dependency: Node) -> None:
+        """Stop `node` reading `dependency`."""
+        dependency.dependents.discard(node)
+
+    def _raise_height(self, node: Node, height: int, origin: Node) -> None:
+        stack = [(node, height)]
+        while stack:
+            current, h = stack.pop()
+            if current is origin:
+                origin.dependents.discard(node)
+                raise CycleError(_cycle_message(node.term, origin.term))
+            if current.height >= h:
+                continue
+            current.height = h
+            stack.extend((d, h + 1) for d in current.dependents)
+
+    # Evaluation
+
+    def schedule(self, node: Node) -> None:
+        """Evaluate `node` in the current or next round of evaluation."""
+        if node.dead or node.dirty:
+            return
+        node.dirty = True
+        heapq.heappush(self._heap, (node.height, next(self._seq), node))
+        if not self._kicked:
+            self._kicked = True
+            self._idle.clear()
+            self.loop.call_soon(self._process)
+
+    def set_output(self, node: Node, output: Output) -> None:
+        """Record `node`'s new output and schedule its readers if it changed."""
+        if output == node.output:
+            return
+        node.output = output
+        for dependent in tuple(node.dependents):
+            dependent.input_changed(node)
+
+    def _process(self) -> None:
+        self._kicked = False
+        heap = self._heap
+        try:
+            while heap and self.fatal is None:
+                height, _, node = heapq.heappop(heap)
+                if node.dead or not node.dirty:
+                    continue
+                if height != node.height:
+                    if height < node.height:
+                        heapq.heappush(heap, (node.height, next(self._seq), node))
+                    continue
+                node.dirty = False
+                self.evaluations += 1
+                node.evaluate()
+        except CycleError as exc:
+            self.fatal = exc
+        if self.fatal is not None:
+            heap.clear()
+        for listener in tuple(self._change_listeners):
+            listener()
+        self.check_idle()
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after each round of evaluation (e.g. to redraw a diagram)."""
+        self._change_listeners.append(listener)
+
+    # Monitors
+
+    def acquire_watcher(self, monitor: Monitor[Any]) -> Watcher:
+        """The shared watcher of `monitor`, installing the watch for its first user."""
+        watcher = self._watchers.get(monitor.key)
+        if watcher is None:
+            watcher = Watcher(monitor, self.loop)
+            self._watchers[monitor.key] = watcher
+            watcher.start(self.check_idle)
+        watcher.refcount += 1
+        return watcher
+
+    def release_watcher(self, watcher: Watcher) -> None:
+        """One user less; the last one removes the watch."""
+        watcher.refcount -= 1
+        if watcher.refcount == 0:
+            del self._watchers[watcher.monitor.key]
+            task = self.loop.create_task(watcher.stop())
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
+
+    # Idleness
+
+    def is_idle(self) -> bool:
+        """Nothing to evaluate, no monitor read pending, no job queued or running."""
+        return (
+            self.fatal is not None
+            or (not self._kicked
+                and not self._heap
+                and not any(w.busy for w in self._watchers.values())
+                and not self.cache.busy())
+        )
+
+    def check_idle(self) -> None:
+        """Update the idle event (called when a job, a monitor or the heap changes)."""
+        if self.is_idle():
+            self._idle.set()
+        else:
+            self._idle.clear()
+
+    async def wait_idle(self) -> None:
+        """Wait until nothing is left to evaluate, read, or run (jobs waiting for a person aside).
+
+        Raises the pipeline's fatal error (a cycle) if there is one.
+        """
+        while True:
+            self.check_idle()
+            await self._idle.wait()
+            await asyncio.sleep(0)
+            if self.is_idle():
+                break
+        if self.fatal is not None:
+            raise self.fatal
+
+    # Introspection
+
+    def state_counts(self) -> Counter[str]:
+        """How many live nodes are in each diagram state."""
+        return Counter(node.state for node in self._nodes.values())
+
+    def pool_stats(self) -> list[dict[str, Any]]:
+        """For each pool in use: name, capacity, slots in use, queue length."""
+        return [pool.stats() for pool in self.cache.pools()]
+
+    def root_output(self) -> Output | None:
+        """The root node's output (None before start)."""
+        return self.root_node.output if self.root_node is not None else None
+
+
+def _cycle_message(term: Term[Any], dependency: Term[Any]) -> str:
+    file, line = term.site
+    return (f"{file}:{line}: cycle: {term.label!r} depends on {dependency.label!r}, "
+            f"which depends on {term.label!r}")
