@@ -1,0 +1,464 @@
+"""Jobs: one run of a primitive, with its log file, risk level, pool slot and lifecycle.
+
+A job's life is ``CREATED -> [WAITING_FOR_CONFIRMATION] -> [READY] -> RUNNING -> OK | FAILED``.
+Whoever calls :meth:`Job.start` owns the job and must call :meth:`Job.finish` exactly once, also
+when ``start()`` raised (a cancelled job is finished with the error ``"Cancelled"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import re
+import secrets
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pipeline.level import Level
+from pipeline.pool import Pool, PoolSlot
+
+_LABEL_MAX = 40
+_UNSAFE_LABEL_CHAR = re.compile(r"[^A-Za-z0-9_.-]")
+# [0-9] rather than \d: \d also matches non-ASCII digits, which no job id contains.
+_JOB_ID = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}/[0-9]{6}-[A-Za-z0-9_.-]{1,40}-[0-9a-f]{6}")
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class JobState(enum.StrEnum):
+    """Where a job is in its life; the values match the diagram's node states."""
+
+    CREATED = "created"
+    WAITING_FOR_CONFIRMATION = "waiting-for-confirmation"
+    READY = "ready"
+    RUNNING = "running"
+    OK = "ok"
+    FAILED = "failed"
+
+
+class JobCancelled(Exception):
+    """Raised by :meth:`Job.start` when the job is cancelled before it starts running.
+
+    Deliberately not an :class:`asyncio.CancelledError`: the task awaiting ``start()`` was not
+    cancelled and should go on to record the failure with ``job.finish(str(exc))``.
+    """
+
+    def __init__(self, reason: str) -> None:
+        """Record why the job was cancelled; ``str(exc)`` is the reason."""
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Confirmation:
+    """The confirmation threshold shared by all jobs (``--confirm LEVEL``).
+
+    Jobs whose level is at or above the threshold wait for a person before they start; a threshold
+    of None never asks.
+    """
+
+    def __init__(self, threshold: Level | None = None) -> None:
+        """Start with `threshold` (None: no job needs confirmation)."""
+        self._threshold = threshold
+        # One wake-up event per job currently waiting; a threshold change sets them all so that
+        # each job re-checks its own level.
+        self._waiters: set[asyncio.Event] = set()
+
+    @property
+    def threshold(self) -> Level | None:
+        """The current threshold, or None if no job needs confirmation."""
+        return self._threshold
+
+    def needs_confirmation(self, level: Level) -> bool:
+        """Whether a job of `level` must wait for a person under the current threshold."""
+        return self._threshold is not None and level >= self._threshold
+
+    def set_threshold(self, threshold: Level | None) -> None:
+        """Change the threshold and re-check every waiting job.
+
+        Waiting jobs that no longer need confirmation go on at once. Jobs already past the check
+        are not recalled by a stricter threshold.
+        """
+        self._threshold = threshold
+        for waiter in self._waiters:
+            waiter.set()
+
+
+class Job:
+    """One run of a primitive. Made by :meth:`JobRegistry.create`, not constructed directly.
+
+    The log file is open from creation until :meth:`finish`; every write goes straight to it so
+    that followers (the web UI's log stream) see output at once.
+    """
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        label: str,
+        log_path: Path,
+        fd: int,
+        created: datetime,
+        level: Level,
+        pool: Pool | None,
+        confirmation: Confirmation,
+        clock: Callable[[], datetime],
+    ) -> None:
+        """Wrap an already-created log file `fd`; the job takes ownership of it."""
+        self.id = job_id
+        self.label = label
+        self.log_path = log_path
+        self.created = created
+        self.level = level
+        self.pool = pool
+        self._fd = fd
+        self._confirmation = confirmation
+        self._clock = clock
+        self._state = JobState.CREATED
+        self._started: datetime | None = None
+        self._finished: datetime | None = None
+        self._error: str | None = None
+        self._cancelled_reason: str | None = None
+        self._approved = False
+        self._starting = False
+        self._slot: PoolSlot | None = None
+        self._acquiring: asyncio.Future[PoolSlot] | None = None
+        # Set by approve(), cancel() and threshold changes: anything that may end a
+        # confirmation wait.
+        self._wakeup = asyncio.Event()
+        self._done = asyncio.Event()
+        self._state_callbacks: list[Callable[[Job], None]] = []
+        self._cancel_callbacks: list[Callable[[str], None]] = []
+
+    @property
+    def state(self) -> JobState:
+        """The job's current state."""
+        return self._state
+
+    @property
+    def started(self) -> datetime | None:
+        """When the job began running (UTC), or None if it has not."""
+        return self._started
+
+    @property
+    def finished(self) -> datetime | None:
+        """When the job finished (UTC), or None if it has not."""
+        return self._finished
+
+    @property
+    def error(self) -> str | None:
+        """The failure message once the job has FAILED, else None."""
+        return self._error
+
+    @property
+    def cancelled_reason(self) -> str | None:
+        """The reason given to :meth:`cancel`, or None if the job was not cancelled."""
+        return self._cancelled_reason
+
+    @property
+    def is_cancelled(self) -> bool:
+        """Whether :meth:`cancel` took effect (it does nothing on a finished job)."""
+        return self._cancelled_reason is not None
+
+    def log(self, message: str) -> None:
+        """Append the line ``YYYY-MM-DD HH:MM.SS: message`` (UTC) to the job's log."""
+        self.write(f"{self._clock():%Y-%m-%d %H:%M.%S}: {message}\n")
+
+    def write(self, data: bytes | str) -> None:
+        """Append raw output (e.g. a build's stdout) to the log; str is written as UTF-8.
+
+        Raises RuntimeError once the job has finished, because its log is then closed.
+        """
+        if self._done.is_set():
+            raise RuntimeError(f"job {self.id} has finished; its log is closed")
+        # A character that cannot be encoded must not fail the job that is logging it.
+        raw = data.encode("utf-8", errors="replace") if isinstance(data, str) else data
+        view = memoryview(raw)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    async def start(self, *, high_priority: bool = False) -> None:
+        """Take the job from CREATED to RUNNING.
+
+        If its level needs confirmation it first waits in WAITING_FOR_CONFIRMATION until
+        :meth:`approve` or a threshold change that no longer requires it. Then, if it has a pool, it
+        waits in READY for a slot (`high_priority` jumps the normal queue); the slot is held until
+        :meth:`finish`. Raises :class:`JobCancelled` if :meth:`cancel` is called before the job is
+        running; the caller must still :meth:`finish` it. Raises RuntimeError if called twice.
+        """
+        if self._state is not JobState.CREATED or self._starting:
+            raise RuntimeError(f"job {self.id} has already been started")
+        self._starting = True
+        try:
+            await self._await_confirmation()
+            if self.pool is not None:
+                self._slot = await self._acquire_slot(self.pool, high_priority)
+            self._started = self._clock()
+            self.log("Job started")
+            self._set_state(JobState.RUNNING)
+        finally:
+            self._starting = False
+
+    def approve(self) -> None:
+        """Start now: let the job run without waiting for confirmation.
+
+        Approving a job before it reaches the confirmation check also counts.
+        """
+        self._approved = True
+        self._wakeup.set()
+
+    def cancel(self, reason: str = "Cancelled") -> None:
+        """Ask the job to stop, recording `reason`.
+
+        A pending :meth:`start` raises :class:`JobCancelled`; every :meth:`on_cancel` callback is
+        called with `reason` (a callback's exception is written to the job log so that the others
+        still run). Does nothing if the job has finished or was already cancelled.
+        """
+        if self._done.is_set() or self._cancelled_reason is not None:
+            return
+        self._cancelled_reason = reason
+        self.log(f"Cancelling: {reason}")
+        self._wakeup.set()
+        if self._acquiring is not None:
+            self._acquiring.cancel()
+        for callback in self._cancel_callbacks:
+            try:
+                callback(reason)
+            except Exception as exc:
+                # cancel() is called by whoever pressed the button, not by the callback's owner;
+                # the job log is where the owner will look.
+                self.log(f"Error in cancel callback {callback!r}: {exc!r}")
+
+    def on_cancel(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(reason)` when the job is cancelled; at once if it already was."""
+        if self._cancelled_reason is not None:
+            callback(self._cancelled_reason)
+        else:
+            self._cancel_callbacks.append(callback)
+
+    def on_state_change(self, callback: Callable[[Job], None]) -> None:
+        """Call `callback(job)` after every change of :attr:`state`."""
+        self._state_callbacks.append(callback)
+
+    def finish(self, error: str | None = None) -> None:
+        """Record the outcome: OK if `error` is None, else FAILED with `error`.
+
+        Writes a final log line, closes the log, releases the pool slot and wakes
+        :meth:`wait_done`. Raises RuntimeError if the job has already finished, or if a
+        :meth:`start` is still waiting (cancel it and let it raise first).
+        """
+        if self._done.is_set():
+            raise RuntimeError(f"job {self.id} has already finished")
+        if self._starting:
+            raise RuntimeError(f"job {self.id} cannot finish while start() is waiting; cancel it")
+        self._finished = self._clock()
+        self._error = error
+        self.log("Job succeeded" if error is None else f"Job failed: {error}")
+        os.close(self._fd)
+        if self._slot is not None:
+            self._slot.release()
+            self._slot = None
+        self._done.set()
+        self._set_state(JobState.OK if error is None else JobState.FAILED)
+
+    async def wait_done(self) -> None:
+        """Wait until :meth:`finish` has been called."""
+        await self._done.wait()
+
+    def actions(self) -> set[str]:
+        """The actions a user may take now: a subset of ``{"cancel", "start-now"}``."""
+        if self._done.is_set() or self._cancelled_reason is not None:
+            return set()
+        if self._state is JobState.WAITING_FOR_CONFIRMATION:
+            return {"cancel", "start-now"}
+        return {"cancel"}
+
+    def follow(self, start: int = 0) -> AsyncIterator[bytes]:
+        """Stream this job's log from byte offset `start` until the job has finished."""
+        return follow_log(self.log_path, done=self._done.is_set, start=start)
+
+    def __repr__(self) -> str:
+        """Show the id and state."""
+        return f"<Job {self.id} {self._state}>"
+
+    def _set_state(self, state: JobState) -> None:
+        self._state = state
+        for callback in list(self._state_callbacks):
+            callback(self)
+
+    def _must_wait_for_confirmation(self) -> bool:
+        return (
+            self._cancelled_reason is None
+            and not self._approved
+            and self._confirmation.needs_confirmation(self.level)
+        )
+
+    def _raise_if_cancelled(self) -> None:
+        if self._cancelled_reason is not None:
+            raise JobCancelled(self._cancelled_reason)
+
+    async def _await_confirmation(self) -> None:
+        self._raise_if_cancelled()
+        if not self._must_wait_for_confirmation():
+            return
+        self._set_state(JobState.WAITING_FOR_CONFIRMATION)
+        self.log(
+            f"Waiting for confirmation: level {self.level} is at or above "
+            f"the threshold {self._confirmation.threshold}"
+        )
+        self._confirmation._waiters.add(self._wakeup)
+        try:
+            while self._must_wait_for_confirmation():
+                await self._wakeup.wait()
+                self._wakeup.clear()
+        finally:
+            self._confirmation._waiters.discard(self._wakeup)
+        self._raise_if_cancelled()
+
+    async def _acquire_slot(self, pool: Pool, high_priority: bool) -> PoolSlot:
+        self._set_state(JobState.READY)
+        self.log(f"Waiting for a slot in pool {pool.name}")
+        # A separate task, so that cancel() can withdraw the request without cancelling the
+        # caller's task; Pool.acquire cleans up the queue when its task is cancelled.
+        acquiring = asyncio.ensure_future(pool.acquire(high_priority=high_priority))
+        self._acquiring = acquiring
+        try:
+            slot = await acquiring
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            caller_cancelled = task is not None and task.cancelling() > 0
+            if self._cancelled_reason is not None and not caller_cancelled:
+                raise JobCancelled(self._cancelled_reason) from None
+            raise
+        finally:
+            self._acquiring = None
+        if self._cancelled_reason is not None:
+            # cancel() came after the pool granted the slot but before this task resumed.
+            slot.release()
+            raise JobCancelled(self._cancelled_reason)
+        return slot
+
+
+class JobRegistry:
+    """Creates jobs and finds them again: live jobs of this process, log files of any process."""
+
+    def __init__(
+        self,
+        jobs_dir: Path,
+        confirmation: Confirmation,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        """Keep logs under `jobs_dir` (e.g. ``var/job``); `clock` must return aware UTC times."""
+        self._jobs_dir = Path(jobs_dir)
+        self._confirmation = confirmation
+        self._clock = clock
+        self._jobs: dict[str, Job] = {}
+        self._change_callbacks: list[Callable[[Job], None]] = []
+
+    @property
+    def jobs_dir(self) -> Path:
+        """The directory holding every job's log."""
+        return self._jobs_dir
+
+    @property
+    def confirmation(self) -> Confirmation:
+        """The confirmation threshold the registry's jobs check."""
+        return self._confirmation
+
+    def create(self, label: str, *, level: Level = Level.AVERAGE, pool: Pool | None = None) -> Job:
+        """Create a job and its (empty) log file.
+
+        The id is ``YYYY-MM-DD/HHMMSS-label-xxxxxx``: creation time in UTC, `label` with characters
+        outside ``[A-Za-z0-9_.-]`` replaced by ``-`` and cut to 40 characters, and 6 random hex
+        digits. Raises ValueError for an empty label.
+        """
+        safe_label = _UNSAFE_LABEL_CHAR.sub("-", label)[:_LABEL_MAX]
+        if not safe_label:
+            raise ValueError("a job label must not be empty")
+        created = self._clock()
+        job_id, log_path, fd = self._create_log(created, safe_label)
+        job = Job(
+            job_id=job_id,
+            label=label,
+            log_path=log_path,
+            fd=fd,
+            created=created,
+            level=level,
+            pool=pool,
+            confirmation=self._confirmation,
+            clock=self._clock,
+        )
+        job.on_state_change(self._notify)
+        self._jobs[job_id] = job
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        """The job with `job_id` if this process created it, else None."""
+        return self._jobs.get(job_id)
+
+    def active(self) -> list[Job]:
+        """The jobs of this process that have not finished, oldest first."""
+        return [job for job in self._jobs.values() if job.finished is None]
+
+    def log_path(self, job_id: str) -> Path:
+        """The log file of `job_id`, which may belong to an earlier process.
+
+        Raises ValueError unless `job_id` has exactly the job id format, so that an id taken from
+        a URL cannot name a file outside the jobs directory.
+        """
+        if not _JOB_ID.fullmatch(job_id):
+            raise ValueError(f"not a job id: {job_id!r}")
+        return self._jobs_dir / f"{job_id}.log"
+
+    def on_change(self, callback: Callable[[Job], None]) -> None:
+        """Call `callback(job)` whenever any job of this registry changes state."""
+        self._change_callbacks.append(callback)
+
+    def _notify(self, job: Job) -> None:
+        for callback in list(self._change_callbacks):
+            callback(job)
+
+    def _create_log(self, created: datetime, safe_label: str) -> tuple[str, Path, int]:
+        while True:
+            job_id = f"{created:%Y-%m-%d}/{created:%H%M%S}-{safe_label}-{secrets.token_hex(3)}"
+            log_path = self.log_path(job_id)
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                # O_EXCL: a suffix clash (same label, same second) or a log left by an earlier
+                # process must get a fresh id, never a shared log file.
+                fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+            except FileExistsError:
+                continue
+            return job_id, log_path, fd
+
+
+async def follow_log(
+    path: Path,
+    *,
+    done: Callable[[], bool],
+    poll_interval: float = 0.05,
+    start: int = 0,
+    chunk_size: int = 65536,
+) -> AsyncIterator[bytes]:
+    """Yield the content of the file at `path` from byte offset `start` as it grows.
+
+    Chunks are at most `chunk_size` bytes, so a large log is never held in memory whole. At the end
+    of the file it polls every `poll_interval` seconds; once `done()` is true it yields whatever
+    remains and stops. Raises FileNotFoundError if the file does not exist.
+    """
+    with open(path, "rb", buffering=0) as log:
+        log.seek(start)
+        while True:
+            # Sampled before reading: everything written before done() became true is then read
+            # below, so nothing is lost after the last poll.
+            finished = done()
+            while chunk := log.read(chunk_size):
+                yield chunk
+                # Lets other tasks run between chunks even if the consumer never awaits.
+                await asyncio.sleep(0)
+            if finished:
+                return
+            await asyncio.sleep(poll_interval)
