@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from pipeline.engine import Engine
     from pipeline.term import Term
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 LEVEL_NAMES = ("harmless", "mostly-harmless", "average", "above-average", "dangerous")
 
@@ -184,10 +184,13 @@ async def _serve(root: Term[Any], state_dir: Path, confirm: Any, once: bool) -> 
             await stop.wait()
             if engine.fatal is not None:
                 raise engine.fatal
-        result = engine.root_output()
+            print("Stopping: cancelling running jobs", flush=True)
+            return EXIT_OK
+        if stop.is_set():
+            return EXIT_INTERRUPTED
+        return EXIT_OK if isinstance(engine.root_output(), Ok) else EXIT_FAILED
     finally:
         await engine.stop(reason="Cancelled: pipeline stopped")
-    return EXIT_OK if isinstance(result, Ok) else EXIT_FAILED
 
 
 async def _until(work: Any, stop: asyncio.Event) -> None:

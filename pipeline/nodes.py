@@ -7,7 +7,11 @@ and monitor reads run in tasks that feed their results back through the engine.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
+import heapq
+import itertools
+import operator
 from collections.abc import Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -281,13 +285,15 @@ class ListMapNode(Node):
     updated, so a change costs the same whatever the length of the list.
     """
 
-    __slots__ = ("_changed", "_entries", "_failed", "_items", "_keys_of", "_active", "_order",
-                 "_outs", "_pos", "_values", "_bad_items")
+    __slots__ = ("_active", "_active_heap", "_bad_items", "_changed", "_entries", "_failed",
+                 "_item_list", "_items", "_keys_of", "_order", "_outs", "_pos", "_shared",
+                 "_values")
     term: t.ListMap[Any]
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self._items: Any = _UNSET
+        self._item_list: list[Any] = []
         self._bad_items: str | None = None
         self._entries: dict[Hashable, _Entry] = {}
         self._order: list[Hashable] = []
@@ -295,8 +301,12 @@ class ListMapNode(Node):
         self._keys_of: dict[Node, list[Hashable]] = {}
         self._outs: list[Output] = []
         self._values: list[Any] = []
+        # True once _values has been handed out in an output: it must be copied before changing.
+        self._shared = False
         self._failed: set[Hashable] = set()
         self._active: set[Hashable] = set()
+        # Positions of active items, lowest first (stale entries are skipped when read).
+        self._active_heap: list[tuple[int, Hashable]] = []
         self._changed: set[Node] = set()
 
     def input_changed(self, node: Node) -> None:
@@ -344,6 +354,9 @@ class ListMapNode(Node):
         return self.term.key(item) if self.term.key is not None else item
 
     def _update_items(self, items: list[Any]) -> None:
+        if len(items) == len(self._item_list) and self._update_in_place(items):
+            self._item_list = items
+            return
         keyed: dict[Hashable, Any] = {}
         for item in items:
             key = self._key(item)
@@ -361,8 +374,25 @@ class ListMapNode(Node):
         self._pos = {key: i for i, key in enumerate(self._order)}
         self._outs = [self._entries[k].sub.output for k in self._order]
         self._values = [o.value if isinstance(o, Ok) else None for o in self._outs]
-        self._failed = {k for k, o in zip(self._order, self._outs) if isinstance(o, Failed)}
-        self._active = {k for k, o in zip(self._order, self._outs) if isinstance(o, Active)}
+        self._shared = False
+        self._failed = {k for k, o in zip(self._order, self._outs, strict=True)
+                        if isinstance(o, Failed)}
+        self._active = {k for k, o in zip(self._order, self._outs, strict=True)
+                        if isinstance(o, Active)}
+        self._active_heap = sorted((self._pos[k], k) for k in self._active)
+        self._item_list = items
+
+    def _update_in_place(self, items: list[Any]) -> bool:
+        """Update the items that changed if no key moved; False (and nothing done) otherwise."""
+        # Compared in C, so that one changed item in a long list is found quickly.
+        changed = list(itertools.compress(range(len(items)),
+                                          builtins.map(operator.ne, self._item_list, items)))
+        keys = [self._key(items[i]) for i in changed]
+        if any(key != self._order[i] for key, i in zip(keys, changed, strict=True)):
+            return False
+        for key, i in zip(keys, changed, strict=True):
+            self._entries[key].item.set_item(items[i])
+        return True
 
     def _add(self, key: Hashable) -> _Entry:
         item_term = t.Item(key, f"{self.term.label} {key}")
@@ -399,16 +429,26 @@ class ListMapNode(Node):
             self._failed.add(key)
         elif isinstance(out, Active):
             self._active.add(key)
-        else:
-            if self._values[i] is not out.value:
+            heapq.heappush(self._active_heap, (i, key))
+        elif self._values[i] is not out.value:
+            if self._shared:
                 self._values = self._values.copy()
+                self._shared = False
             self._values[i] = out.value
 
     def _combined(self) -> Output:
-        if self._failed or self._active:
-            problem = combine((str(k) for k in self._order), self._outs)
+        if self._failed:
+            failed = sorted(self._failed, key=self._pos.__getitem__)
+            problem = combine((str(k) for k in failed), [self._outs[self._pos[k]] for k in failed])
             assert problem is not None
             return problem
+        heap = self._active_heap
+        while heap and (heap[0][1] not in self._active or self._pos.get(heap[0][1]) != heap[0][0]
+                        or not isinstance(self._outs[heap[0][0]], Active)):
+            heapq.heappop(heap)
+        if heap:
+            return self._outs[heap[0][0]]
+        self._shared = True
         return self.result(self._values)
 
     def result(self, values: list[Any]) -> Output:

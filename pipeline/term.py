@@ -119,7 +119,11 @@ class All(Term[list[T]]):
     kind = "all"
 
     def __init__(
-        self, terms: Iterable[Term[T]], names: Iterable[str] | None = None, *, label: str | None = None
+        self,
+        terms: Iterable[Term[T]],
+        names: Iterable[str] | None = None,
+        *,
+        label: str | None = None,
     ) -> None:
         terms = tuple(terms)
         super().__init__(terms, label or "all")
@@ -213,7 +217,7 @@ class Collapse(Term[T]):
     expanded set.
     """
 
-    __slots__ = ("key", "value", "group_input")
+    __slots__ = ("group_input", "key", "value")
     kind = "collapse"
 
     def __init__(self, key: str, value: str, input: Term[Any], output: Term[T]) -> None:
@@ -322,7 +326,7 @@ class Variable(Term[T]):
 
 
 class Primitive(Term[T]):
-    """A cached operation (a builder or a publisher) applied to a key and, for publishers, a value."""
+    """A cached operation (builder or publisher) applied to a key and, for publishers, a value."""
 
     __slots__ = ("op", "options")
     kind = "primitive"
@@ -369,7 +373,7 @@ def pair(a: Term[A], b: Term[B], *, label: str | None = None) -> Term[tuple[A, B
 
 
 def all(*terms: Term[T], label: str | None = None) -> Term[list[T]]:
-    """All values as a list; an error names the inputs that failed ("alpine, debian failed: ...")."""
+    """All values as a list; an error names the failed inputs ("alpine, debian failed: ...")."""
     return All(terms, label=label)
 
 

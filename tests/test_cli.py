@@ -1,0 +1,235 @@
+"""The `pipeline` command, run as a real process: exit codes, messages, Ctrl-C, the example."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from xml.etree import ElementTree
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+HELLO = ROOT / "examples" / "hello.py"
+
+
+def pipeline_cmd(
+    *args: str | Path, cwd: Path, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *map(str, args)],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def write(path: Path, source: str) -> Path:
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def test_hello_once_then_cached(tmp_path: Path) -> None:
+    watched = tmp_path / "in.txt"
+    watched.write_text("hello world\n")
+    first = pipeline_cmd("run", HELLO, "--once", "--", watched, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    summary = tmp_path / "in.txt.summary"
+    assert summary.read_text() == "1 lines, 2 words\nHELLO WORLD\n"
+    assert "write-summary" in first.stdout and "(cached)" not in first.stdout
+    second = pipeline_cmd("run", HELLO, "--once", "--", watched, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    line = next(ln for ln in second.stdout.splitlines() if "write-summary" in ln)
+    assert line.startswith("ok") and line.endswith("(cached)")
+    assert (tmp_path / "var" / "db.sqlite").exists()
+
+
+def test_state_dir_option(tmp_path: Path) -> None:
+    watched = write(tmp_path / "in.txt", "x")
+    result = pipeline_cmd("run", HELLO, "--state-dir", tmp_path / "state", "--once", "--",
+                          watched, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert list((tmp_path / "state" / "job").glob("*/*-write-summary-*.log"))
+    assert not (tmp_path / "var").exists()
+
+
+def test_failed_pipeline_exits_1(tmp_path: Path) -> None:
+    file = write(tmp_path / "broken.py", """
+        import pipeline as p
+
+        def pipeline(args):
+            return p.const(1).map(lambda x: x / 0, label="divide")
+    """)
+    result = pipeline_cmd("run", file, "--once", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[-1].split() == ["failed", "divide"]
+
+
+def test_pipeline_file_that_raises(tmp_path: Path) -> None:
+    file = write(tmp_path / "raises.py", """
+        import pipeline as p
+
+        def pipeline(args):
+            return p.const(1).nope
+    """)
+    result = pipeline_cmd("run", file, "--once", cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"{file}:5: AttributeError" in result.stderr
+
+
+def test_pipeline_file_returning_a_non_term(tmp_path: Path) -> None:
+    file = write(tmp_path / "value.py", """
+        def pipeline(args):
+            return 42
+    """)
+    result = pipeline_cmd("run", file, "--once", cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"{file}:2: pipeline() returned int, expected a Term" in result.stderr
+
+
+def test_pipeline_file_with_a_syntax_error(tmp_path: Path) -> None:
+    file = write(tmp_path / "syntax.py", "def pipeline(args):\n    return (\n")
+    result = pipeline_cmd("diagram", file, cwd=tmp_path)
+    assert result.returncode == 2 and "SyntaxError" in result.stderr and str(file) in result.stderr
+
+
+def test_pipeline_file_without_pipeline_function(tmp_path: Path) -> None:
+    file = write(tmp_path / "empty.py", "x = 1\n")
+    result = pipeline_cmd("run", file, cwd=tmp_path)
+    assert result.returncode == 2 and "defines no function pipeline(args)" in result.stderr
+
+
+def test_missing_pipeline_file(tmp_path: Path) -> None:
+    result = pipeline_cmd("run", tmp_path / "nope.py", cwd=tmp_path)
+    assert result.returncode == 2 and "no such file" in result.stderr
+
+
+def test_cycle_is_reported_with_file_and_line(tmp_path: Path) -> None:
+    file = write(tmp_path / "cycle.py", """
+        import pipeline as p
+
+        def pipeline(args):
+            terms = {}
+            loop = p.bind(lambda _: terms["after"], p.const(1), label="loop")
+            terms["after"] = loop.map(str, label="after")
+            return terms["after"]
+    """)
+    result = pipeline_cmd("run", file, "--once", cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"{file}:6: cycle: 'loop' depends on 'after'" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["--bogus"], ["run"], ["frobnicate"], []])
+def test_usage_errors_exit_2(tmp_path: Path, args: list[str]) -> None:
+    assert pipeline_cmd(*args, cwd=tmp_path).returncode == 2
+
+
+def test_help_describes_every_option(tmp_path: Path) -> None:
+    top = pipeline_cmd("--help", cwd=tmp_path)
+    assert top.returncode == 0 and "run" in top.stdout and "diagram" in top.stdout
+    run = pipeline_cmd("run", "--help", cwd=tmp_path).stdout
+    for option in ("--state-dir", "--confirm", "--once", "FILE", "mostly-harmless"):
+        assert option in run
+    diagram = pipeline_cmd("diagram", "--help", cwd=tmp_path).stdout
+    for option in ("--output", "--expand", "FILE"):
+        assert option in diagram
+
+
+def test_diagram_writes_svg_without_running_anything(tmp_path: Path) -> None:
+    watched = write(tmp_path / "in.txt", "x")
+    result = pipeline_cmd("diagram", HELLO, "-o", tmp_path / "x.svg", "--", watched, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    svg = ElementTree.parse(tmp_path / "x.svg").getroot()
+    assert svg.tag == "{http://www.w3.org/2000/svg}svg"
+    assert "write-summary" in "".join(svg.itertext())
+    assert not (tmp_path / "var").exists(), "no state written"
+    assert not (tmp_path / "in.txt.summary").exists(), "no job ran"
+
+
+def test_diagram_dot_and_bad_suffix(tmp_path: Path) -> None:
+    watched = write(tmp_path / "in.txt", "x")
+    dot = pipeline_cmd("diagram", HELLO, "--", watched, cwd=tmp_path)
+    assert dot.returncode == 0 and dot.stdout.startswith("digraph pipeline {")
+    assert "rankdir=LR" in dot.stdout
+    bad = pipeline_cmd("diagram", HELLO, "-o", tmp_path / "x.png", "--", watched, cwd=tmp_path)
+    assert bad.returncode == 2 and ".svg or .dot" in bad.stderr
+
+
+def test_confirm_level_holds_jobs(tmp_path: Path) -> None:
+    file = write(tmp_path / "risky.py", """
+        import pipeline as p
+
+        @p.builder("deploy", level=p.Level.DANGEROUS)
+        async def deploy(job, key):
+            return key
+
+        def pipeline(args):
+            return deploy("prod")
+    """)
+    held = pipeline_cmd("run", file, "--confirm", "above-average", "--once", cwd=tmp_path)
+    assert held.returncode == 1
+    assert held.stdout.split()[-3:-1] == ["waiting-for-confirmation", "deploy"]
+    ran = pipeline_cmd("run", file, "--once", cwd=tmp_path)
+    assert ran.returncode == 0 and ran.stdout.split()[-3:-1] == ["ok", "deploy"]
+
+
+def test_ctrl_c_cancels_running_jobs_and_saves_state(tmp_path: Path) -> None:
+    marker = tmp_path / "started"
+    file = write(tmp_path / "slow.py", f"""
+        import asyncio
+        from pathlib import Path
+        import pipeline as p
+
+        @p.builder("quick")
+        async def quick(job, key):
+            return key
+
+        @p.builder("slow")
+        async def slow(job, key):
+            Path({str(marker)!r}).write_text("yes")
+            await asyncio.sleep(600)
+            return key
+
+        def pipeline(args):
+            return p.pair(quick("a"), slow("b"))
+    """)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(file)], cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        for _ in range(600):
+            if marker.exists():
+                break
+            time.sleep(0.05)
+        assert marker.exists(), "the slow job never started"
+        os.kill(process.pid, signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    assert "Stopping" in out
+    logs = {log.name.split("-")[1]: log.read_text()
+            for log in (tmp_path / "var/job").glob("*/*.log")}
+    assert "Cancelled: pipeline stopped" in logs["slow"]
+    marker.unlink()
+    # The quick job's outcome was saved; the cancelled one is run again.
+    rerun = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(file), "--once"], cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        for _ in range(600):
+            if marker.exists():
+                break
+            time.sleep(0.05)
+        assert marker.exists(), "the cancelled job was not run again after the restart"
+        os.kill(rerun.pid, signal.SIGINT)
+        out, _ = rerun.communicate(timeout=30)
+    finally:
+        rerun.kill()
+    assert rerun.returncode == 130
+    quick_line = next(ln for ln in out.splitlines() if " quick " in f" {ln} ")
+    assert quick_line.endswith("(cached)")
