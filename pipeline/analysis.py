@@ -2,12 +2,13 @@
 
 Without an engine the graph is the static structure: a `bind` not yet evaluated shows a dashed
 placeholder for its sub-graph, and a `list_map` with no items shows its per-item sub-pipeline
-applied to a placeholder item. With an engine, the sub-graphs that exist are drawn instead.
+applied to a placeholder item. With an engine, the sub-graphs that exist are drawn instead: a
+dashed edge runs from a bind's input to the nodes of its sub-graph that have no inputs, and a
+solid one from a list_map's input to each of its items.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
@@ -24,21 +25,21 @@ STATE_ORDER = ("ok", "pending", "blocked", "ready", "running", "waiting-for-conf
                "failed")
 """Diagram states from best to worst: a collapsed group shows its worst member's state."""
 
-_placeholders: weakref.WeakKeyDictionary[t.Term[Any], t.Term[Any]] = weakref.WeakKeyDictionary()
-
 
 def _placeholder_sub(term: t.ListMap[Any] | t.OptionMap[Any]) -> t.Term[Any]:
-    """The per-item sub-pipeline applied to a placeholder item (built once per term)."""
-    sub = _placeholders.get(term)
-    if sub is None:
-        item: t.Term[Any] = t.Item(None, f"{term.label} (each item)")
-        try:
-            sub = term.f(item)
-        except Exception as exc:
-            sub = t.Fail(error_message(exc), label=f"{term.label}: {error_message(exc)}")
-        if not isinstance(sub, t.Term):
-            sub = t.Fail("not a Term", label=f"{term.label}: not a Term")
-        _placeholders[term] = sub
+    """The per-item sub-pipeline applied to a placeholder item.
+
+    Built afresh for each graph: terms have `__slots__` without `__weakref__`, so they cannot key
+    a weak cache, and a strong one would keep every list_map ever drawn alive. `f` is pure, so
+    this only costs the building of a few terms.
+    """
+    item: t.Term[Any] = t.Item(None, f"{term.label} (each item)")
+    try:
+        sub = term.f(item)
+    except Exception as exc:
+        return t.Fail(error_message(exc), label=f"{term.label}: {error_message(exc)}")
+    if not isinstance(sub, t.Term):
+        return t.Fail("not a Term", label=f"{term.label}: not a Term")
     return sub
 
 
@@ -47,7 +48,9 @@ class _Builder:
         self.engine = engine
         self.graph = nx.DiGraph()
         self.ids: dict[t.Term[Any], str] = {}
+        self.added: list[tuple[t.Term[Any], str]] = []
         self.collapses: list[t.Collapse[Any]] = []
+        # Items seen since the innermost list_map being drawn started its sub-graphs.
         self.unlinked_items: list[str] = []
 
     def visit(self, root: t.Term[Any], *, placeholder: bool = False) -> str:
@@ -67,6 +70,7 @@ class _Builder:
     def _add(self, term: t.Term[Any], placeholder: bool) -> None:
         node_id = f"n{len(self.ids)}"
         self.ids[term] = node_id
+        self.added.append((term, node_id))
         live = self.engine.node_for(term) if self.engine is not None else None
         self.graph.add_node(node_id, **_attributes(term, live, placeholder))
         for index, source in enumerate(term.inputs):
@@ -76,54 +80,91 @@ class _Builder:
             self.collapses.append(term)
         if isinstance(term, t.Item):
             self.unlinked_items.append(node_id)
-        if isinstance(term, t.Bind | t.ListMap | t.OptionMap):
-            self._add_dynamic(term, live, node_id, placeholder)
-
-    def _add_dynamic(self, term: t.Term[Any], live: Node | None, node_id: str,
-                     placeholder: bool) -> None:
-        subs = live.sub_terms() if live is not None else []
-        source = self.ids[term.inputs[0]]
-        if subs:
-            for _key, sub in subs:
-                sub_id = self.visit(sub, placeholder=placeholder)
-                self._link_items(source)
-                self.graph.add_edge(sub_id, node_id, style="solid")
-            return
         if isinstance(term, t.Bind):
+            self._add_bind(term, live, node_id, placeholder)
+        elif isinstance(term, t.ListMap | t.OptionMap):
+            self._add_list_map(term, live, node_id, placeholder)
+
+    def _add_bind(self, term: t.Bind[Any], live: Node | None, node_id: str,
+                  placeholder: bool) -> None:
+        source = self.ids[term.inputs[0]]
+        subs = live.sub_terms() if live is not None else []
+        if not subs:
             sub_id = f"{node_id}_sub"
             self.graph.add_node(sub_id, label="…", state="pending", kind="placeholder",
                                 placeholder=True, job_id=None, refreshing=None, error=None)
             self.graph.add_edge(source, sub_id, style="dashed")
-        else:
-            sub_id = self.visit(_placeholder_sub(term), placeholder=True)  # type: ignore[arg-type]
-            self._link_items(source)
-        self.graph.add_edge(sub_id, node_id, style="dashed" if isinstance(term, t.Bind)
-                            else "solid")
+            self.graph.add_edge(sub_id, node_id, style="dashed")
+            return
+        for _key, sub in subs:
+            first = len(self.added)
+            sub_id = self.visit(sub, placeholder=placeholder)
+            # The sub-graph was built from the input's value: draw that, as the placeholder did,
+            # from the input to the sub-graph's new nodes that have no inputs of their own.
+            for new_term, new_id in self.added[first:]:
+                if not new_term.inputs and not isinstance(new_term, t.Item):
+                    self.graph.add_edge(source, new_id, style="dashed")
+            self.graph.add_edge(sub_id, node_id, style="solid")
 
-    def _link_items(self, source: str) -> None:
-        # Items have no static inputs: draw where their values come from.
-        for node_id in self.unlinked_items:
-            self.graph.add_edge(source, node_id, style="solid")
-        self.unlinked_items.clear()
+    def _add_list_map(self, term: t.ListMap[Any] | t.OptionMap[Any], live: Node | None,
+                      node_id: str, placeholder: bool) -> None:
+        source = self.ids[term.inputs[0]]
+        subs = live.sub_terms() if live is not None else []
+        if not subs:
+            subs = [(None, _placeholder_sub(term))]
+            placeholder = True
+        # Items have no static inputs: draw where their values come from. Only the items first
+        # reached from this list_map's sub-graphs are its own; those of an enclosing list_map
+        # are linked by it.
+        outer, self.unlinked_items = self.unlinked_items, []
+        try:
+            for _key, sub in subs:
+                sub_id = self.visit(sub, placeholder=placeholder)
+                for item_id in self.unlinked_items:
+                    self.graph.add_edge(source, item_id, style="solid")
+                self.unlinked_items.clear()
+                self.graph.add_edge(sub_id, node_id, style="solid")
+        finally:
+            self.unlinked_items = outer
 
     def collapse(self, expand: Collection[str]) -> None:
+        graph = self.graph
         for group in self.collapses:
             if group.expand_id in expand or group not in self.ids:
                 continue
-            output_id = self.ids[group.inputs[0]]
-            input_id = self.ids.get(group.group_input)
-            outside = (nx.ancestors(self.graph, input_id) | {input_id}) if input_id else set()
-            members = (nx.ancestors(self.graph, output_id) | {output_id}) - outside
             box = self.ids[group]
-            states = [self.graph.nodes[m]["state"] for m in members] + [
-                self.graph.nodes[box]["state"]]
+            output_id = self.ids[group.inputs[0]]
+            if box not in graph or output_id not in graph:
+                continue  # hidden by another group
+            input_id = self.ids.get(group.group_input)
+            outside: set[str] = set()
+            if input_id is not None and input_id in graph:
+                outside = nx.ancestors(graph, input_id) | {input_id}
+            hidden = (nx.ancestors(graph, output_id) | {output_id}) - outside
+            # A member that something outside the group reads stays visible, with whatever it
+            # reads: hiding it would hide that reader's input.
+            stack = [m for m in hidden if any(s not in hidden and s != box
+                                              for s in graph.successors(m))]
+            while stack:
+                member = stack.pop()
+                if member in hidden:
+                    hidden.discard(member)
+                    stack.extend(p for p in graph.predecessors(member) if p in hidden)
+            states = [graph.nodes[m]["state"] for m in hidden] + [graph.nodes[box]["state"]]
             worst = max(states, key=STATE_ORDER.index)
-            for member in members:
-                for pred in list(self.graph.predecessors(member)):
-                    if pred not in members:
-                        self.graph.add_edge(pred, box, style="solid")
-                self.graph.remove_node(member)
-            self.graph.nodes[box].update(state=worst, collapsed=group.expand_id, job_id=None)
+            inputs: dict[str, str] = {}
+            for member in hidden:
+                for pred in graph.predecessors(member):
+                    if pred not in hidden:
+                        style = graph.edges[pred, member].get("style", "solid")
+                        if inputs.get(pred) != "solid":
+                            inputs[pred] = style
+            graph.remove_nodes_from(hidden)
+            for pred, style in inputs.items():
+                if not graph.has_edge(pred, box):
+                    graph.add_edge(pred, box, style=style)
+            graph.nodes[box].update(state=worst, collapsed=group.expand_id, job_id=None,
+                                    refreshing=None)
 
 
 def _attributes(term: t.Term[Any], live: Node | None, placeholder: bool) -> dict[str, Any]:
@@ -149,7 +190,8 @@ def pipeline_graph(
     Node attributes: `label`, `kind`, `state` (ok, ready, running, waiting-for-confirmation,
     failed, blocked, pending), `job_id`, `refreshing` (the new state of a latched node re-running),
     `cached`, `placeholder` (a part not evaluated yet), `error`, and `collapsed` (the expand id
-    of a collapsed group). Groups made with `collapse` are one node unless their id is in `expand`.
+    of a collapsed group). Groups made with `collapse` are one node unless their id is in `expand`;
+    a member that a node outside the group reads stays visible, as in OCurrent.
     Node ids (`n0`, `n1`, ...) follow a depth-first walk, so equal pipelines give equal graphs.
     """
     builder = _Builder(engine)
