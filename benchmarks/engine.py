@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import tempfile
 import time
@@ -69,14 +70,31 @@ async def measure(n: int, state_dir: str) -> dict[str, Any]:
     }
 
 
+def _filesystem(path: str) -> str:
+    """The type of the filesystem holding `path` (from /proc/mounts)."""
+    best, kind = "", "unknown"
+    with open("/proc/mounts") as mounts:
+        for line in mounts:
+            _, mount_point, fs_type, *_ = line.split()
+            if path.startswith(mount_point) and len(mount_point) > len(best):
+                best, kind = mount_point, fs_type
+    return kind
+
+
 def main() -> None:
     """Parse the arguments, run, print."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=10000, help="number of items (default 10000)")
     parser.add_argument("--json", action="store_true", help="print JSON only")
+    parser.add_argument(
+        "--state-dir-in", metavar="DIR", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
+        help="where to make the temporary state directory (default: /dev/shm, so that the "
+        "figures measure the engine rather than the disk's file-creation speed)",
+    )
     options = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as state_dir:
-        figures = asyncio.run(measure(options.nodes, state_dir))
+    with tempfile.TemporaryDirectory(prefix="pipeline-bench-", dir=options.state_dir_in) as d:
+        figures = asyncio.run(measure(options.nodes, d))
+        figures["state_dir_fs"] = _filesystem(d)
     if options.json:
         print(json.dumps(figures))
     else:

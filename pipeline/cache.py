@@ -56,13 +56,15 @@ def _canonical(value: Any) -> Any:
                     "give the operation a key_digest function")
 
 
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, default=_canonical, separators=(",", ":"))
+
+
 def digest(value: Any) -> str:
     """SHA-256 (hex) of a canonical JSON form of `value`: equal values have equal digests.
 
     Handles JSON types, tuples, dataclasses, paths, bytes, sets and enums.
     """
-    text = json.dumps(value, sort_keys=True, default=_canonical, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(_CANONICAL_JSON.encode(value).encode()).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +129,7 @@ class BuilderOp(Operation[K, V]):
 
 
 class PublisherOp(Operation[K, Any]):
-    """A cached publisher. Call it with a key and a value to get a term that is ok once published."""
+    """A cached publisher. Call it with a key and a value: the term is ok once published."""
 
     kind = "publisher"
 
@@ -292,7 +294,8 @@ class Instance:
 
     def _expired(self, outcome: Outcome) -> bool:
         valid_for = self.op.options.valid_for
-        return valid_for is not None and outcome.finished + valid_for <= self.cache.engine.clock.now()
+        now = self.cache.engine.clock.now()
+        return valid_for is not None and outcome.finished + valid_for <= now
 
     def needs_run(self) -> bool:
         """Whether the stored outcome (if any) cannot be used."""
@@ -301,7 +304,8 @@ class Instance:
             return False
         if outcome is None or self.rebuild_requested or outcome.rebuild or not outcome.sticky:
             return True
-        if self.is_publisher and self.desired is not None and outcome.value_digest != self.desired[1]:
+        wanted = self.desired
+        if self.is_publisher and wanted is not None and outcome.value_digest != wanted[1]:
             return True
         return self._expired(outcome)
 
@@ -312,7 +316,7 @@ class Instance:
                     and self._running_digest != self.desired[1]):
                 self.cancel("Auto-cancelling job because the value changed", sticky=False)
             return
-        if not self.users:
+        if not self.users or self.cache.closing:
             return
         if self.needs_run():
             self._start()
@@ -410,8 +414,8 @@ class Instance:
         """What `node` shows: the value, the error, or the job's progress."""
         outcome, job = self.outcome, self.job
         if job is not None:
-            if (self.op.options.latched and outcome is not None and outcome.ok
-                    and not self.is_publisher or self._latched_publisher(outcome)):
+            if ((self.op.options.latched and outcome is not None and outcome.ok
+                    and not self.is_publisher) or self._latched_publisher(outcome)):
                 return self._ok(outcome)  # type: ignore[arg-type]
             return Active(_ACTIVE_STATE.get(job.state, "ready"), node.uid)
         if outcome is None or (self.is_publisher and self.needs_run()):
@@ -518,8 +522,10 @@ class Cache:
         self._instances: dict[tuple[str, str], Instance] = {}
         self._pools: dict[str, Pool] = {}
         self.working: set[Job] = set()
+        self.closing = False
         self._db: sqlite3.Connection | None = None
         self._commit_pending = False
+        self._stored: set[tuple[str, str]] = set()
 
     def open(self) -> None:
         """Open (creating if needed) the outcome database."""
@@ -530,6 +536,9 @@ class Cache:
         db.executescript(_SCHEMA)
         db.commit()
         self._db = db
+        # Most keys of a big pipeline's first run were never stored: knowing which were saves a
+        # query per key.
+        self._stored = set(db.execute("SELECT DISTINCT op, key FROM jobs"))
 
     def close(self) -> None:
         """Save and close the database."""
@@ -579,6 +588,8 @@ class Cache:
 
     def load(self, op: Operation[Any, Any], key_digest: str) -> Outcome | None:
         """The latest stored outcome for a key of `op`."""
+        if (op.id, key_digest) not in self._stored:
+            return None
         row = self.db.execute(
             "SELECT job_id, ok, outcome, sticky, value_digest, rebuild, finished FROM jobs"
             " WHERE op = ? AND key = ? ORDER BY finished DESC, rowid DESC LIMIT 1",
@@ -607,6 +618,7 @@ class Cache:
              outcome.finished.isoformat()),
         )
         self.by_job[job.id] = instance
+        self._stored.add((instance.op.id, instance.key_digest))
         if not self._commit_pending:
             self._commit_pending = True
             self.engine.loop.call_soon(self._commit)
@@ -654,7 +666,11 @@ class Cache:
                 for r in rows]
 
     async def shutdown(self, reason: str) -> None:
-        """Cancel every running job without recording sticky failures; wait for them."""
+        """Cancel every running job without recording sticky failures; wait for them.
+
+        No job starts after this.
+        """
+        self.closing = True
         running = [i for i in list(self._instances.values()) if i.job is not None]
         await asyncio.gather(*(i.stop(reason) for i in running))
         self._commit()

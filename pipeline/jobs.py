@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import os
+import random
 import re
-import secrets
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -353,6 +353,9 @@ class JobRegistry:
     ) -> None:
         """Keep logs under `jobs_dir` (e.g. ``var/job``); `clock` must return aware UTC times."""
         self._jobs_dir = Path(jobs_dir)
+        # The day directory made last: creating it once a day, not once a job, matters when a
+        # big pipeline starts thousands of jobs.
+        self._day_dir: Path | None = None
         self._confirmation = confirmation
         self._clock = clock
         self._jobs: dict[str, Job] = {}
@@ -423,14 +426,22 @@ class JobRegistry:
 
     def _create_log(self, created: datetime, safe_label: str) -> tuple[str, Path, int]:
         while True:
-            job_id = f"{created:%Y-%m-%d}/{created:%H%M%S}-{safe_label}-{secrets.token_hex(3)}"
+            # The suffix only tells apart jobs of one label and second: it need not be secret.
+            suffix = f"{random.getrandbits(24):06x}"
+            job_id = f"{created:%Y-%m-%d}/{created:%H%M%S}-{safe_label}-{suffix}"
             log_path = self.log_path(job_id)
-            log_path.parent.mkdir(parents=True, exist_ok=True)
+            if log_path.parent != self._day_dir:
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                self._day_dir = log_path.parent
             try:
                 # O_EXCL: a suffix clash (same label, same second) or a log left by an earlier
                 # process must get a fresh id, never a shared log file.
                 fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
             except FileExistsError:
+                continue
+            except FileNotFoundError:
+                # The day directory was removed behind our back: make it again.
+                self._day_dir = None
                 continue
             return job_id, log_path, fd
 

@@ -44,7 +44,8 @@ class Node:
         self.uid = uid
         self.dependents: set[Node] = set()
         self.height = 1 + max((i.height for i in inputs), default=-1)
-        self.output: Output = Active("running", uid)
+        # Not evaluated yet: drawn as pending until the first evaluation.
+        self.output: Output = Active("running")
         self.refcount = 0
         self.dirty = False
         self.dead = False
