@@ -446,12 +446,13 @@ _WORKING = frozenset((JobState.CREATED, JobState.READY, JobState.RUNNING))
 class PrimitiveNode(Node):
     """A node running a cached operation on its key (and value, for a publisher)."""
 
-    __slots__ = ("instance",)
+    __slots__ = ("instance", "key")
     term: Primitive[Any]
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.instance: Instance | None = None
+        self.key: Any = None
 
     def _switch(self, instance: Instance | None) -> None:
         if instance is self.instance:
@@ -470,7 +471,12 @@ class PrimitiveNode(Node):
             return
         op: Operation[Any, Any] = self.term.op
         try:
-            instance = self.engine.cache.instance(op, key_out.value)
+            # Job progress re-evaluates the node with the same key: skip hashing it again.
+            if self.instance is not None and key_out.value is self.key:
+                instance = self.instance
+            else:
+                instance = self.engine.cache.instance(op, key_out.value)
+                self.key = key_out.value
             if isinstance(op, PublisherOp):
                 value_out = self.inputs[1].output
                 if not isinstance(value_out, Ok):

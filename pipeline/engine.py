@@ -118,6 +118,8 @@ class Engine:
         return node
 
     def _instantiate(self, term: Term[Any]) -> Node:
+        if all(i in self._nodes for i in term.inputs):
+            return self._create(term)
         # Iterative depth-first walk, so that long chains do not hit the recursion limit.
         stack: list[tuple[Term[Any], int]] = [(term, 0)]
         while stack:
@@ -129,20 +131,22 @@ class Engine:
                     stack.append((child, 0))
                 continue
             stack.pop()
-            if current in self._nodes:
-                continue
-            inputs = [self._nodes[c] for c in current.inputs]
-            node_class = NODE_CLASSES.get(type(current))
-            if node_class is None:
-                node_class = self.cache.node_class(current)
-            node = node_class(self, current, inputs, next(self._uids))
-            for input_node in inputs:
-                input_node.refcount += 1
-                input_node.dependents.add(node)
-            self._nodes[current] = node
-            node.attach()
-            self.schedule(node)
+            if current not in self._nodes:
+                self._create(current)
         return self._nodes[term]
+
+    def _create(self, term: Term[Any]) -> Node:
+        """The node of `term`, whose inputs all have nodes already."""
+        inputs = [self._nodes[c] for c in term.inputs]
+        node_class = NODE_CLASSES.get(type(term)) or self.cache.node_class(term)
+        node = node_class(self, term, inputs, next(self._uids))
+        for input_node in inputs:
+            input_node.refcount += 1
+            input_node.dependents.add(node)
+        self._nodes[term] = node
+        node.attach()
+        self.schedule(node)
+        return node
 
     def release(self, node: Node) -> None:
         """Count one user less; a node nobody uses is destroyed and releases its inputs."""

@@ -99,7 +99,7 @@ class Job:
         *,
         job_id: str,
         label: str,
-        log_path: Path,
+        log_file: str,
         fd: int,
         created: datetime,
         level: Level,
@@ -110,7 +110,7 @@ class Job:
         """Wrap an already-created log file `fd`; the job takes ownership of it."""
         self.id = job_id
         self.label = label
-        self.log_path = log_path
+        self._log_file = log_file
         self.created = created
         self.level = level
         self.pool = pool
@@ -132,6 +132,13 @@ class Job:
         self._done = asyncio.Event()
         self._state_callbacks: list[Callable[[Job], None]] = []
         self._cancel_callbacks: list[Callable[[str], None]] = []
+
+    @property
+    def log_path(self) -> Path:
+        """The job's log file."""
+        # Kept as a string until asked for: making a Path per job is measurable when a big
+        # pipeline starts thousands of jobs at once.
+        return Path(self._log_file)
 
     @property
     def state(self) -> JobState:
@@ -355,7 +362,7 @@ class JobRegistry:
         self._jobs_dir = Path(jobs_dir)
         # The day directory made last: creating it once a day, not once a job, matters when a
         # big pipeline starts thousands of jobs.
-        self._day_dir: Path | None = None
+        self._day_dir: str | None = None
         self._confirmation = confirmation
         self._clock = clock
         self._jobs: dict[str, Job] = {}
@@ -382,11 +389,11 @@ class JobRegistry:
         if not safe_label:
             raise ValueError("a job label must not be empty")
         created = self._clock()
-        job_id, log_path, fd = self._create_log(created, safe_label)
+        job_id, log_file, fd = self._create_log(created, safe_label)
         job = Job(
             job_id=job_id,
             label=label,
-            log_path=log_path,
+            log_file=log_file,
             fd=fd,
             created=created,
             level=level,
@@ -424,26 +431,27 @@ class JobRegistry:
         for callback in list(self._change_callbacks):
             callback(job)
 
-    def _create_log(self, created: datetime, safe_label: str) -> tuple[str, Path, int]:
+    def _create_log(self, created: datetime, safe_label: str) -> tuple[str, str, int]:
         while True:
             # The suffix only tells apart jobs of one label and second: it need not be secret.
             suffix = f"{random.getrandbits(24):06x}"
             job_id = f"{created:%Y-%m-%d}/{created:%H%M%S}-{safe_label}-{suffix}"
-            log_path = self.log_path(job_id)
-            if log_path.parent != self._day_dir:
-                log_path.parent.mkdir(parents=True, exist_ok=True)
-                self._day_dir = log_path.parent
+            day_dir = f"{self._jobs_dir}/{created:%Y-%m-%d}"
+            if day_dir != self._day_dir:
+                os.makedirs(day_dir, exist_ok=True)
+                self._day_dir = day_dir
+            log_file = f"{self._jobs_dir}/{job_id}.log"
             try:
                 # O_EXCL: a suffix clash (same label, same second) or a log left by an earlier
                 # process must get a fresh id, never a shared log file.
-                fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+                fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
             except FileExistsError:
                 continue
             except FileNotFoundError:
                 # The day directory was removed behind our back: make it again.
                 self._day_dir = None
                 continue
-            return job_id, log_path, fd
+            return job_id, log_file, fd
 
 
 async def follow_log(
