@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import pipeline as p
+from pipeline.engine import tune_gc
 
 
 @p.builder("compile", auto_cancel=True)
@@ -92,6 +93,7 @@ def main() -> None:
         "figures measure the engine rather than the disk's file-creation speed)",
     )
     options = parser.parse_args()
+    tune_gc()  # as `pipeline run` does
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-", dir=options.state_dir_in) as d:
         figures = asyncio.run(measure(options.nodes, d))
         figures["state_dir_fs"] = _filesystem(d)

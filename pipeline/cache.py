@@ -638,6 +638,11 @@ class Cache:
         """The live instance whose current or latest job is `job_id`."""
         return self.by_job.get(job_id)
 
+    def stored(self, job_id: str) -> bool:
+        """Whether the database holds an outcome for `job_id`."""
+        row = self.db.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return row is not None
+
     def rebuild(self, job_id: str) -> bool:
         """Run the key of `job_id` again: now if it is in use, else the next time it is wanted.
 

@@ -152,11 +152,12 @@ def _diagram(options: argparse.Namespace, args: list[str]) -> int:
 
 
 def _run(options: argparse.Namespace, args: list[str]) -> int:
-    from pipeline.engine import PipelineError
+    from pipeline.engine import PipelineError, tune_gc
     from pipeline.level import Level
 
     root = load_pipeline(options.file, args)
     confirm = Level.parse(options.confirm) if options.confirm else None
+    tune_gc()
     try:
         return asyncio.run(_serve(root, options.state_dir, confirm, options.once))
     except PipelineError as exc:

@@ -330,11 +330,12 @@ class ListMapNode(Node):
             self._changed.clear()
             self._bad_items = None
             try:
-                self._update_items(self.items_of(out.value))
+                added = self._update_items(self.items_of(out.value))
             except Exception as exc:
                 self._bad_items = error_message(exc)
-            if self._bad_items is None and self._raise_height():
-                return
+            else:
+                if self._depend_on(added):
+                    return
         elif self._changed:
             for node in self._changed:
                 for key in self._keys_of.get(node, ()):
@@ -345,19 +346,21 @@ class ListMapNode(Node):
             return
         self.engine.set_output(self, self._combined())
 
-    def _raise_height(self) -> bool:
+    def _depend_on(self, subs: list[Node]) -> bool:
+        """Read the new sub-pipelines; True if that raised this node's height."""
         raised = False
-        for entry in self._entries.values():
-            raised = self.engine.add_dependency(self, entry.sub) or raised
+        for sub in subs:
+            raised = self.engine.add_dependency(self, sub) or raised
         return raised
 
     def _key(self, item: Any) -> Hashable:
         return self.term.key(item) if self.term.key is not None else item
 
-    def _update_items(self, items: list[Any]) -> None:
+    def _update_items(self, items: list[Any]) -> list[Node]:
+        """Follow the new list of items; returns the sub-pipelines created for new keys."""
         if len(items) == len(self._item_list) and self._update_in_place(items):
             self._item_list = items
-            return
+            return []
         keyed: dict[Hashable, Any] = {}
         for item in items:
             key = self._key(item)
@@ -366,10 +369,12 @@ class ListMapNode(Node):
             keyed[key] = item
         for key in [k for k in self._entries if k not in keyed]:
             self._remove(key)
+        added: list[Node] = []
         for key, item in keyed.items():
             entry = self._entries.get(key)
             if entry is None:
                 entry = self._add(key)
+                added.append(entry.sub)
             entry.item.set_item(item)
         self._order = list(keyed)
         self._pos = {key: i for i, key in enumerate(self._order)}
@@ -382,6 +387,7 @@ class ListMapNode(Node):
                         if isinstance(o, Active)}
         self._active_heap = sorted((self._pos[k], k) for k in self._active)
         self._item_list = items
+        return added
 
     def _update_in_place(self, items: list[Any]) -> bool:
         """Update the items that changed if no key moved; False (and nothing done) otherwise."""

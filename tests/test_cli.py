@@ -233,3 +233,35 @@ def test_ctrl_c_cancels_running_jobs_and_saves_state(tmp_path: Path) -> None:
     assert rerun.returncode == 130
     quick_line = next(ln for ln in out.splitlines() if " quick " in f" {ln} ")
     assert quick_line.endswith("(cached)")
+
+
+def test_hello_reruns_only_the_primitive_when_the_file_changes(tmp_path: Path) -> None:
+    watched = write(tmp_path / "in.txt", "one\n")
+    summary = tmp_path / "out.summary"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(HELLO), "--", str(watched),
+         "--out", str(summary)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+    def wait_for(text: str) -> None:
+        for _ in range(600):
+            if summary.exists() and summary.read_text().endswith(text):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"summary never became {text!r}")
+
+    try:
+        wait_for("ONE\n")
+        watched.write_text("two\n")
+        wait_for("TWO\n")
+        os.kill(process.pid, signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    logs = list((tmp_path / "var" / "job").glob("*/*.log"))
+    assert len(logs) == 2, "one job per content of the file"
+    assert all("write-summary" in log.name for log in logs)
+    assert [ln.split()[0] for ln in out.splitlines() if "write-summary" in ln] == [
+        "running", "ok", "running", "ok"]
