@@ -211,10 +211,15 @@ def _print_job(job: Any) -> None:
 
 
 def print_states(engine: Engine) -> None:
-    """One line per node: state, label, and job id (marked "(cached)" if not run here)."""
+    """One line per node, inputs first: state, label, job id ("(cached)" if not run here)."""
+    import networkx as nx
+
     from pipeline.analysis import pipeline_graph
 
-    for _, attrs in pipeline_graph(engine.root, engine).nodes(data=True):
+    graph = pipeline_graph(engine.root, engine)
+    order = {node_id: i for i, node_id in enumerate(graph)}
+    for node_id in nx.lexicographical_topological_sort(graph, key=order.__getitem__):
+        attrs = graph.nodes[node_id]
         job = attrs["job_id"] or ""
         if job and attrs["cached"]:
             job += " (cached)"
