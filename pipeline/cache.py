@@ -354,6 +354,9 @@ class Instance:
             self.cache.working.add(job)
         else:
             self.cache.working.discard(job)
+        # The engine checked idleness when the job changed state, before `working` was updated;
+        # an instance nobody uses any more schedules no node that would check it again.
+        self.cache.engine.check_idle()
         self.notify()
 
     def cancel(self, reason: str, *, sticky: bool = True) -> None:
@@ -604,7 +607,8 @@ class Cache:
         if row is None:
             return None
         job_id, ok, outcome, sticky, value_digest, rebuild, finished = row
-        value = op.decode(outcome) if ok else None
+        # A publisher stores no value.
+        value = op.decode(outcome) if ok and not isinstance(op, PublisherOp) else None
         return Outcome(
             job_id=job_id, ok=bool(ok), value=value, error=None if ok else outcome,
             finished=datetime.fromisoformat(finished), sticky=bool(sticky),
@@ -636,7 +640,13 @@ class Cache:
 
     def find(self, job_id: str) -> Instance | None:
         """The live instance whose current or latest job is `job_id`."""
-        return self.by_job.get(job_id)
+        instance = self.by_job.get(job_id)
+        if instance is not None and \
+                self._instances.get((instance.op.id, instance.key_digest)) is not instance:
+            # Forgotten: `forget` drops only the latest job's entry.
+            del self.by_job[job_id]
+            return None
+        return instance
 
     def stored(self, job_id: str) -> bool:
         """Whether the database holds an outcome for `job_id`."""
@@ -649,16 +659,25 @@ class Cache:
         Returns False if no stored job has that id.
         """
         instance = self.find(job_id)
-        if instance is not None and instance.job is None:
+        if instance is None:
+            # An earlier job, or one stored by an earlier process: act on its key.
+            row = self.db.execute("SELECT op, key FROM jobs WHERE job_id = ?",
+                                  (job_id,)).fetchone()
+            if row is None:
+                return False
+            instance = self._instances.get(row)
+            if instance is None:
+                # Marks the outcome the key's next user will load.
+                self.db.execute(
+                    "UPDATE jobs SET rebuild = 1 WHERE rowid = (SELECT rowid FROM jobs"
+                    " WHERE op = ? AND key = ? ORDER BY finished DESC, rowid DESC LIMIT 1)", row)
+                self.db.commit()
+                return True
+        if instance.job is None:
             instance.rebuild_requested = True
             instance.update()
             instance.notify()
-            return True
-        if instance is not None:
-            return True
-        cursor = self.db.execute("UPDATE jobs SET rebuild = 1 WHERE job_id = ?", (job_id,))
-        self.db.commit()
-        return cursor.rowcount > 0
+        return True
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a running job (a sticky failure "Cancelled"); False if it is not running."""
