@@ -73,9 +73,17 @@ class FakeClock:
         return timer
 
     def advance(self, delta: timedelta) -> None:
-        """Move time forward by `delta`, calling every timer that falls due, in order."""
+        """Move time forward by `delta`, calling every timer that falls due, in order.
+
+        Raises RuntimeError if timers keep re-arming themselves within the interval: a loop
+        that would otherwise never end.
+        """
         target = self._now + delta
+        calls = 0
         while self._timers and self._timers[0][0] <= target:
+            calls += 1
+            if calls > 100_000:
+                raise RuntimeError("FakeClock.advance: timers keep re-arming within the interval")
             when, _, timer = heapq.heappop(self._timers)
             self._now = max(self._now, when)
             if not timer.cancelled:
