@@ -6,7 +6,8 @@ cd "$(dirname "$0")"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
-    python3 python3-venv python3-pip git graphviz ca-certificates >/dev/null
+    python3 python3-venv python3-pip git graphviz ca-certificates \
+    runc btrfs-progs xfsprogs rsync busybox-static buildah >/dev/null
 if [ ! -x .venv/bin/python ]; then
     /usr/bin/python3 -m venv .venv
 fi

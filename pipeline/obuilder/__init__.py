@@ -1,0 +1,1 @@
+"""The sandboxed builder of DESIGN.md §4 (OBuilder's model); it imports nothing from the engine."""

@@ -1,0 +1,158 @@
+"""The contracts between the builder and its backends: `Store`, `Sandbox`, `Fetcher`.
+
+Each backend is one module implementing one of these protocols; adding a backend touches no
+other module. Nothing here (or anywhere under `pipeline/obuilder/`) imports the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+
+class BuildError(Exception):
+    """A build step failed: the message says which and why, in one line a user can act on."""
+
+class MissingTool(BuildError):
+    """A system tool is missing; the message names the Debian package that provides it."""
+
+@dataclass(frozen=True)
+class DiskUsage:
+    """Space on the store's filesystem, in bytes."""
+
+    total: int
+    free: int
+
+@runtime_checkable
+class Store(Protocol):
+    """Keeps build results (snapshots of root filesystems), named caches and build logs.
+
+    A result is a directory holding `rootfs/` (and whatever metadata the builder writes beside
+    it), identified by the step id that produced it. Results are immutable once committed.
+    """
+
+    root: Path
+    """The directory (or mount point) holding the store."""
+
+    async def build(
+        self, base: str | None, id: str, fn: Callable[[Path], Awaitable[None]]
+    ) -> None:
+        """Make result `id` by running `fn(tmpdir)` on a writable copy of result `base`.
+
+        `tmpdir` is a fresh directory: a snapshot of `base`'s result directory, or empty when
+        `base` is None. If `fn` returns, `tmpdir` is committed atomically as `id`; if it raises,
+        nothing is recorded (the temporary copy is removed) and the exception propagates, so a
+        later call may try again. A crash at any point leaves either no result or a complete one;
+        leftovers are removed by the next start-up. The caller promises not to build an `id` that
+        already exists, nor to build the same `id` twice at once, and that `base` exists.
+        """
+        ...
+
+    async def result(self, id: str) -> Path | None:
+        """The directory of result `id`, or None if there is no such result."""
+        ...
+
+    async def delete(self, id: str) -> None:
+        """Remove result `id` (and its log) if present. Results built on it are not touched
+        here: removing descendants is the caller's job (the result database knows them)."""
+        ...
+
+    def log_file(self, id: str) -> Path:
+        """Where the log of step `id` is kept (inside the result directory once committed)."""
+        ...
+
+    def cache(self, name: str, uid: int, gid: int) -> AbstractAsyncContextManager[Path]:
+        """A writable copy of the named cache, created empty and owned by `uid:gid` if new.
+
+        On leaving the context the copy replaces the shared cache atomically (last writer wins:
+        two builds updating the same cache at once each start from the version they saw, and the
+        later release is what remains). If the block raises, the copy is discarded.
+        """
+        ...
+
+    async def delete_cache(self, name: str) -> None:
+        """Remove the named cache; copies in use are unaffected and discarded on release."""
+        ...
+
+    async def df(self) -> DiskUsage:
+        """Size and free space of the store's filesystem."""
+        ...
+
+    async def clean(self) -> None:
+        """Remove temporary state left by a crash (unfinished builds, released cache copies)."""
+        ...
+
+@dataclass(frozen=True)
+class Mount:
+    """A bind mount into the sandbox: `src` on the host at `dst` inside."""
+
+    src: Path
+    dst: str
+    readonly: bool = False
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """One command to run in a sandbox.
+
+    `argv` is the full command (shell included); `cwd` is inside the rootfs; `uid`/`gid` the
+    user; `env` the whole environment; `network` is True only for `(network host)`.
+    """
+
+    argv: Sequence[str]
+    cwd: str = "/"
+    uid: int = 0
+    gid: int = 0
+    env: Mapping[str, str] = field(default_factory=dict)
+    mounts: Sequence[Mount] = ()
+    network: bool = False
+    hostname: str = "builder"
+
+class Log(Protocol):
+    """Where a step's output goes: written as it arrives."""
+
+    def write(self, data: bytes) -> None:
+        """Append output."""
+        ...
+
+@runtime_checkable
+class Sandbox(Protocol):
+    """Runs a command isolated in a root filesystem."""
+
+    async def run(
+        self,
+        config: SandboxConfig,
+        rootfs: Path,
+        *,
+        log: Log,
+        stdin: bytes | None = None,
+        cancelled: asyncio.Event | None = None,
+    ) -> None:
+        """Run `config` with `rootfs` as `/`, writing stdout and stderr to `log`.
+
+        Returns when the process exits 0; raises BuildError naming the exit status otherwise.
+        Setting `cancelled` kills the process (and everything it started) and raises
+        asyncio.CancelledError; cancelling the calling task does the same.
+        """
+        ...
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What a fetcher learnt about the image it unpacked."""
+
+    env: Mapping[str, str]
+    digest: str | None = None
+
+@runtime_checkable
+class Fetcher(Protocol):
+    """Turns an image reference (`(from IMAGE)`) into a root filesystem."""
+
+    async def fetch(self, image: str, rootfs: Path, *, log: Log) -> ImageInfo:
+        """Unpack `image` into the empty directory `rootfs`; return its environment.
+
+        Raises BuildError (one line naming the image) for an unknown image.
+        """
+        ...

@@ -1,0 +1,455 @@
+"""The runc sandbox: each command runs as a fresh OCI container over the step's rootfs.
+
+For every command `RuncSandbox.run` writes a bundle (a temporary directory under the state
+directory holding `config.json` and the container's `/etc/hosts`) and calls `runc run`. The
+container gets its own pid, ipc, uts and mount namespaces, and its own network namespace (only a
+loopback interface) unless the step asked for `(network host)`; OBuilder's capability set; /proc,
+a tmpfs /dev, /dev/shm, /dev/pts, /dev/mqueue, a read-only /sys; hostname `builder`.
+
+The rootfs is a build result in the making, so the sandbox leaves nothing of its own in it: the
+mount points it has to create (for /etc/hosts, caches, secrets, ...) are removed after the run, and
+/etc/hosts and /etc/resolv.conf are bind-mounted over, never written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import tempfile
+import uuid
+from collections import deque
+from collections.abc import Awaitable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from pipeline.obuilder.protocols import BuildError, Log, MissingTool, SandboxConfig
+
+CAPABILITIES = (
+    "CAP_CHOWN",  # change file owners (package managers unpack files owned by other users)
+    "CAP_DAC_OVERRIDE",  # bypass file permission checks, as root normally can
+    "CAP_FSETID",  # keep set-user-ID bits when changing files
+    "CAP_FOWNER",  # act on files regardless of their owner (chmod, utime)
+    "CAP_MKNOD",  # create device nodes (dpkg unpacks some)
+    "CAP_NET_RAW",  # raw sockets (ping)
+    "CAP_SETGID",  # switch groups (apt-get drops to the _apt user)
+    "CAP_SETUID",  # switch users
+    "CAP_SETFCAP",  # set file capabilities (dpkg on ping, ...)
+    "CAP_SETPCAP",  # pass capabilities on to children
+    "CAP_NET_BIND_SERVICE",  # bind ports below 1024
+    "CAP_SYS_CHROOT",  # chroot (used by some package scripts)
+    "CAP_KILL",  # signal processes of other users
+    "CAP_AUDIT_WRITE",  # write to the audit log (su, login tools)
+)
+"""The capabilities of root in the sandbox: Docker's defaults, enough for apt-get and dpkg.
+
+A non-root user gets none of them (they are not in the ambient set), as on a normal system."""
+
+SYNC_SYSCALLS = ("fsync", "fdatasync", "msync", "sync", "syncfs", "sync_file_range")
+"""The calls `fast_sync` turns into no-ops: a crashed build is thrown away, never recovered."""
+
+_SECCOMP_ARCHES = {
+    # A filter applies only to the architectures it names: list every ABI a native binary may use.
+    "x86_64": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+    "aarch64": ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"],
+}
+
+_CFS_PERIOD = 100_000
+"""The CPU accounting period in microseconds (the kernel's default) against which `cpus` is a
+quota."""
+
+_INSTALL_RUNC = "runc not found: apt-get install runc"
+
+
+def _mount(destination: str, type: str, source: str, options: list[str]) -> dict[str, Any]:
+    return {"destination": destination, "type": type, "source": source, "options": options}
+
+
+def _system_mounts(hosts: Path, network: bool) -> list[dict[str, Any]]:
+    mounts = [
+        _mount("/proc", "proc", "proc", ["nosuid", "noexec", "nodev"]),
+        _mount("/dev", "tmpfs", "tmpfs", ["nosuid", "strictatime", "mode=755", "size=65536k"]),
+        _mount("/dev/pts", "devpts", "devpts",
+               ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]),
+        _mount("/dev/shm", "tmpfs", "shm",
+               ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]),
+        _mount("/dev/mqueue", "mqueue", "mqueue", ["nosuid", "noexec", "nodev"]),
+        _mount("/sys", "sysfs", "sysfs", ["nosuid", "noexec", "nodev", "ro"]),
+        # Lets a build read its own limits (memory.limit_in_bytes, ...), never change them.
+        _mount("/sys/fs/cgroup", "cgroup", "cgroup", ["nosuid", "noexec", "nodev", "ro"]),
+        _mount("/etc/hosts", "bind", str(hosts), ["rbind", "rprivate", "ro"]),
+    ]
+    if network:
+        # Without a network namespace there is nothing to resolve names with but the host's DNS.
+        mounts.append(_mount("/etc/resolv.conf", "bind", "/etc/resolv.conf",
+                             ["rbind", "rprivate", "ro"]))
+    return mounts
+
+
+def _needs_mount_point(destination: str) -> bool:
+    """Whether `destination` lies in the rootfs itself (rather than inside /dev, /proc or /sys,
+    which are fresh filesystems where runc makes its own mount points)."""
+    parts = PurePosixPath(destination).parts
+    return not (len(parts) > 2 and parts[1] in ("dev", "proc", "sys"))
+
+
+def _resolve(rootfs: Path, path: str) -> Path:
+    """The host path of `path` in `rootfs`, following symlinks as if `rootfs` were `/`.
+
+    A symlink in the rootfs can never lead outside it (an absolute target, or `..` at the top,
+    stays inside), so creating a mount point cannot touch the host. Raises BuildError on a
+    symlink loop.
+    """
+    pending = deque(PurePosixPath(path).parts)
+    current = PurePosixPath("/")
+    links = 0
+    while pending:
+        part = pending.popleft()
+        if part in ("/", "."):
+            continue
+        if part == "..":
+            current = current.parent
+            continue
+        host = rootfs / (current / part).relative_to("/")
+        if host.is_symlink():
+            links += 1
+            if links > 40:
+                raise BuildError(f"too many levels of symbolic links in {path} (in the rootfs)")
+            target = PurePosixPath(os.readlink(host))
+            if target.is_absolute():
+                current = PurePosixPath("/")
+            pending.extendleft(reversed(target.parts))
+            continue
+        current = current / part
+    return rootfs / current.relative_to("/")
+
+
+def _make_mount_point(rootfs: Path, destination: str, is_dir: bool, created: list[Path]) -> None:
+    """Create `destination` (and missing parents) in `rootfs` unless it exists, appending each
+    path created to `created` as soon as it exists, so that a failure half-way still lets the
+    caller remove them. Raises BuildError if a parent is not a directory."""
+    target = _resolve(rootfs, destination)
+    missing = []
+    path = target
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = path.parent
+    try:
+        for path in reversed(missing):
+            if path != target or is_dir:
+                path.mkdir()
+            else:
+                path.touch(mode=0o644, exist_ok=False)
+            created.append(path)
+    except OSError as exc:
+        raise BuildError(f"cannot create mount point {destination} in the rootfs: "
+                         f"{exc.strerror}") from None
+
+
+def _remove_mount_points(created: list[Path]) -> None:
+    """Remove what `_make_mount_point` created, deepest first. A directory the command has put
+    files into (a parent of a mount point, not covered by it) is its output and stays."""
+    for path in reversed(created):
+        try:
+            if path.is_dir() and not path.is_symlink():
+                path.rmdir()
+            else:
+                path.unlink()
+        except OSError:
+            continue
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        # Real-time signals have no name of their own.
+        return f"signal {number}"
+
+
+def _exit_error(status: int) -> BuildError:
+    # runc reports a command killed by signal N as status 128 + N, as shells do.
+    if 128 < status < 128 + signal.NSIG:
+        return BuildError(f"command killed by {_signal_name(status - 128)} "
+                          f"(exit status {status})")
+    return BuildError(f"command exited with status {status}")
+
+
+def _runc_error(runc_log: Path) -> str | None:
+    """The last error runc itself logged (it failed to start the container), if any."""
+    try:
+        lines = runc_log.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return None
+    errors = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and entry.get("level") in ("error", "fatal"):
+            errors.append(str(entry.get("msg", "")))
+    return errors[-1] if errors else None
+
+
+async def _to_the_end(work: Awaitable[None]) -> None:
+    """Await `work` to completion even if the caller is cancelled meanwhile (re-raising the
+    cancellation afterwards): a cleanup cut short would leave a container running."""
+    task = asyncio.ensure_future(work)
+    interrupted = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                break
+            interrupted = True
+    task.result()
+    if interrupted:
+        raise asyncio.CancelledError
+
+
+async def check_runc(runc: str = "runc") -> str:
+    """The version line of `runc --version` (e.g. "runc version 1.1.5+ds1").
+
+    Raises MissingTool if runc is not installed, BuildError if it does not answer.
+    """
+    path = shutil.which(runc)
+    if path is None:
+        raise MissingTool(_INSTALL_RUNC)
+    proc = await asyncio.create_subprocess_exec(
+        path, "--version", stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    output, _ = await proc.communicate()
+    text = output.decode(errors="replace").strip()
+    if proc.returncode != 0 or not text:
+        raise BuildError(f"{path} --version failed: {text or f'status {proc.returncode}'}")
+    return text.splitlines()[0]
+
+
+class RuncSandbox:
+    """Runs commands with `runc run`, keeping runc's state and the bundles under `state_dir`.
+
+    `memory` (bytes) and `cpus` (a number of CPUs, fractions allowed) limit each command through
+    cgroups; `fast_sync` makes the fsync family of calls succeed without doing anything (seccomp),
+    which is much faster on btrfs and loses nothing but a build that a crash would discard anyway.
+
+    Raises MissingTool if `runc` is not installed and BuildError if not running as root (runc
+    needs root to create namespaces and mounts); ValueError for a limit that is not positive.
+    """
+
+    def __init__(self, state_dir: Path, *, memory: int | None = None, cpus: float | None = None,
+                 fast_sync: bool = False, runc: str = "runc") -> None:
+        if memory is not None and memory <= 0:
+            raise ValueError(f"memory limit must be positive, not {memory}")
+        if cpus is not None and cpus <= 0:
+            raise ValueError(f"cpu limit must be positive, not {cpus}")
+        if os.geteuid() != 0:
+            raise BuildError("the runc sandbox must run as root (runc needs it to create "
+                             "namespaces and mounts)")
+        path = shutil.which(runc)
+        if path is None:
+            raise MissingTool(_INSTALL_RUNC)
+        self.state_dir = state_dir
+        self.memory = memory
+        self.cpus = cpus
+        self.fast_sync = fast_sync
+        self._runc = path
+        self._runc_root = state_dir / "runc"
+        self._runc_root.mkdir(parents=True, exist_ok=True)
+
+    def oci_config(self, config: SandboxConfig, rootfs: Path, *, hosts: Path) -> dict[str, Any]:
+        """The OCI runtime `config.json` running `config` over `rootfs` (an absolute path), with
+        `hosts` bound read-only at /etc/hosts. Raises BuildError for a relative mount target."""
+        mounts = _system_mounts(hosts, config.network)
+        for mount in config.mounts:
+            if not mount.dst.startswith("/"):
+                raise BuildError(f"mount target {mount.dst!r} is not an absolute path")
+            options = ["rbind", "rprivate", "nosuid", "nodev"]
+            if mount.readonly:
+                options.append("ro")
+            mounts.append(_mount(mount.dst, "bind", str(mount.src), options))
+        namespaces = ["pid", "ipc", "uts", "mount"]
+        if not config.network:
+            namespaces.append("network")
+        capabilities = list(CAPABILITIES)
+        linux: dict[str, Any] = {
+            "namespaces": [{"type": name} for name in namespaces],
+            # Docker's masks: kernel interfaces a build has no business reading or writing.
+            "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
+                            "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
+                            "/proc/sched_debug", "/proc/scsi", "/sys/firmware"],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
+                              "/proc/sysrq-trigger"],
+        }
+        resources: dict[str, Any] = {}
+        if self.memory is not None:
+            resources["memory"] = {"limit": self.memory}
+        if self.cpus is not None:
+            resources["cpu"] = {"quota": max(1000, round(self.cpus * _CFS_PERIOD)),
+                                "period": _CFS_PERIOD}
+        if resources:
+            linux["resources"] = resources
+        if self.fast_sync:
+            seccomp: dict[str, Any] = {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                # errnoRet 0: the call "fails" with no error, i.e. succeeds without syncing.
+                "syscalls": [{"names": list(SYNC_SYSCALLS), "action": "SCMP_ACT_ERRNO",
+                              "errnoRet": 0}],
+            }
+            arches = _SECCOMP_ARCHES.get(platform.machine())
+            if arches:
+                seccomp["architectures"] = arches
+            linux["seccomp"] = seccomp
+        return {
+            "ociVersion": "1.0.2",
+            "process": {
+                "terminal": False,
+                "user": {"uid": config.uid, "gid": config.gid},
+                "args": list(config.argv),
+                "env": [f"{name}={value}" for name, value in config.env.items()],
+                "cwd": config.cwd,
+                "capabilities": {
+                    "bounding": capabilities,
+                    "effective": capabilities,
+                    "inheritable": capabilities,
+                    "permitted": capabilities,
+                },
+                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+                # As OBuilder: set-user-ID programs (su, sudo) keep working inside builds.
+                "noNewPrivileges": False,
+            },
+            "root": {"path": str(rootfs), "readonly": False},
+            "hostname": config.hostname,
+            "mounts": mounts,
+            "linux": linux,
+        }
+
+    async def run(
+        self,
+        config: SandboxConfig,
+        rootfs: Path,
+        *,
+        log: Log,
+        stdin: bytes | None = None,
+        cancelled: asyncio.Event | None = None,
+    ) -> None:
+        """Run `config` in a container over `rootfs`, streaming its stdout and stderr to `log`.
+
+        runc relays stdout and stderr through separate pipes, so the log keeps the order of each
+        but not always their interleaving (as with OBuilder and Docker).
+
+        Returns when the command exits 0. Raises BuildError for any other status ("command
+        exited with status N", or "command killed by SIGNAME" for a status above 128), or if
+        runc cannot start the container (runc's message; its details are also in the log);
+        MissingTool if runc has disappeared. Setting `cancelled`, or cancelling the calling
+        task, kills every process in the container and raises asyncio.CancelledError. In every
+        case the container, its bundle and the mount points made in `rootfs` are gone on return.
+        """
+        rootfs = rootfs.resolve()
+        bundle = Path(tempfile.mkdtemp(prefix="bundle-", dir=self.state_dir))
+        created: list[Path] = []
+        try:
+            hosts = bundle / "hosts"
+            hosts.write_text(f"127.0.0.1 localhost {config.hostname}\n")
+            spec = self.oci_config(config, rootfs, hosts=hosts)
+            (bundle / "config.json").write_text(json.dumps(spec, indent=2) + "\n")
+            for mount in spec["mounts"]:
+                if _needs_mount_point(mount["destination"]):
+                    is_dir = mount["type"] != "bind" or Path(mount["source"]).is_dir()
+                    _make_mount_point(rootfs, mount["destination"], is_dir, created)
+            await self._run_bundle(bundle, log=log, stdin=stdin, cancelled=cancelled)
+        finally:
+            _remove_mount_points(created)
+            shutil.rmtree(bundle, ignore_errors=True)
+
+    async def _run_bundle(self, bundle: Path, *, log: Log, stdin: bytes | None,
+                          cancelled: asyncio.Event | None) -> None:
+        container_id = f"pipeline-{uuid.uuid4().hex[:16]}"
+        runc_log = bundle / "runc.log"
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self._runc, "--root", str(self._runc_root), "--log", str(runc_log),
+                "--log-format", "json", "run", "--bundle", str(bundle), container_id,
+                stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        except FileNotFoundError:
+            raise MissingTool(_INSTALL_RUNC) from None
+        finished = asyncio.ensure_future(self._communicate(proc, log, stdin))
+        cancel_wait = asyncio.ensure_future(cancelled.wait()) if cancelled is not None else None
+        try:
+            waiting = {finished} if cancel_wait is None else {finished, cancel_wait}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if not finished.done():
+                raise asyncio.CancelledError
+            status = finished.result()
+        finally:
+            if cancel_wait is not None:
+                cancel_wait.cancel()
+            await _to_the_end(self._stop(container_id, proc, finished))
+        if status == 0:
+            return
+        if status < 0:
+            raise BuildError(f"runc killed by {_signal_name(-status)}")
+        error = _runc_error(runc_log)
+        if error is not None:
+            raise BuildError(error if error.startswith("runc") else f"runc: {error}")
+        raise _exit_error(status)
+
+    async def _communicate(self, proc: asyncio.subprocess.Process, log: Log,
+                           stdin: bytes | None) -> int:
+        """Feed `stdin`, copy the output to `log` as it arrives; the exit status of runc."""
+        assert proc.stdout is not None
+        feeder = None
+        if stdin is not None:
+            assert proc.stdin is not None
+            feeder = asyncio.ensure_future(self._feed(proc.stdin, stdin))
+        try:
+            while chunk := await proc.stdout.read(65536):
+                log.write(chunk)
+        finally:
+            if feeder is not None:
+                feeder.cancel()
+        return await proc.wait()
+
+    @staticmethod
+    async def _feed(pipe: asyncio.StreamWriter, data: bytes) -> None:
+        try:
+            pipe.write(data)
+            await pipe.drain()
+            pipe.close()
+        except (BrokenPipeError, ConnectionResetError):
+            # The command exited (or closed its stdin) without reading everything: its choice.
+            pass
+
+    async def _stop(self, container_id: str, proc: asyncio.subprocess.Process,
+                    finished: asyncio.Future[int]) -> None:
+        """Kill the container if still running, wait for runc to exit and delete its state."""
+        while proc.returncode is None:
+            kill = await asyncio.create_subprocess_exec(
+                self._runc, "--root", str(self._runc_root), "kill", "--all", container_id,
+                "KILL", stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL)
+            if await kill.wait() == 0:
+                await proc.wait()
+            else:
+                # runc may not have created the container yet (or has just deleted it): retry
+                # until runc run itself has exited.
+                try:
+                    await asyncio.wait_for(proc.wait(), 0.1)
+                except TimeoutError:
+                    continue
+        # With runc gone, every process of the container is dead (they shared its pid
+        # namespace), so the output pipe reaches its end: let the copy finish.
+        await asyncio.gather(finished, return_exceptions=True)
+        # `runc run` deletes the container when it exits normally; only an interrupted run
+        # leaves state behind.
+        if (self._runc_root / container_id).exists():
+            delete = await asyncio.create_subprocess_exec(
+                self._runc, "--root", str(self._runc_root), "delete", "--force", container_id,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL)
+            await delete.wait()
