@@ -1,0 +1,240 @@
+"""`DbStore`: any `Store` plus a table of its results, for deleting a result with everything
+built on it and for pruning the least recently used results (OBuilder's `Db_store`).
+
+The table lives in `ROOT/state/db.sqlite`: one row per committed result with its creation and
+last-use times, its parent (the base it was built on) and its number of children. Backends know
+nothing of it; the builder talks to a `DbStore` wrapping one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from pathlib import Path
+from typing import TypeVar
+
+from pipeline.obuilder.protocols import BuildError, DiskUsage, Store
+from pipeline.obuilder.stores.common import RESULT, STATE
+
+_log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# `children` is kept by triggers, so no code path can forget it. A row is always removed after
+# its children's rows (see `DbStore.delete`).
+_SCHEMA = """
+PRAGMA journal_mode = WAL;
+CREATE TABLE IF NOT EXISTS results (
+    id       TEXT PRIMARY KEY,
+    created  REAL NOT NULL,
+    used     REAL NOT NULL,
+    parent   TEXT,
+    children INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS results_by_parent ON results (parent);
+CREATE INDEX IF NOT EXISTS results_by_use ON results (children, used);
+CREATE TRIGGER IF NOT EXISTS result_added AFTER INSERT ON results BEGIN
+    UPDATE results SET children = children + 1 WHERE id = NEW.parent;
+END;
+CREATE TRIGGER IF NOT EXISTS result_removed AFTER DELETE ON results BEGIN
+    UPDATE results SET children = children - 1 WHERE id = OLD.parent;
+END;
+"""
+
+
+def _add(db: sqlite3.Connection, id: str, parent: str | None, now: float) -> None:
+    # A parent unknown to the table (say, built before the table existed) is not recorded, so
+    # that every recorded parent is a row whose `children` counts this one.
+    db.execute("INSERT INTO results (id, created, used, parent) "
+               "VALUES (?, ?, ?, (SELECT id FROM results WHERE id = ?))",
+               (id, now, now, parent))
+
+
+def _set_used(db: sqlite3.Connection, id: str, now: float) -> None:
+    db.execute("UPDATE results SET used = ? WHERE id = ?", (now, id))
+
+
+def _remove(db: sqlite3.Connection, ids: list[str]) -> None:
+    db.executemany("DELETE FROM results WHERE id = ?", [(id,) for id in ids])
+
+
+def _ids(db: sqlite3.Connection) -> set[str]:
+    return {id for (id,) in db.execute("SELECT id FROM results")}
+
+
+def _descendants(db: sqlite3.Connection, id: str) -> list[str]:
+    """`id`'s descendants, children before their parents (deepest first)."""
+    rows = db.execute("""
+        WITH RECURSIVE tree (id, depth) AS (
+            SELECT id, 1 FROM results WHERE parent = ?
+            UNION ALL
+            SELECT results.id, tree.depth + 1 FROM results JOIN tree ON results.parent = tree.id
+        )
+        SELECT id FROM tree ORDER BY depth DESC, id""", (id,))
+    return [id for (id,) in rows]
+
+
+def _least_recently_used(db: sqlite3.Connection, cutoff: float, busy: list[str]) -> str | None:
+    """The least recently used result with no children, last used before `cutoff`, not in
+    `busy`."""
+    placeholders = ", ".join("?" * len(busy))
+    row = db.execute(f"SELECT id FROM results WHERE children = 0 AND used < ? "
+                     f"AND id NOT IN ({placeholders}) ORDER BY used, id LIMIT 1",
+                     (cutoff, *busy)).fetchone()
+    return None if row is None else row[0]
+
+
+class DbStore:
+    """A `Store` that records every result of the store it wraps, and can prune them.
+
+    Create it, then `await open()` before anything else. `delete`, `prune` and `open` are the
+    only ways results should be removed, or the table falls out of step until the next `open`.
+    """
+
+    def __init__(self, store: Store, *, clock: Callable[[], float] = time.time) -> None:
+        """Open `ROOT/state/db.sqlite`, creating it if needed; `clock` gives the time recorded
+        as created/used (seconds since the epoch). Raises sqlite3.Error if the database is
+        unusable (not a database, unwritable)."""
+        self.store = store
+        self.root = store.root
+        self._clock = clock
+        (store.root / STATE).mkdir(parents=True, exist_ok=True)
+        # Calls run in worker threads (`_sql`), one at a time under `_lock`.
+        self._db = sqlite3.connect(store.root / STATE / "db.sqlite", check_same_thread=False)
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+        # Bases of builds running now (with how many builds use each), and results being
+        # deleted now: prune leaves the former alone; a build on one of the latter is refused.
+        self._in_progress: Counter[str] = Counter()
+        self._deleting: set[str] = set()
+
+    async def _sql(self, query: Callable[..., T], *args: object) -> T:
+        """Run `query(db, *args)` in one transaction, in a worker thread (SQLite blocks)."""
+
+        def transaction() -> T:
+            with self._lock, self._db:
+                return query(self._db, *args)
+
+        return await asyncio.to_thread(transaction)
+
+    async def open(self) -> None:
+        """Start-up: make the store and its table consistent after a crash (see `clean`)."""
+        await self.clean()
+
+    async def clean(self) -> None:
+        """Remove the wrapped store's temporary state, then reconcile the table with the
+        results on disk: results that are gone are forgotten, with everything built on them
+        (a store may keep only differences from a base, as overlayfs does, so they cannot be
+        trusted without it); results the table does not know (committed just before a crash,
+        before being recorded) are deleted.
+
+        Call it when no build is running (at start-up): a build that has just committed but not
+        yet recorded its result would lose it. Raises what the store raises if a removal fails.
+        """
+        await self.store.clean()
+        recorded = await self._sql(_ids)
+        present = await asyncio.to_thread(lambda: {p.name for p in (self.root / RESULT).iterdir()})
+        for id in sorted(recorded - present):
+            _log.warning("result %s is gone: forgetting it and deleting what was built on it", id)
+            await self.delete(id)
+        for id in sorted(present - recorded):
+            _log.warning("deleting result %s, not in the database", id)
+            await self.store.delete(id)
+
+    async def build(
+        self, base: str | None, id: str, fn: Callable[[Path], Awaitable[None]]
+    ) -> None:
+        """See `Store.build`; on success `id` is recorded as a child of `base`, and `base` is
+        marked used. While it runs, `prune` will not remove `base`.
+
+        Raises BuildError if `base` is being deleted or pruned; otherwise whatever the store or
+        `fn` raises, recording nothing.
+        """
+        if base is not None:
+            if base in self._deleting:
+                raise BuildError(f"cannot build {id}: its base {base} is being deleted")
+            self._in_progress[base] += 1
+        try:
+            if base is not None:
+                await self.mark_used(base)
+            await self.store.build(base, id, fn)
+        finally:
+            if base is not None:
+                self._in_progress[base] -= 1
+                if not self._in_progress[base]:
+                    del self._in_progress[base]
+        await self._sql(_add, id, base, self._clock())
+
+    async def mark_used(self, id: str) -> None:
+        """Record that result `id` was used now (a cache hit, or a build on it), for LRU
+        pruning. Nothing happens for an unknown id."""
+        await self._sql(_set_used, id, self._clock())
+
+    async def result(self, id: str) -> Path | None:
+        """See `Store.result`; this does not count as a use (see `mark_used`)."""
+        return await self.store.result(id)
+
+    async def delete(self, id: str) -> list[str]:
+        """Remove result `id` and every result built on it, children before parents; returns
+        the ids removed (the deepest first, `id` last), or [] if there is no such result. An
+        id unknown to the table is still removed from the store. Raises what the store raises
+        if a removal fails; the results removed before that stay removed."""
+        descendants = await self._sql(_descendants, id)
+        if not descendants and await self.store.result(id) is None:
+            await self._sql(_remove, [id])
+            return []
+        doomed = [*descendants, id]
+        for victim in doomed:
+            await self._delete_one(victim)
+        return doomed
+
+    async def _delete_one(self, id: str) -> None:
+        self._deleting.add(id)
+        try:
+            await self.store.delete(id)
+            await self._sql(_remove, [id])
+        finally:
+            self._deleting.discard(id)
+
+    async def prune(self, before: datetime, limit: int | None = None) -> list[str]:
+        """Remove up to `limit` (default: no limit) results last used before `before`, least
+        recently used first, among results with no children; a parent whose children are all
+        removed becomes a candidate in turn. Never removes the base of a running build. Returns
+        the ids removed, in order. A naive `before` is local time. Raises what the store raises
+        if a removal fails; the results removed before that stay removed."""
+        cutoff = before.timestamp()
+        pruned: list[str] = []
+        while limit is None or len(pruned) < limit:
+            victim = await self._sql(_least_recently_used, cutoff, sorted(self._in_progress))
+            if victim is None:
+                break
+            # A build may have started on it while the query ran; `_delete_one` then marks it
+            # before yielding, so no build can start on it after this check.
+            if victim in self._in_progress:
+                continue
+            await self._delete_one(victim)
+            pruned.append(victim)
+        return pruned
+
+    def log_file(self, id: str) -> Path:
+        """See `Store.log_file`."""
+        return self.store.log_file(id)
+
+    def cache(self, name: str, uid: int, gid: int) -> AbstractAsyncContextManager[Path]:
+        """See `Store.cache`."""
+        return self.store.cache(name, uid, gid)
+
+    async def delete_cache(self, name: str) -> None:
+        """See `Store.delete_cache`."""
+        await self.store.delete_cache(name)
+
+    async def df(self) -> DiskUsage:
+        """See `Store.df`."""
+        return await self.store.df()
