@@ -114,12 +114,23 @@ def build_parser() -> argparse.ArgumentParser:
                          help="write to OUT.svg or OUT.dot (default: DOT on standard output)")
     diagram.add_argument("--expand", metavar="ID", action="append", default=[],
                          help="open the collapsed group ID (key=value); may be repeated")
+
+    commands.add_parser(
+        "obuilder", add_help=False,
+        help="the sandboxed builder: build, fmt, dockerfile, healthcheck, clean, df, delete, "
+        "prune (see pipeline obuilder --help)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `pipeline` command; returns the exit status."""
-    own, passed = _split_args(list(sys.argv[1:] if argv is None else argv))
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["obuilder"]:
+        from pipeline.obuilder.cli import main as obuilder_main
+
+        return obuilder_main(args[1:])
+    own, passed = _split_args(args)
     options = build_parser().parse_args(own)
     try:
         if options.command == "diagram":

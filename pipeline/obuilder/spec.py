@@ -611,7 +611,8 @@ def _op_sexp(op: Op) -> list[_Sexp]:
             return fields
 
 
-def _op_text(op: Op, column: int) -> str:
+def op_text(op: Op, column: int = 0) -> str:
+    """One op in canonical form, as if printed starting at `column` (for step headers)."""
     sexp = _op_sexp(op)
     if isinstance(op, Run) and len(sexp) > 2:
         # Like OBuilder's printer: a run with mounts or network has one field per line.
@@ -628,7 +629,7 @@ def _spec_text(spec: Spec, column: int) -> str:
         for name, child in spec.child_builds
     ]
     entries.append(_flat(["from", spec.from_], inner))
-    entries += [_op_text(op, inner) for op in spec.ops]
+    entries += [op_text(op, inner) for op in spec.ops]
     return "(" + ("\n" + " " * inner).join(entries) + ")"
 
 
@@ -765,3 +766,8 @@ def to_dockerfile(
     escape = "`" if os == "windows" else "\\"
     header = ["#escape=`"] if os == "windows" else []
     return "\n".join([*header, *_docker_stage(spec, None, buildkit=buildkit, escape=escape)]) + "\n"
+
+
+def from_text(image: str, column: int = 0) -> str:
+    """`(from IMAGE)` in canonical form, as if printed starting at `column`."""
+    return _flat(["from", image], column)

@@ -1,0 +1,352 @@
+"""The builder: runs a spec step by step, each step's result cached in the store under its id.
+
+A step's id is the SHA-256 of everything that determines its result (DESIGN.md §4):
+
+- `from`: the image reference;
+- `run`: the parent id, workdir, user, whole environment, shell, command, network and secrets
+  (ids and targets; never the values). Caches are not part of it;
+- `copy`: the parent id, user, digest of the copy's manifest (files, hashes, symlinks,
+  directories and destinations; see `manifest.py`) and, for `(from (build NAME))`, the id of
+  that stage's result.
+
+`comment`, `workdir`, `env`, `user` and `shell` only change the context later steps see.
+
+A step whose id is in the store is not run again: its saved log is replayed. Steps that two
+builds need at the same time run once: the second build follows the first one's live log and
+gets the same result or error. Cancelling a build kills the step it is running unless another
+build still waits for that step.
+
+A `run` step's caches are the store's named caches (`Store.cache`): each step works on its own
+copy, taken when the step starts and owned by the step's user if the cache is new. When two
+builds use the same cache at once, each starts from the version it saw and the copy released
+last replaces the cache (last writer wins); a failed step's changes are discarded. Secrets are
+written to a private temporary directory outside the rootfs (on tmpfs where there is one) and
+mounted read-only; they are not part of the step id, so a build that joins a step already
+running shares the result made with the first build's secret values.
+
+The output of a build, written to its `log` as it happens, is for each step a header
+(`WORKDIR: OP`), the step's output, then `---> using "<id>" from cache` or
+`---> saved as "<id>"`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, BinaryIO
+
+from pipeline.obuilder import spec as S
+from pipeline.obuilder.manifest import manifest
+from pipeline.obuilder.protocols import (
+    BuildError,
+    Fetcher,
+    Log,
+    Mount,
+    Sandbox,
+    SandboxConfig,
+    Store,
+)
+
+_NO_SECRETS: Mapping[str, bytes] = MappingProxyType({})
+_SECRETS_TMP = "/dev/shm"
+"""Where secret files are written for the duration of a step: a tmpfs, so values never reach
+a disk (falls back to the default temporary directory where it does not exist)."""
+
+Work = Callable[[Path, Log], Awaitable[None]]
+"""What a step does to its writable result directory, writing its output to the log."""
+
+
+def step_id(**fields: Any) -> str:
+    """SHA-256 (hex) of `fields` in a canonical JSON form."""
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class _LiveLog:
+    """A step's output so far, repeated to every build following the step."""
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self._sinks: list[Callable[[bytes], None]] = []
+
+    def write(self, data: bytes) -> None:
+        self._chunks.append(data)
+        for sink in self._sinks:
+            sink(data)
+
+    def follow(self, sink: Callable[[bytes], None]) -> None:
+        """Send everything written so far to `sink`, then each later write."""
+        for chunk in self._chunks:
+            sink(chunk)
+        self._sinks.append(sink)
+
+    def unfollow(self, sink: Callable[[bytes], None]) -> None:
+        self._sinks.remove(sink)
+
+
+class _Tee:
+    """The log a running step writes to: its log file in the store and the live log."""
+
+    def __init__(self, file: BinaryIO, live: _LiveLog) -> None:
+        self._file = file
+        self._live = live
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._live.write(data)
+
+
+@dataclass
+class _Step:
+    """A step in progress (or being looked up in the store), shared by the builds needing it."""
+
+    task: asyncio.Task[bool]
+    """Loads or builds the step; True if it was found in the store."""
+    log: _LiveLog
+    waiters: int = 0
+    cancelling: bool = False
+    """Set when its last waiter was cancelled: newcomers wait for it to end and start afresh."""
+
+
+class Builder:
+    """Builds specs with results kept in `store`, commands run in `sandbox`, images from
+    `fetcher`.
+
+    One builder should own the store's builds: two builders (or processes) building the same
+    step at once on one store break the store's promise of one build per id.
+    """
+
+    def __init__(self, store: Store, sandbox: Sandbox, fetcher: Fetcher) -> None:
+        """Build with these backends; `store` is normally a `DbStore`, whose `mark_used`
+        records cache hits for pruning (other stores have none and are not told)."""
+        self.store = store
+        self.sandbox = sandbox
+        self.fetcher = fetcher
+        self._running: dict[str, _Step] = {}
+
+    async def build(self, spec: S.Spec, context: Path, *, log: Callable[[bytes], None],
+                    secrets: Mapping[str, bytes] = _NO_SECRETS) -> str:
+        """Build `spec` with `context` as the source of `copy` steps; return the final result id.
+
+        `log` receives each step's header, output and outcome as they happen; `secrets` maps
+        secret ids to values for `(run (secrets ...))`. Child stages are built first, in order.
+        Raises BuildError naming the step on its failure (a failed step is never saved, so
+        building again retries it), for a missing secret, an unknown `(user (name ...))`, an
+        unsupported network, or a `copy` source breaking the manifest rules. Cancelling the
+        calling task stops the current step unless another build is waiting for it too.
+        """
+        return await self._build(spec, context, log, secrets, {})
+
+    async def _build(self, spec: S.Spec, context: Path, log: Callable[[bytes], None],
+                     secrets: Mapping[str, bytes], stages: Mapping[str, str]) -> str:
+        # A stage sees the stages of its enclosing scopes and its own earlier children.
+        scope = dict(stages)
+        for name, child in spec.child_builds:
+            scope[name] = await self._build(child, context, log, secrets, scope)
+        result, image_env = await self._from(spec.from_, log)
+        for op, ctx in S.contexts(spec.ops):
+            match op:
+                case S.Run():
+                    result = await self._run(result, ctx, {**image_env, **dict(ctx.env)}, op,
+                                             log, secrets)
+                case S.Copy():
+                    result = await self._copy(result, ctx, op, context, scope, log)
+        return result
+
+    async def _from(self, image: str, log: Callable[[bytes], None]) -> tuple[str, dict[str, str]]:
+        """The result of `(from image)` and the image's environment."""
+        id = step_id(op="from", image=image)
+
+        async def work(tmp: Path, step_log: Log) -> None:
+            rootfs = tmp / "rootfs"
+            rootfs.mkdir()
+            info = await self.fetcher.fetch(image, rootfs, log=step_log)
+            (tmp / "env.json").write_text(json.dumps(dict(info.env)))
+
+        await self._step(id, None, S.from_text(image), log, work)
+        directory = await self._result(id)
+        return id, json.loads((directory / "env.json").read_text())
+
+    async def _run(self, parent: str, ctx: S.Context, env: Mapping[str, str], op: S.Run,
+                   log: Callable[[bytes], None], secrets: Mapping[str, bytes]) -> str:
+        id = step_id(op="run", parent=parent, workdir=ctx.workdir, user=_user_key(ctx.user),
+                     env=sorted(env.items()), shell=ctx.shell, command=op.shell,
+                     network=list(op.network),
+                     secrets=[[s.id, s.target] for s in op.secrets])
+
+        async def work(tmp: Path, step_log: Log) -> None:
+            rootfs = tmp / "rootfs"
+            unknown = [n for n in op.network if n != "host"]
+            if unknown:
+                raise BuildError(f"unknown network {unknown[0]!r}: only \"host\" is supported")
+            missing = [s.id for s in op.secrets if s.id not in secrets]
+            if missing:
+                raise BuildError(f"no value given for secret {missing[0]!r}")
+            uid, gid = _resolve_user(rootfs, ctx.user)
+            async with AsyncExitStack() as stack:
+                mounts = [
+                    Mount(await stack.enter_async_context(self.store.cache(c.id, uid, gid)),
+                          c.target)
+                    for c in op.cache
+                ]
+                if op.secrets:
+                    directory = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                        prefix="obuilder-secrets-",
+                        dir=_SECRETS_TMP if os.path.isdir(_SECRETS_TMP) else None)))
+                    for n, secret in enumerate(op.secrets):
+                        mounts.append(Mount(_write_secret(directory / str(n),
+                                                          secrets[secret.id], uid, gid),
+                                            secret.target, readonly=True))
+                config = SandboxConfig(argv=[*ctx.shell, op.shell], cwd=ctx.workdir, uid=uid,
+                                       gid=gid, env=dict(env), mounts=mounts,
+                                       network="host" in op.network)
+                await self.sandbox.run(config, rootfs, log=step_log)
+
+        await self._step(id, parent, _header(ctx, op), log, work)
+        return id
+
+    async def _copy(self, parent: str, ctx: S.Context, op: S.Copy, context: Path,
+                    stages: Mapping[str, str], log: Callable[[bytes], None]) -> str:
+        if isinstance(op.from_, S.Build):
+            stage: str | None = stages[op.from_.name]
+            src_dir = await self._result(stage) / "rootfs"
+        else:
+            stage, src_dir = None, context
+        plan = await asyncio.to_thread(manifest, src_dir, op.src, op.dst, exclude=op.exclude,
+                                       workdir=ctx.workdir)
+        id = step_id(op="copy", parent=parent, user=_user_key(ctx.user),
+                     manifest=plan.digest(), stage=stage)
+
+        async def work(tmp: Path, step_log: Log) -> None:
+            rootfs = tmp / "rootfs"
+            uid, gid = _resolve_user(rootfs, ctx.user)
+            await asyncio.to_thread(plan.write, rootfs, uid, gid)
+
+        await self._step(id, parent, _header(ctx, op), log, work)
+        return id
+
+    async def _result(self, id: str) -> Path:
+        directory = await self.store.result(id)
+        if directory is None:
+            raise BuildError(f"result {id} has disappeared from the store (deleted or pruned)")
+        return directory
+
+    async def _step(self, id: str, base: str | None, header: str,
+                    log: Callable[[bytes], None], work: Work) -> None:
+        """Make sure result `id` exists, doing `work` on a copy of `base` if it does not,
+        and write the step's header, output and outcome to `log`."""
+        log(f"{header}\n".encode())
+        while True:
+            step = self._running.get(id)
+            if step is None:
+                step = self._start(id, base, header, work)
+            elif step.cancelling:
+                await asyncio.wait([step.task])
+                continue
+            break
+        step.waiters += 1
+        step.log.follow(log)
+        try:
+            cached = await asyncio.shield(step.task)
+        except asyncio.CancelledError:
+            step.waiters -= 1
+            if step.waiters == 0 and not step.task.done():
+                step.cancelling = True
+                step.task.cancel()
+                # Return only once the sandboxed process is dead and the step discarded.
+                await asyncio.wait([step.task])
+            raise
+        finally:
+            step.log.unfollow(log)
+        outcome = f'---> using "{id}" from cache' if cached else f'---> saved as "{id}"'
+        log(f"{outcome}\n".encode())
+
+    def _start(self, id: str, base: str | None, header: str, work: Work) -> _Step:
+        live = _LiveLog()
+        task = asyncio.create_task(self._load_or_build(id, base, header, live, work))
+        step = _Step(task=task, log=live)
+        self._running[id] = step
+
+        def finished(_: asyncio.Task[bool]) -> None:
+            # By now the result is committed (or was never made): later builds ask the store.
+            if self._running.get(id) is step:
+                del self._running[id]
+
+        task.add_done_callback(finished)
+        return step
+
+    async def _load_or_build(self, id: str, base: str | None, header: str, live: _LiveLog,
+                             work: Work) -> bool:
+        """Replay the saved log of `id` if it is in the store (True), else build it (False)."""
+        if await self.store.result(id) is not None:
+            mark_used = getattr(self.store, "mark_used", None)
+            if mark_used is not None:
+                await mark_used(id)
+            saved = self.store.log_file(id)
+            if saved.exists():
+                live.write(await asyncio.to_thread(saved.read_bytes))
+            return True
+
+        async def fn(tmp: Path) -> None:
+            # The log is part of the result directory, so the store commits it with the rootfs.
+            with open(tmp / "log", "wb", buffering=0) as file:
+                await work(tmp, _Tee(file, live))
+
+        try:
+            await self.store.build(base, id, fn)
+        except BuildError as exc:
+            # One line: the printer breaks a long op only between fields.
+            one_line = re.sub(r"\n *", " ", header)
+            raise BuildError(f"step {one_line} failed: {exc}") from exc
+        return False
+
+
+def _header(ctx: S.Context, op: S.Op) -> str:
+    prefix = f"{ctx.workdir}: "
+    return prefix + S.op_text(op, len(prefix))
+
+
+def _user_key(user: S.User) -> dict[str, Any]:
+    if isinstance(user, S.UserName):
+        return {"name": user.name}
+    return {"uid": user.uid, "gid": user.gid}
+
+
+def _resolve_user(rootfs: Path, user: S.User) -> tuple[int, int]:
+    """The uid and gid of `user`, looking a name up in the rootfs's /etc/passwd.
+
+    Raises BuildError if the name is not there, or if /etc or /etc/passwd is a symlink (which
+    would have to be resolved inside the rootfs, and no image needs).
+    """
+    if isinstance(user, S.UserIds):
+        return user.uid, user.gid
+    passwd = rootfs / "etc" / "passwd"
+    if (rootfs / "etc").is_symlink() or passwd.is_symlink():
+        raise BuildError(f"cannot look up user {user.name!r}: /etc/passwd is a symlink")
+    try:
+        lines = passwd.read_text().splitlines()
+    except FileNotFoundError:
+        raise BuildError(f"cannot look up user {user.name!r}: no /etc/passwd") from None
+    for line in lines:
+        fields = line.split(":")
+        if len(fields) >= 4 and fields[0] == user.name:
+            return int(fields[2]), int(fields[3])
+    raise BuildError(f"user {user.name!r} not found in /etc/passwd")
+
+
+def _write_secret(path: Path, value: bytes, uid: int, gid: int) -> Path:
+    """Write a secret readable only by the step's user."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+    with os.fdopen(fd, "wb") as file:
+        file.write(value)
+    os.chown(path, uid, gid)
+    return path

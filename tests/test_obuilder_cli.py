@@ -1,0 +1,195 @@
+"""`pipeline obuilder` as a real process: builds on each store, conversions, upkeep, errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = """\
+((from busybox)
+ (copy (src "hello.txt") (dst "/hello.txt"))
+ (run (shell "cat /hello.txt > /out.txt"))
+ (run (shell "echo done: $(cat /out.txt)")))
+"""
+GOT = re.compile(r'^Got: "([0-9a-f]{64})"$')
+
+# Where each store kind lives: a session fixture's filesystem, or the test's tmp_path.
+STORE_MOUNTS = {"btrfs": "btrfs_mount", "xfs": "xfs_mount", "overlayfs": "tmpfs_mount",
+                "rsync": None}
+
+
+def obuilder(*args: str | Path, env: dict[str, str] | None = None,
+             user: int | None = None) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "pipeline", "obuilder", *map(str, args)]
+    if user is not None:
+        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> tuple[Path, Path]:
+    """A spec file and its context directory."""
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "hello.txt").write_text("hello\n")
+    spec = tmp_path / "build.spec"
+    spec.write_text(SPEC)
+    return spec, context
+
+
+def store_root(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    mount = STORE_MOUNTS[kind]
+    if mount is None:
+        root = tmp_path / "store"
+        root.mkdir()
+        return root
+    return Path(tempfile.mkdtemp(dir=request.getfixturevalue(mount)))
+
+
+@pytest.mark.parametrize("kind", sorted(STORE_MOUNTS))
+def test_build_then_everything_from_cache(
+    kind: str, project: tuple[Path, Path], busybox_images: Path,
+    request: pytest.FixtureRequest, tmp_path: Path,
+) -> None:
+    spec, context = project
+    store = f"{kind}:{store_root(kind, request, tmp_path)}"
+    args = ["build", "-f", spec, context, "--store", store, "--image-dir", busybox_images]
+    first = obuilder(*args)
+    assert first.returncode == 0, first.stderr
+    lines = first.stdout.splitlines()
+    assert "done: hello" in lines
+    assert lines.count("---> saved as " + lines[-1].removeprefix("Got: ")) == 1
+    assert len([ln for ln in lines if ln.startswith("---> saved as")]) == 4
+    second = obuilder(*args)
+    assert second.returncode == 0, second.stderr
+    again = second.stdout.splitlines()
+    assert GOT.match(again[-1]) and again[-1] == lines[-1]
+    assert len([ln for ln in again if ln.startswith("---> using")]) == 4
+    assert not [ln for ln in again if ln.startswith("---> saved")]
+    assert "done: hello" in again, "the cached log is replayed"
+
+
+def test_failed_step_exits_1_and_is_not_saved(
+    project: tuple[Path, Path], busybox_images: Path, tmp_path: Path,
+) -> None:
+    spec, context = project
+    spec.write_text('((from busybox) (run (shell "echo oops; exit 3")))')
+    store = tmp_path / "store"
+    store.mkdir()
+    args = ["build", "-f", spec, context, "--store", f"rsync:{store}",
+            "--image-dir", busybox_images]
+    result = obuilder(*args)
+    assert result.returncode == 1
+    assert result.stdout.splitlines().count("oops") == 1
+    assert "exited with status 3" in result.stderr
+    assert "Got:" not in result.stdout
+    again = obuilder(*args)
+    assert again.returncode == 1 and "---> using" in again.stdout
+    assert again.stdout.splitlines().count("oops") == 1, "the failed step runs again"
+
+
+def test_secret_option(project: tuple[Path, Path], busybox_images: Path, tmp_path: Path) -> None:
+    spec, context = project
+    spec.write_text('((from busybox)\n (run (secrets (token (target "/run/token")))\n'
+                    '      (shell "grep -q 3cre /run/token && echo secret-ok")))')
+    (tmp_path / "token").write_text("s3cret")
+    store = tmp_path / "store"
+    store.mkdir()
+    result = obuilder("build", "-f", spec, context, "--store", f"rsync:{store}",
+                      "--image-dir", busybox_images, "--secret", f"token:{tmp_path / 'token'}")
+    assert result.returncode == 0, result.stderr
+    assert "secret-ok" in result.stdout and "s3cret" not in result.stdout
+    bad = obuilder("build", "-f", spec, context, "--store", f"rsync:{store}",
+                   "--image-dir", busybox_images, "--secret", "token")
+    assert bad.returncode == 1 and "expected ID:FILE" in bad.stderr
+
+
+def test_fmt_and_dockerfile(tmp_path: Path) -> None:
+    spec = tmp_path / "s.spec"
+    spec.write_text('((from busybox)(user (uid 1000) (gid 1000))'
+                    '(run (cache (c (target "/c"))) (shell "a\\nb")) (copy (src a b) (dst /x/)))')
+    fmt = obuilder("fmt", "-f", spec)
+    assert fmt.returncode == 0, fmt.stderr
+    assert fmt.stdout.splitlines()[0] == "((from busybox)"
+    formatted = tmp_path / "f.spec"
+    formatted.write_text(fmt.stdout)
+    assert obuilder("fmt", "-f", formatted).stdout == fmt.stdout, "printing is idempotent"
+    plain = obuilder("dockerfile", "-f", spec).stdout
+    assert plain.startswith("FROM busybox\n")
+    assert "USER 1000:1000" in plain and "COPY --chown=1000:1000 a b /x/" in plain
+    assert "--mount" not in plain
+    buildkit = obuilder("dockerfile", "-f", spec, "--buildkit").stdout
+    assert "RUN --mount=type=cache,id=c,target=/c,uid=1000" in buildkit
+    windows = obuilder("dockerfile", "-f", spec, "--escape", "windows").stdout
+    assert windows.startswith("#escape=`\n")
+
+
+def test_malformed_spec_names_line_and_column(tmp_path: Path) -> None:
+    spec = tmp_path / "bad.spec"
+    spec.write_text('((from busybox)\n (run (netwrk host) (shell "x")))\n')
+    result = obuilder("fmt", "-f", spec)
+    assert result.returncode == 1
+    assert f"{spec}:2:" in result.stderr and "unknown field `netwrk` in run" in result.stderr
+
+
+def test_store_upkeep_commands(
+    project: tuple[Path, Path], busybox_images: Path, tmp_path: Path,
+) -> None:
+    spec, context = project
+    store = tmp_path / "store"
+    store.mkdir()
+    option = ["--store", f"rsync:{store}"]
+    built = obuilder("build", "-f", spec, context, *option, "--image-dir", busybox_images)
+    assert built.returncode == 0, built.stderr
+    final = GOT.match(built.stdout.splitlines()[-1])
+    assert final is not None
+    health = obuilder("healthcheck", *option)
+    assert health.returncode == 0 and "runc version" in health.stdout
+    df = obuilder("df", *option)
+    assert df.returncode == 0 and "GiB used of" in df.stdout
+    assert obuilder("clean", *option).returncode == 0
+    saved = re.findall(r'---> saved as "([0-9a-f]{64})"', built.stdout)
+    deleted = obuilder("delete", saved[2], *option)
+    assert deleted.returncode == 0
+    assert set(re.findall(r"deleted ([0-9a-f]{64})", deleted.stdout)) == {saved[2], saved[3]}
+    pruned = obuilder("prune", *option, "--before", "2999-01-01T00:00:00", "--limit", "1")
+    assert pruned.returncode == 0 and "1 results deleted" in pruned.stdout
+    assert not (store / "result" / saved[1]).exists(), "the newest leaf went first"
+    bad_time = obuilder("prune", *option, "--before", "yesterday")
+    assert bad_time.returncode == 2 and "ISO 8601" in bad_time.stderr
+
+
+def test_errors_name_what_to_do(project: tuple[Path, Path], busybox_images: Path,
+                                tmp_path: Path) -> None:
+    spec, context = project
+    store = tmp_path / "store"
+    store.mkdir()
+    args = ["build", "-f", spec, context, "--store", f"rsync:{store}",
+            "--image-dir", busybox_images]
+    no_rsync = obuilder(*args, env={**os.environ, "PATH": "/nonexistent"})
+    assert no_rsync.returncode == 1
+    assert "rsync not found: apt-get install rsync" in no_rsync.stderr
+    only_rsync = tmp_path / "bin"
+    only_rsync.mkdir()
+    (only_rsync / "rsync").symlink_to(shutil.which("rsync") or "/usr/bin/rsync")
+    no_runc = obuilder(*args, env={**os.environ, "PATH": str(only_rsync)})
+    assert no_runc.returncode == 1
+    assert "runc not found: apt-get install runc" in no_runc.stderr
+    os.chmod(tmp_path, 0o755)
+    not_root = obuilder(*args, user=65534)
+    assert not_root.returncode == 1 and "must run as root" in not_root.stderr
+    btrfs_on_ext4 = obuilder("df", "--store", f"btrfs:{store}")
+    assert btrfs_on_ext4.returncode == 1 and "mkfs.btrfs" in btrfs_on_ext4.stderr
+    unknown = obuilder("df", "--store", f"zfs:{store}")
+    assert unknown.returncode == 1 and "zfs" in unknown.stderr
+    missing_image = obuilder("build", "-f", spec, context, "--store", f"rsync:{store}",
+                             "--image-dir", tmp_path)
+    assert missing_image.returncode == 1 and "unknown image 'busybox'" in missing_image.stderr
