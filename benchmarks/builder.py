@@ -1,0 +1,191 @@
+"""Measure the builder against buildah, store by store.
+
+    python benchmarks/builder.py --json [--stores btrfs,overlayfs,xfs,rsync]
+
+For each store: a cold build of a 10-step busybox spec and a fully cached rebuild, each timed as
+a whole `pipeline obuilder build` process; and the time to snapshot rootfses of different sizes
+(`Store.build` on that base with nothing to do): tiny, 512 MB in 4 files, 20,000 small files.
+Side by side, in the same run, `buildah bud --layers` builds the Dockerfile converted from the
+same spec (cold with --no-cache, then cached). Prints JSON with the ratios ours/buildah.
+Needs root; makes its own loop-mounted btrfs and xfs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.obuilder import spec as obuilder_spec
+from pipeline.obuilder.db_store import DbStore
+from pipeline.obuilder.stores import open_store
+
+STEPS = 10
+
+
+def make_spec() -> str:
+    """A 10-step busybox spec: runs and copies, each step cheap."""
+    ops = []
+    for i in range(STEPS):
+        if i % 3 == 2:
+            ops.append(f'(copy (src "file{i}.txt") (dst "/data/"))')
+        else:
+            ops.append(f'(run (shell "mkdir -p /data && echo step {i} >> /data/steps"))')
+    return "((from busybox)\n " + "\n ".join(ops) + ")\n"
+
+
+def make_image(directory: Path) -> Path:
+    """A busybox rootfs tarball in the --image-dir layout."""
+    rootfs = directory / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    (rootfs / "tmp").mkdir()
+    shutil.copy2("/bin/busybox", rootfs / "bin" / "busybox")
+    for applet in subprocess.run(["/bin/busybox", "--list"], capture_output=True, text=True,
+                                 check=True).stdout.split():
+        if not (rootfs / "bin" / applet).exists():
+            (rootfs / "bin" / applet).symlink_to("busybox")
+    images = directory / "images"
+    images.mkdir()
+    with tarfile.open(images / "busybox.tar", "w") as tar:
+        tar.add(rootfs, arcname=".")
+    return images
+
+
+def timed(argv: list[str], **kw: Any) -> float:
+    """Wall-clock seconds of a command, which must succeed."""
+    start = time.perf_counter()
+    done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kw)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {done.stderr.strip()}")
+    return elapsed
+
+
+def mount_loop(image: Path, mount_point: Path, mkfs: list[str]) -> None:
+    """Make and loop-mount a 4 GiB filesystem image."""
+    with open(image, "wb") as f:
+        f.truncate(4 * 2**30)
+    subprocess.run([*mkfs, str(image)], check=True, capture_output=True)
+    mount_point.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(mount_point)], check=True)
+
+
+SNAPSHOT_BASES = {
+    # name: (number of files, bytes per file)
+    "small": (1, 10_000),
+    "big_files": (4, 128 * 2**20),
+    "many_files": (20_000, 10_000),
+}
+
+
+async def snapshot_times(store_spec: str) -> dict[str, float]:
+    """Seconds to snapshot a tiny rootfs, one of 512 MB in 4 files, and one of 20,000 files."""
+    store = DbStore(open_store(store_spec))
+    await store.open()
+    times = {}
+    for name, (files, size) in SNAPSHOT_BASES.items():
+        base_id = f"bench-{name}-base"
+
+        async def fill(tmpdir: Path, files: int = files, size: int = size) -> None:
+            def write() -> None:
+                rootfs = tmpdir / "rootfs"
+                block = os.urandom(min(size, 2**20))
+                for i in range(files):
+                    directory = rootfs / f"d{i // 1000}"
+                    directory.mkdir(parents=True, exist_ok=True)
+                    with open(directory / f"f{i}", "wb") as f:
+                        for _ in range(max(1, size // len(block))):
+                            f.write(block)
+            await asyncio.to_thread(write)
+
+        await store.build(None, base_id, fill)
+        await asyncio.to_thread(os.sync)
+
+        async def nothing(tmpdir: Path) -> None:
+            return None
+
+        start = time.perf_counter()
+        await store.build(base_id, f"bench-{name}-snap", nothing)
+        times[f"snapshot_{name}_s"] = round(time.perf_counter() - start, 4)
+    return times
+
+
+def measure(stores: list[str], work: Path) -> dict[str, Any]:
+    """Run everything; return the figures."""
+    images = make_image(work / "image")
+    context = work / "context"
+    context.mkdir()
+    for i in range(STEPS):
+        (context / f"file{i}.txt").write_text(f"file {i}\n")
+    spec_file = work / "build.spec"
+    spec_file.write_text(make_spec())
+    parsed = obuilder_spec.parse(spec_file.read_text())
+    (context / "Dockerfile").write_text(
+        obuilder_spec.to_dockerfile(parsed, buildkit=False, os="unix"))
+
+    results: dict[str, Any] = {"steps": STEPS, "stores": {}}
+    container = subprocess.run(["buildah", "from", "scratch"], check=True, capture_output=True,
+                               text=True).stdout.strip()
+    subprocess.run(["buildah", "add", container, str(images / "busybox.tar"), "/"], check=True,
+                   capture_output=True)
+    subprocess.run(["buildah", "commit", "-q", container, "localhost/busybox:latest"],
+                   check=True, capture_output=True)
+    subprocess.run(["buildah", "rm", container], check=True, capture_output=True)
+    bud = ["buildah", "bud", "--layers", "--pull=never", "-q", "-t", "bench", str(context)]
+    buildah_cold = timed([*bud[:2], "--no-cache", *bud[2:]])
+    buildah_cached = timed(bud)
+    results["buildah"] = {"cold_s": round(buildah_cold, 3), "cached_s": round(buildah_cached, 3)}
+
+    for kind in stores:
+        if kind == "btrfs":
+            mount_loop(work / "btrfs.img", work / "btrfs", ["mkfs.btrfs", "-q"])
+            root = work / "btrfs" / "store"
+        elif kind == "xfs":
+            mount_loop(work / "xfs.img", work / "xfs", ["mkfs.xfs", "-q", "-m", "reflink=1"])
+            root = work / "xfs" / "store"
+        else:
+            root = work / kind
+        root.mkdir(parents=True, exist_ok=True)
+        store_spec = f"{kind}:{root}"
+        build = [sys.executable, "-m", "pipeline", "obuilder", "build", "-f", str(spec_file),
+                 str(context), "--store", store_spec, "--image-dir", str(images)]
+        cold = timed(build)
+        cached = timed(build)
+        figures: dict[str, Any] = {"cold_s": round(cold, 3), "cached_s": round(cached, 3)}
+        figures.update(asyncio.run(snapshot_times(store_spec)))
+        figures["cold_ratio"] = round(cold / buildah_cold, 3)
+        figures["cached_ratio"] = round(cached / buildah_cached, 3)
+        results["stores"][kind] = figures
+    return results
+
+
+def main() -> None:
+    """Parse the arguments, measure, print."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print JSON only")
+    parser.add_argument("--stores", default="btrfs,overlayfs,xfs,rsync",
+                        help="comma-separated store kinds (default: all four)")
+    options = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="pipeline-builder-bench-", dir="/var/tmp"))
+    try:
+        figures = measure(options.stores.split(","), work)
+    finally:
+        for mount_point in ("btrfs", "xfs"):
+            subprocess.run(["umount", "-l", str(work / mount_point)], capture_output=True)
+        subprocess.run(["buildah", "rmi", "-f", "bench", "localhost/busybox:latest"],
+                       capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(figures, indent=None if options.json else 2))
+
+
+if __name__ == "__main__":
+    main()
