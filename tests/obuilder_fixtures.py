@@ -10,6 +10,7 @@ Each fails (never skips) when a tool is missing: CI installs them.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -20,6 +21,32 @@ from pathlib import Path
 import pytest
 
 BUSYBOX = Path("/bin/busybox")
+# Only a guard against a hung test, never a measurement.
+HANG_GUARD = 60
+
+
+class RecordingLog:
+    """A build or sandbox log that keeps everything and lets a test wait for some text."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self._changed = asyncio.Event()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+        self._changed.set()
+
+    __call__ = write
+
+    @property
+    def text(self) -> str:
+        return self.data.decode()
+
+    async def wait_for(self, text: str) -> None:
+        async with asyncio.timeout(HANG_GUARD):
+            while text not in self.text:
+                self._changed.clear()
+                await self._changed.wait()
 
 
 def run(*argv: str | Path) -> None:

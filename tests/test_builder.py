@@ -10,6 +10,7 @@ time to pass.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import os
@@ -23,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from obuilder_fixtures import HANG_GUARD, RecordingLog
 
 from pipeline.obuilder import spec as S
 from pipeline.obuilder.builder import Builder
@@ -32,8 +34,6 @@ from pipeline.obuilder.protocols import BuildError, Fetcher
 from pipeline.obuilder.sandboxes.runc import RuncSandbox
 from pipeline.obuilder.stores import open_store
 
-# Only a guard against a hung test, never a measurement.
-HANG_GUARD = 60
 ID = r'"[0-9a-f]{64}"'
 
 # The filesystem fixture each store kind lives on (None: the test's own temporary directory).
@@ -45,30 +45,6 @@ STORE_KINDS = {
     "overlayfs": "tmpfs_mount",
 }
 MAIN_KINDS = ["rsync", "btrfs"]
-
-
-class Output:
-    """A build's `log`: keeps everything, and lets a test wait for some text."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self._changed = asyncio.Event()
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-        self._changed.set()
-
-    __call__ = write
-
-    @property
-    def text(self) -> str:
-        return self.data.decode()
-
-    async def wait_for(self, text: str) -> None:
-        async with asyncio.timeout(HANG_GUARD):
-            while text not in self.text:
-                self._changed.clear()
-                await self._changed.wait()
 
 
 class Gate:
@@ -113,8 +89,12 @@ class Gate:
         else:
             hang_up.cancel()
             writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: 7\r\n\r\npassed\n")
-            await writer.drain()
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
         writer.close()
+        # Awaited so that a connection reset by a killed caller is not reported as unretrieved.
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
 
 
 @pytest.fixture
@@ -174,7 +154,7 @@ def context(tmp_path: Path) -> Path:
 
 async def build(builder: Builder, text: str, context: Path, **options: object) -> tuple[str, str]:
     """Build the spec `text`; its result id and output."""
-    output = Output()
+    output = RecordingLog()
     async with asyncio.timeout(HANG_GUARD):
         result = await builder.build(S.parse(text), context, log=output, **options)  # type: ignore[arg-type]
     return result, output.text
@@ -238,7 +218,7 @@ async def test_a_failed_step_is_not_saved_and_runs_again(builder: Builder, conte
     spec = '((from busybox) (run (shell "echo before")) (run (shell "echo attempt; exit 3")))'
     message = 'step /: (run (shell "echo attempt; exit 3")) failed: command exited with status 3'
     for attempt in range(2):
-        output = Output()
+        output = RecordingLog()
         with pytest.raises(BuildError) as info:
             await builder.build(S.parse(spec), context, log=output)
         assert str(info.value) == message
@@ -282,7 +262,7 @@ def gated(gate: Gate, name: str, then: str = "true") -> str:
 async def test_concurrent_builds_share_a_step(builder: Builder, store: DbStore, context: Path,
                                               gate: Gate) -> None:
     a = gated(gate, "A")
-    outputs = [Output(), Output()]
+    outputs = [RecordingLog(), RecordingLog()]
     specs = [f'((from busybox) {a} (run (shell "echo {n} > /{n}")))' for n in "BC"]
     builds = [asyncio.create_task(builder.build(S.parse(s), context, log=o))
               for s, o in zip(specs, outputs, strict=True)]
@@ -303,7 +283,7 @@ async def test_concurrent_builds_share_a_step(builder: Builder, store: DbStore, 
 async def test_concurrent_builds_share_a_failure(builder: Builder, context: Path,
                                                  gate: Gate) -> None:
     spec = f"((from busybox) {gated(gate, 'F', then='exit 4')})"
-    outputs = (Output(), Output())
+    outputs = (RecordingLog(), RecordingLog())
     builds = [asyncio.create_task(builder.build(S.parse(spec), context, log=o)) for o in outputs]
     for output in outputs:
         await output.wait_for("F starts\n")
@@ -328,7 +308,7 @@ async def cancel(task: asyncio.Task[str]) -> None:
 async def test_cancelling_a_build_kills_its_step(builder: Builder, context: Path,
                                                  gate: Gate) -> None:
     spec = S.parse(f"((from busybox) {gated(gate, 'K')})")
-    running = asyncio.create_task(builder.build(spec, context, log=Output()))
+    running = asyncio.create_task(builder.build(spec, context, log=RecordingLog()))
     await gate.until(lambda: gate.calls["K"] == 1)
     await cancel(running)
     # The process calling the gate is dead: the gate saw it hang up.
@@ -343,7 +323,7 @@ async def test_cancelling_a_build_kills_its_step(builder: Builder, context: Path
 async def test_cancelling_one_of_two_builds_keeps_the_step(builder: Builder, store: DbStore,
                                                            context: Path, gate: Gate) -> None:
     spec = S.parse(f"((from busybox) {gated(gate, 'T')})")
-    outputs = (Output(), Output())
+    outputs = (RecordingLog(), RecordingLog())
     first, second = (asyncio.create_task(builder.build(spec, context, log=o)) for o in outputs)
     for output in outputs:
         await output.wait_for("T starts\n")
@@ -359,7 +339,7 @@ async def test_cancelling_one_of_two_builds_keeps_the_step(builder: Builder, sto
 async def test_cancelling_both_builds_kills_the_shared_step(builder: Builder, context: Path,
                                                             gate: Gate) -> None:
     spec = S.parse(f"((from busybox) {gated(gate, 'U')})")
-    outputs = (Output(), Output())
+    outputs = (RecordingLog(), RecordingLog())
     first, second = (asyncio.create_task(builder.build(spec, context, log=o)) for o in outputs)
     for output in outputs:
         await output.wait_for("U starts\n")
@@ -454,7 +434,7 @@ async def test_two_concurrent_writers_of_a_cache_last_release_wins(
         return (f'((from busybox) (run (cache (shared (target /c))) (network host)'
                 f' (shell "echo {name} >> /c/log; {gate.call(name)}")))')
 
-    builds = [asyncio.create_task(builder.build(S.parse(spec(n)), context, log=Output()))
+    builds = [asyncio.create_task(builder.build(S.parse(spec(n)), context, log=RecordingLog()))
               for n in ("one", "two")]
     # Each writer has its own copy (both started from the empty cache) before either ends.
     await gate.until(lambda: gate.calls["one"] == gate.calls["two"] == 1)
@@ -563,7 +543,8 @@ def test_local_fetcher_implements_the_protocol(fetcher: LocalFetcher) -> None:
 
 async def test_local_fetcher_names_the_files_it_looked_for(tmp_path: Path) -> None:
     with pytest.raises(BuildError) as info:
-        await LocalFetcher(tmp_path).fetch("ocaml/opam:debian-12", tmp_path / "r", log=Output())
+        await LocalFetcher(tmp_path).fetch("ocaml/opam:debian-12", tmp_path / "r",
+                                           log=RecordingLog())
     assert str(info.value) == (f"unknown image 'ocaml/opam:debian-12': no "
                                f"{tmp_path}/ocaml_opam_debian-12.tar or "
                                f"{tmp_path}/ocaml_opam_debian-12.tar.gz")
@@ -582,7 +563,7 @@ async def test_local_fetcher_preserves_owners_modes_links_and_devices(tmp_path: 
     (tmp_path / "ocaml_opam_5.env").write_text("# comment\nPATH=/bin\nHOME=/home/opam\n")
     root = tmp_path / "rootfs"
     root.mkdir()
-    info = await LocalFetcher(tmp_path).fetch("ocaml/opam:5", root, log=Output())
+    info = await LocalFetcher(tmp_path).fetch("ocaml/opam:5", root, log=RecordingLog())
     assert info.env == {"PATH": "/bin", "HOME": "/home/opam"}
     assert info.digest is not None and info.digest.startswith("sha256:")
     assert stat.S_IMODE((root / "tmp").stat().st_mode) == 0o1777
@@ -596,7 +577,7 @@ async def test_local_fetcher_preserves_owners_modes_links_and_devices(tmp_path: 
 
 
 async def test_local_fetcher_defaults_the_path(busybox_images: Path, tmp_path: Path) -> None:
-    info = await LocalFetcher(busybox_images).fetch("busybox", tmp_path, log=Output())
+    info = await LocalFetcher(busybox_images).fetch("busybox", tmp_path, log=RecordingLog())
     assert info.env == DEFAULT_ENV
     assert (tmp_path / "bin" / "busybox").is_file()
 
@@ -615,7 +596,7 @@ async def test_local_fetcher_refuses_members_escaping_the_rootfs(
     root = tmp_path / "deep" / "rootfs"
     root.mkdir(parents=True)
     with pytest.raises(BuildError) as info:
-        await LocalFetcher(tmp_path).fetch("evil", root, log=Output())
+        await LocalFetcher(tmp_path).fetch("evil", root, log=RecordingLog())
     assert str(info.value) == message
     assert not (tmp_path / "evil").exists() and not (tmp_path / "deep" / "evil").exists()
 
@@ -628,6 +609,6 @@ async def test_local_fetcher_replaces_a_symlink_rather_than_writing_through_it(
                                     (member("f"), b"image\n")])
     root = tmp_path / "rootfs"
     root.mkdir()
-    await LocalFetcher(tmp_path).fetch("img", root, log=Output())
+    await LocalFetcher(tmp_path).fetch("img", root, log=RecordingLog())
     assert target.read_text() == "host\n"
     assert (root / "f").read_text() == "image\n"

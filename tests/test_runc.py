@@ -10,36 +10,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from obuilder_fixtures import HANG_GUARD, RecordingLog
 
 from pipeline.obuilder.protocols import BuildError, MissingTool, Mount, Sandbox, SandboxConfig
 from pipeline.obuilder.sandboxes.runc import SYNC_SYSCALLS, RuncSandbox
 
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
 
-# Only a guard against a hung test, never a measurement.
-HANG_GUARD = 60
-
-
-class RecordingLog:
-    """A `Log` that keeps everything and lets a test wait for some text to arrive."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self._changed = asyncio.Event()
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-        self._changed.set()
-
-    @property
-    def text(self) -> str:
-        return self.data.decode()
-
-    async def wait_for(self, text: str) -> None:
-        async with asyncio.timeout(HANG_GUARD):
-            while text not in self.text:
-                self._changed.clear()
-                await self._changed.wait()
 
 
 def sh(command: str, **fields: object) -> SandboxConfig:
