@@ -57,9 +57,10 @@ def start_registry(directory: Path, *, auth: str = "") -> Registry:
     if auth:
         text += "auth:\n" + auth
     config.write_text(text)
-    log = open(directory / "registry.log", "wb")  # noqa: SIM115 - lives as long as the process
-    process = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log,
-                               stderr=subprocess.STDOUT)
+    with open(directory / "registry.log", "wb") as log:
+        # The child keeps its own copy of the descriptor.
+        process = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log,
+                                   stderr=subprocess.STDOUT)
     registry = Registry(f"127.0.0.1:{port}", process, directory)
     for _ in range(200):
         if process.poll() is not None:
@@ -92,3 +93,28 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     running = start_registry(tmp_path_factory.mktemp("registry"))
     yield running
     running.stop()
+
+
+# Imported here, not at the top, because this part was appended by another change.
+from token_service import TokenService, start_token_service  # noqa: E402
+
+
+@dataclass
+class TokenRegistry:
+    """A registry using token auth, and the token service it trusts (a fake of auth.docker.io):
+    `user`/`password` may push and pull, anonymous clients may only pull."""
+
+    registry: Registry
+    tokens: TokenService
+    user: str = "user"
+    password: str = "pass"
+
+
+@pytest.fixture(scope="session")
+def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenRegistry]:
+    directory = tmp_path_factory.mktemp("token-registry")
+    tokens = start_token_service(directory / "tokens", {"user": "pass"})
+    running = start_registry(directory, auth=tokens.registry_auth_yaml())
+    yield TokenRegistry(running, tokens)
+    running.stop()
+    tokens.stop()

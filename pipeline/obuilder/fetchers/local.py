@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import posixpath
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
+from pipeline.obuilder.fetchers.unpack import extract
 from pipeline.obuilder.protocols import BuildError, ImageInfo, Log
 
 DEFAULT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
@@ -69,39 +68,5 @@ def _extract(tarball: Path, rootfs: Path) -> str:
     with open(tarball, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     with tarfile.open(tarball) as tar:
-        # `extractall` sets directory modes and times last, so read-only directories in the
-        # image do not stop later members; the generator checks each member just before it is
-        # extracted, when the directories it will pass through are already on disk.
-        tar.extractall(rootfs, members=_checked(tar, rootfs), numeric_owner=True)
+        extract(tar, rootfs)
     return digest
-
-
-def _checked(tar: tarfile.TarFile, rootfs: Path) -> Iterator[tarfile.TarInfo]:
-    """Yield the members of `tar`, refusing any whose extraction would write outside `rootfs`."""
-    for member in tar:
-        member.name = _inside(member.name, rootfs, member.name)
-        if member.islnk():
-            member.linkname = _inside(member.linkname, rootfs, member.name)
-        target = rootfs / member.name
-        # tarfile opens an existing regular-file path for writing, following a symlink left
-        # there by an earlier member: remove it so the member replaces the link instead.
-        if not member.isdir() and target.is_symlink():
-            target.unlink()
-        yield member
-
-
-def _inside(name: str, rootfs: Path, member: str) -> str:
-    """`name` relative to `rootfs`, or BuildError if it leaves it or passes through a symlink.
-
-    A leading `/` is dropped (as GNU tar does): paths in an image are relative to its root.
-    """
-    relative = posixpath.normpath(name.lstrip("/"))
-    if relative == ".." or relative.startswith("../"):
-        raise BuildError(f"image member {member!r} escapes the rootfs")
-    parent = rootfs
-    for part in Path(relative).parts[:-1]:
-        parent = parent / part
-        if parent.is_symlink():
-            inside = parent.relative_to(rootfs)
-            raise BuildError(f"image member {member!r} passes through the symlink /{inside}")
-    return relative
