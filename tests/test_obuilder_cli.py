@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from oci_images import OciLayout, file, tar_bytes, tar_directory
+from registry_fixtures import Registry, push_oci_layout
 
 from pipeline.obuilder.cli import main as obuilder_main
 
@@ -202,3 +204,93 @@ def test_not_root_is_refused(monkeypatch: pytest.MonkeyPatch, project: tuple[Pat
     assert status == 1
     assert capsys.readouterr().err.strip() == (
         "pipeline obuilder: must run as root (runc and the stores need it)")
+
+
+def test_fetcher_option_and_fetcher_map(project: tuple[Path, Path], busybox_images: Path,
+                                        tmp_path: Path) -> None:
+    spec, context = project
+    store = tmp_path / "store"
+    store.mkdir()
+    option = ["--store", f"rsync:{store}"]
+    local = obuilder("build", "-f", spec, context, *option, "--fetcher",
+                     f"local:{busybox_images}")
+    assert local.returncode == 0, local.stderr
+    assert "done: hello" in local.stdout.splitlines()
+    # A map sends busybox to the images; the named fetcher (which has none) gets the rest.
+    mapping = tmp_path / "fetchers"
+    mapping.write_text(f"# for tests\nbusy* -> local:{busybox_images}\n")
+    other = tmp_path / "other-store"
+    other.mkdir()
+    mapped = obuilder("build", "-f", spec, context, "--store", f"rsync:{other}",
+                      "--fetcher", f"local:{tmp_path}", "--fetcher-map", mapping)
+    assert mapped.returncode == 0, mapped.stderr
+    assert mapped.stdout.splitlines()[-1] == local.stdout.splitlines()[-1]
+    spec.write_text("((from alpine) (run (shell true)))")
+    unmapped = obuilder("build", "-f", spec, context, "--store", f"rsync:{other}",
+                        "--fetcher", f"local:{tmp_path}", "--fetcher-map", mapping)
+    assert unmapped.returncode == 1 and f"no {tmp_path}/alpine.tar" in unmapped.stderr
+    mapping.write_text("busybox local:/x\n")
+    bad_map = obuilder("build", "-f", spec, context, *option, "--fetcher-map", mapping)
+    assert bad_map.returncode == 1
+    assert f"{mapping}:1: expected PATTERN -> FETCHER" in bad_map.stderr
+    bad_name = obuilder("build", "-f", spec, context, *option, "--fetcher", "docker")
+    assert bad_name.returncode == 1 and "unknown fetcher 'docker'" in bad_name.stderr
+    both = obuilder("build", "-f", spec, context, *option, "--fetcher", "registry",
+                    "--image-dir", busybox_images)
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+
+
+def test_pull_of_a_local_image_fetches_it_again(project: tuple[Path, Path],
+                                                busybox_images: Path, tmp_path: Path) -> None:
+    spec, context = project
+    store = tmp_path / "store"
+    store.mkdir()
+    option = ["--store", f"rsync:{store}", "--image-dir", busybox_images]
+    built = obuilder("build", "-f", spec, context, *option)
+    assert built.returncode == 0, built.stderr
+    saved = re.findall(r'---> saved as "([0-9a-f]{64})"', built.stdout)
+    pulled = obuilder("pull", "busybox", *option)
+    assert pulled.returncode == 0, pulled.stderr
+    lines = pulled.stdout.splitlines()
+    assert set(re.findall(r"^deleted ([0-9a-f]{64})$", pulled.stdout, re.M)) == set(saved)
+    assert f'---> saved as "{saved[0]}"' in lines
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", lines[-1])
+
+
+def test_pull_refreshes_a_registry_tag(project: tuple[Path, Path], busybox_rootfs: Path,
+                                       registry: Registry, tmp_path: Path) -> None:
+    spec, context = project
+    image = f"{registry.host}/pull-test:latest"
+    layout = OciLayout(tmp_path / "layout")
+
+    def push(version: str) -> None:
+        layer = tar_bytes([file("version", f"{version}\n".encode())])
+        layout.tag(layout.add_image([(tar_directory(busybox_rootfs), "gzip"), (layer, "gzip")],
+                                    env=["PATH=/bin"]), version)
+        push_oci_layout(layout.path, version, image)
+
+    push("one")
+    spec.write_text(f'((from {image})\n (run (shell "echo version $(cat /version)")))\n')
+    store = tmp_path / "store"
+    store.mkdir()
+    option = ["--store", f"rsync:{store}", "--fetcher", "registry"]
+    built = obuilder("build", "-f", spec, context, *option)
+    assert built.returncode == 0, built.stderr
+    assert "version one" in built.stdout.splitlines()
+    same = obuilder("pull", image, *option)
+    assert same.returncode == 0, same.stderr
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}\n", same.stdout), "unchanged: nothing deleted"
+    push("two")
+    stale = obuilder("build", "-f", spec, context, *option)
+    assert "version one" in stale.stdout.splitlines(), "a tag is resolved once"
+    changed = obuilder("pull", image, *option)
+    assert changed.returncode == 0, changed.stderr
+    lines = changed.stdout.splitlines()
+    assert len([line for line in lines if line.startswith("deleted ")]) == 2
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", lines[-1]) and lines[-1] != same.stdout.strip()
+    fresh = obuilder("build", "-f", spec, context, *option)
+    assert fresh.returncode == 0, fresh.stderr
+    assert "version two" in fresh.stdout.splitlines()
+    assert len([line for line in fresh.stdout.splitlines() if line.startswith("---> using")]) == 1
+    unknown = obuilder("pull", f"{registry.host}/no-such-image:latest", *option)
+    assert unknown.returncode == 1 and "no-such-image" in unknown.stderr

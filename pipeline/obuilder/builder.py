@@ -61,6 +61,9 @@ _SECRETS_TMP = "/dev/shm"
 """Where secret files are written for the duration of a step: a tmpfs, so values never reach
 a disk (falls back to the default temporary directory where it does not exist)."""
 
+DIGEST = "digest"
+"""The file of a `(from ...)` result holding the image's digest (when the fetcher gives one)."""
+
 Work = Callable[[Path, Log], Awaitable[None]]
 """What a step does to its writable result directory, writing its output to the log."""
 
@@ -69,6 +72,20 @@ def step_id(**fields: Any) -> str:
     """SHA-256 (hex) of `fields` in a canonical JSON form."""
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def from_id(image: str) -> str:
+    """The id of the step `(from image)`: it depends on the image reference only."""
+    return step_id(op="from", image=image)
+
+
+def base_digest(result: Path) -> str | None:
+    """The digest of the image a `(from ...)` result directory was made from, or None if the
+    fetcher gave none (or the result predates digests being recorded)."""
+    try:
+        return (result / DIGEST).read_text()
+    except FileNotFoundError:
+        return None
 
 
 class _LiveLog:
@@ -162,15 +179,24 @@ class Builder:
                     result = await self._copy(result, ctx, op, context, scope, log)
         return result
 
+    async def fetch_base(self, image: str, *, log: Callable[[bytes], None]) -> str:
+        """Make sure the result of `(from image)` is in the store, fetching the image if it is
+        not, and return its id; `log` gets the step's header, output and outcome. Raises
+        BuildError naming the step if the fetcher fails (nothing is saved then)."""
+        id, _ = await self._from(image, log)
+        return id
+
     async def _from(self, image: str, log: Callable[[bytes], None]) -> tuple[str, dict[str, str]]:
         """The result of `(from image)` and the image's environment."""
-        id = step_id(op="from", image=image)
+        id = from_id(image)
 
         async def work(tmp: Path, step_log: Log) -> None:
             rootfs = tmp / "rootfs"
             rootfs.mkdir()
             info = await self.fetcher.fetch(image, rootfs, log=step_log)
             (tmp / "env.json").write_text(json.dumps(dict(info.env)))
+            if info.digest is not None:
+                (tmp / DIGEST).write_text(info.digest)
 
         await self._step(id, None, S.from_text(image), log, work)
         directory = await self._result(id)

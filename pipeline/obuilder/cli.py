@@ -29,6 +29,39 @@ def _spec_option(parser: argparse.ArgumentParser) -> None:
                         help="the build spec (S-expressions)")
 
 
+FETCHER_HELP = """\
+Images: `(from IMAGE)` is made by the fetcher named with --fetcher: `registry` (a Docker
+registry; Docker Hub for names without a host), `debootstrap` (debian:SUITE, debian:12,
+debian:13, debian:SUITE-slim, debian = debian:stable, from the host's Debian mirror) or
+`local:DIR` (DIR/NAME.tar or DIR/NAME.tar.gz, '/' and ':' in NAME replaced by '_'; --image-dir
+DIR is short for --fetcher local:DIR). Without either, `debian` and `debian:*` are made with
+debootstrap and every other image comes from a registry. --fetcher-map FILE sends chosen images
+to other fetchers, with lines like `debian:* -> debootstrap` or `busybox -> local:/srv/images`
+(shell globs on the whole reference; the first match wins; `#` starts a comment); the others go
+to the fetcher chosen as above. Each image is fetched once per store; `pull` fetches it again.
+"""
+
+
+def _fetcher_options(parser: argparse.ArgumentParser) -> None:
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--fetcher", metavar="FETCHER",
+                       help="registry, debootstrap or local:DIR (default: debootstrap for "
+                       "debian and debian:*, registry for the rest)")
+    which.add_argument("--image-dir", metavar="DIR",
+                       help="short for --fetcher local:DIR")
+    parser.add_argument("--fetcher-map", metavar="FILE", type=Path,
+                        help="PATTERN -> FETCHER lines choosing the fetcher of some images")
+    parser.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                        help="the platform picked from a registry's multi-platform images "
+                        "(default: this host's)")
+    parser.add_argument("--insecure-registry", metavar="HOST:PORT", action="append",
+                        default=[], help="a registry reached over plain HTTP (may be "
+                        "repeated; registries on loopback always are)")
+    parser.add_argument("--debian-mirror", metavar="URL",
+                        help="debootstrap's mirror (default: the first Debian archive of "
+                        "the host's apt sources)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of `pipeline obuilder`."""
     parser = argparse.ArgumentParser(
@@ -39,15 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     build = commands.add_parser("build", help="build a spec",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Build SPEC with CONTEXT as the source of copy "
-                                "steps; the last line is Got: \"ID\" (exit 1 on a failed step).")
+                                "steps; the last line is Got: \"ID\" (exit 1 on a failed "
+                                "step).\n\n" + FETCHER_HELP)
     _spec_option(build)
     build.add_argument("context", metavar="CONTEXT", type=Path,
                        help="the directory copy steps read from")
     _store_option(build)
-    build.add_argument("--image-dir", metavar="DIR", type=Path, required=True,
-                       help="rootfs tarballs: image NAME is DIR/NAME.tar or DIR/NAME.tar.gz "
-                       "('/' and ':' in NAME replaced by '_')")
+    _fetcher_options(build)
     build.add_argument("--secret", metavar="ID:FILE", action="append", default=[],
                        help="the value of secret ID, read from FILE (may be repeated)")
     build.add_argument("--fast-sync", action="store_true",
@@ -57,6 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="memory limit of each command (default: none)")
     build.add_argument("--cpus", metavar="N", type=float,
                        help="CPU limit of each command (default: none)")
+
+    pull = commands.add_parser(
+        "pull", help="fetch an image again if it has changed",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Resolve IMAGE again (a registry tag to its current digest). If the "
+        "digest differs from the stored base's, or there is no stored base, delete the base "
+        "with everything built on it and fetch the image again, so that the next build uses "
+        "it. Images from debootstrap or a local directory cannot be resolved without being "
+        "made: they are always fetched again. The last line is the image's digest.\n\n"
+        + FETCHER_HELP)
+    pull.add_argument("image", metavar="IMAGE")
+    _store_option(pull)
+    _fetcher_options(pull)
 
     fmt = commands.add_parser("fmt", help="print a spec in canonical form")
     _spec_option(fmt)
@@ -156,7 +202,6 @@ class _Stdout:
 
 async def _build(options: argparse.Namespace) -> int:
     from pipeline.obuilder.builder import Builder
-    from pipeline.obuilder.fetchers.local import LocalFetcher
     from pipeline.obuilder.protocols import BuildError
     from pipeline.obuilder.sandboxes.runc import RuncSandbox
 
@@ -173,10 +218,61 @@ async def _build(options: argparse.Namespace) -> int:
     store = await _open_store(options)
     sandbox = RuncSandbox(store.root / "state" / "sandbox", memory=options.memory,
                           cpus=options.cpus, fast_sync=options.fast_sync)
-    builder = Builder(store, sandbox, LocalFetcher(options.image_dir))
+    builder = Builder(store, sandbox, _fetcher(options, store.root))
     log = _Stdout()
     result = await builder.build(parsed, options.context, log=log.write, secrets=secrets)
     print(f'Got: "{result}"', flush=True)
+    return EXIT_OK
+
+
+def _fetcher(options: argparse.Namespace, store_root: Path) -> Any:
+    """The fetcher the options choose (see FETCHER_HELP); a registry keeps its layers and
+    resolved tags in STORE_ROOT/state/registry. Raises BuildError for an unknown fetcher or a
+    malformed fetcher map."""
+    from pipeline.obuilder.fetchers.select import (
+        default_fetcher,
+        parse_fetcher,
+        read_fetcher_map,
+    )
+
+    settings = {"cache_dir": store_root / "state" / "registry", "platform": options.platform,
+                "insecure": options.insecure_registry, "mirror": options.debian_mirror}
+    if options.image_dir is not None:
+        fetcher = parse_fetcher(f"local:{options.image_dir}", **settings)
+    elif options.fetcher is not None:
+        fetcher = parse_fetcher(options.fetcher, **settings)
+    else:
+        fetcher = default_fetcher(**settings)
+    if options.fetcher_map is not None:
+        fetcher = read_fetcher_map(options.fetcher_map, default=fetcher, **settings)
+    return fetcher
+
+
+async def _pull(options: argparse.Namespace) -> int:
+    from pipeline.obuilder.builder import Builder, base_digest, from_id
+    from pipeline.obuilder.fetchers.select import choose
+    from pipeline.obuilder.sandboxes.runc import RuncSandbox
+
+    image: str = options.image
+    store = await _open_store(options)
+    fetcher = choose(_fetcher(options, store.root), image)
+    id = from_id(image)
+    existing = await store.result(id)
+    refresh = getattr(fetcher, "refresh", None)
+    if refresh is not None:
+        digest = await refresh(image)
+        if existing is not None and base_digest(existing) == digest:
+            print(digest)
+            return EXIT_OK
+    if existing is not None:
+        for result_id in await store.delete(id):
+            print(f"deleted {result_id}")
+    # Only the `from` step runs: the sandbox is never used.
+    sandbox = RuncSandbox(store.root / "state" / "sandbox")
+    log = _Stdout()
+    await Builder(store, sandbox, fetcher).fetch_base(image, log=log.write)
+    result = await store.result(id)
+    print((result and base_digest(result)) or "(no digest)")
     return EXIT_OK
 
 
@@ -224,6 +320,7 @@ async def _prune(options: argparse.Namespace) -> int:
 
 _COMMANDS = {
     "build": _build,
+    "pull": _pull,
     "healthcheck": _healthcheck,
     "clean": _clean,
     "df": _df,

@@ -1,0 +1,220 @@
+"""A fetcher making `debian:SUITE` images with `debootstrap --variant=minbase`, from the Debian
+mirror the host's apt is configured with (no registry, no Docker daemon).
+
+Image names: `debian:SUITE` for any suite debootstrap has a script for (`bookworm`, `trixie`,
+`sid`, `stable`, ...), `debian:N` for a release number (`debian:12` is bookworm, `debian:13`
+trixie), and `debian` or `debian:latest` for the mirror's current `stable` (as on Docker Hub,
+where `latest` is the current stable release). A `-slim` suffix (`debian:12-slim`) is accepted
+and ignored: minbase is already smaller than Docker's slim images. The `library/` and
+`docker.io/library/` prefixes are accepted too. Point releases (`debian:12.5`) and digests are
+refused: debootstrap cannot reproduce them.
+
+The image is whatever the mirror serves now; the builder stores it as the `from` step's result,
+so it is made once per store (`pipeline obuilder pull` makes it again). Its digest is the
+SHA-256 of the suite's Release file debootstrap verified, which identifies the archive's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from pipeline.obuilder.protocols import BuildError, ImageInfo, Log, MissingTool
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+"""Debian's default PATH: the image's environment, and debootstrap's (which runs `chroot`,
+`mount` and friends from the sbin directories a user's PATH may lack)."""
+
+SCRIPTS = Path("/usr/share/debootstrap/scripts")
+"""debootstrap's per-suite scripts: a suite is known if it has one."""
+
+APT_DIR = Path("/etc/apt")
+
+RELEASES = {"10": "buster", "11": "bullseye", "12": "bookworm", "13": "trixie", "14": "forky"}
+"""Release numbers to code names, for `debian:N`."""
+
+_NAMES = ("debian", "library/debian", "docker.io/library/debian")
+_SUITE = re.compile(r"[a-z][a-z0-9-]*")
+# The suites of a Debian archive itself (not security or updates): a source listing one of
+# these is taken as the host's Debian mirror.
+_ARCHIVE_SUITES = {"stable", "testing", "unstable", "oldstable", "sid", *RELEASES.values()}
+
+
+def suite_of(image: str) -> str:
+    """The debootstrap suite of `image` (`debian:12-slim` -> `bookworm`).
+
+    Raises BuildError, naming the image, for an image that is not Debian's or a tag naming no
+    suite (`debian:12.5`, a digest). Whether debootstrap knows the suite is checked by `fetch`.
+    """
+    name, _, tag = image.partition(":")
+    if name not in _NAMES or "@" in image:
+        raise BuildError(f"debootstrap fetcher: cannot make {image} (only debian:SUITE)")
+    tag = tag or "latest"
+    tag = tag.removesuffix("-slim")
+    if tag == "latest":
+        return "stable"
+    suite = RELEASES.get(tag, tag)
+    if not _SUITE.fullmatch(suite):
+        raise BuildError(f"debootstrap fetcher: cannot make {image}: {tag!r} is not a Debian "
+                         f"suite or release number ({', '.join(sorted(RELEASES))})")
+    return suite
+
+
+def find_mirror(apt_dir: Path = APT_DIR) -> str:
+    """The URI of the first Debian archive in the host's apt sources under `apt_dir`.
+
+    Looks in `sources.list.d/*.sources` (deb822, sorted by name), then `sources.list.d/*.list`
+    and `sources.list` (one-line format), for a `deb` source whose suites include a Debian
+    archive suite (`bookworm`, `stable`, ...; not `bookworm-security` or `-updates`). Raises
+    BuildError naming `apt_dir` when there is none.
+    """
+    for uri, suites in _sources(apt_dir):
+        if any(s in _ARCHIVE_SUITES for s in suites):
+            return uri
+    raise BuildError(f"no Debian mirror found in the apt sources under {apt_dir} "
+                     f"(give the debootstrap fetcher a mirror)")
+
+
+def _sources(apt_dir: Path) -> Iterator[tuple[str, list[str]]]:
+    """(URI, suites) of each `deb` source, deb822 files first."""
+    parts = apt_dir / "sources.list.d"
+    for path in sorted(parts.glob("*.sources")):
+        for stanza in re.split(r"\n\s*\n", _read(path)):
+            fields = _deb822(stanza)
+            if fields.get("enabled", "yes").lower() == "no":
+                continue
+            if "deb" in fields.get("types", "").split():
+                suites = fields.get("suites", "").split()
+                for uri in fields.get("uris", "").split():
+                    yield uri, suites
+    for path in [*sorted(parts.glob("*.list")), apt_dir / "sources.list"]:
+        for line in _read(path).splitlines():
+            # `deb [option=value ...] URI SUITE COMPONENT...`
+            words = re.sub(r"\[[^]]*\]", " ", line.split("#", 1)[0]).split()
+            if len(words) >= 3 and words[0] == "deb":
+                yield words[1], [words[2]]
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
+def _deb822(stanza: str) -> dict[str, str]:
+    """The fields of one deb822 stanza, names lower-cased; continuation lines joined."""
+    fields: dict[str, str] = {}
+    name = None
+    for line in stanza.splitlines():
+        if line.startswith("#"):
+            continue
+        if line[:1].isspace() and name is not None:
+            fields[name] += " " + line.strip()
+        elif ":" in line:
+            key, _, value = line.partition(":")
+            name = key.strip().lower()
+            fields[name] = value.strip()
+    return fields
+
+
+class DebootstrapFetcher:
+    """Makes `debian:SUITE` images with debootstrap; implements the `Fetcher` protocol."""
+
+    def __init__(self, *, mirror: str | None = None, apt_dir: Path = APT_DIR) -> None:
+        """Use `mirror`, or else the first Debian mirror of the apt sources under `apt_dir`
+        (read at the first `fetch`, so that making a fetcher never fails)."""
+        self.mirror = mirror
+        self.apt_dir = apt_dir
+
+    async def fetch(self, image: str, rootfs: Path, *, log: Log) -> ImageInfo:
+        """Run `debootstrap --variant=minbase SUITE ROOTFS MIRROR`, its output going to `log`.
+
+        Raises BuildError for an image that is not `debian:SUITE`, a suite debootstrap does not
+        know, no mirror in the apt sources, or debootstrap failing (naming its exit status; the
+        reason is in the log); MissingTool if debootstrap is not installed. Cancelling the
+        calling task kills debootstrap and everything it started. On failure or cancellation
+        the file systems debootstrap mounted inside `rootfs` are unmounted, so the store can
+        discard it.
+        """
+        suite = suite_of(image)
+        if shutil.which("debootstrap", path=DEFAULT_PATH) is None:
+            raise MissingTool("debootstrap not found: apt-get install debootstrap")
+        if not (SCRIPTS / suite).is_file():
+            raise BuildError(f"debootstrap fetcher: cannot make {image}: debootstrap knows no "
+                             f"suite {suite!r} (no {SCRIPTS / suite})")
+        mirror = self.mirror or find_mirror(self.apt_dir)
+        log.write(f"debootstrap --variant=minbase {suite} from {mirror}\n".encode())
+        argv = ["debootstrap", "--variant=minbase", suite, str(rootfs), mirror]
+        try:
+            await _run(argv, log)
+        except BaseException:
+            await asyncio.to_thread(_unmount_under, rootfs)
+            raise
+        # The downloaded packages are not part of the image (Docker's Debian images have none
+        # either) and would be copied with every step built on it.
+        for deb in (rootfs / "var" / "cache" / "apt" / "archives").glob("*.deb"):
+            deb.unlink()
+        digest = await asyncio.to_thread(_release_digest, rootfs, suite)
+        return ImageInfo(env={"PATH": DEFAULT_PATH}, digest=digest)
+
+
+async def _run(argv: list[str], log: Log) -> None:
+    """Run `argv` with Debian's PATH, streaming its output to `log`.
+
+    It runs in its own session so that a cancellation kills the chroot'ed children too.
+    """
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={"PATH": DEFAULT_PATH}, start_new_session=True)
+    assert process.stdout is not None
+    try:
+        while chunk := await process.stdout.read(65536):
+            log.write(chunk)
+        status = await process.wait()
+    except BaseException:
+        if process.returncode is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+        raise
+    if status != 0:
+        raise BuildError(f"debootstrap exited with status {status} (see the log above)")
+
+
+def _unmount_under(rootfs: Path) -> None:
+    """Unmount every file system mounted at or below `rootfs`, deepest first.
+
+    debootstrap mounts /proc and /sys in the target and unmounts them only when it exits
+    normally; a killed debootstrap leaves them, and the store could not remove the directory.
+    """
+    for point in sorted(_mount_points_under(rootfs), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], env={"PATH": DEFAULT_PATH}, check=False,
+                       capture_output=True)
+
+
+def _mount_points_under(rootfs: Path) -> Iterable[str]:
+    prefix = str(rootfs.resolve())
+    with open("/proc/self/mountinfo") as mounts:
+        for line in mounts:
+            # Field 5 is the mount point, with spaces and the like escaped in octal.
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[4])
+            if point == prefix or point.startswith(prefix + "/"):
+                yield point
+
+
+def _release_digest(rootfs: Path, suite: str) -> str | None:
+    """`sha256:` of the suite's Release file that debootstrap verified and left in the apt
+    lists, or None if it left none."""
+    lists = rootfs / "var" / "lib" / "apt" / "lists"
+    for name in ("InRelease", "Release"):
+        for path in sorted(lists.glob(f"*_dists_{suite}_{name}")):
+            with open(path, "rb") as f:
+                return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+    return None
