@@ -106,11 +106,14 @@ class Job:
         pool: Pool | None,
         confirmation: Confirmation,
         clock: Callable[[], datetime],
+        state_dir: Path,
     ) -> None:
         """Wrap an already-created log file `fd`; the job takes ownership of it."""
         self.id = job_id
         self.label = label
         self._log_file = log_file
+        # Where primitives keep what outlives a job (e.g. git mirrors): the engine's state dir.
+        self.state_dir = state_dir
         self.created = created
         self.level = level
         self.pool = pool
@@ -394,6 +397,7 @@ class JobRegistry:
             job_id=job_id,
             label=label,
             log_file=log_file,
+            state_dir=self._jobs_dir.parent,
             fd=fd,
             created=created,
             level=level,
