@@ -184,12 +184,9 @@ def _convert(options: argparse.Namespace) -> int:
 
 
 async def _open_store(options: argparse.Namespace) -> Any:
-    from pipeline.obuilder.db_store import DbStore
-    from pipeline.obuilder.stores import open_store
+    from pipeline.obuilder.setup import open_db_store
 
-    store = DbStore(open_store(options.store, rsync_mode=options.rsync_mode))
-    await store.open()
-    return store
+    return await open_db_store(options.store, rsync_mode=options.rsync_mode)
 
 
 class _Stdout:
@@ -201,9 +198,8 @@ class _Stdout:
 
 
 async def _build(options: argparse.Namespace) -> int:
-    from pipeline.obuilder.builder import Builder
     from pipeline.obuilder.protocols import BuildError
-    from pipeline.obuilder.sandboxes.runc import RuncSandbox
+    from pipeline.obuilder.setup import open_builder
 
     parsed = _read_spec(options)
     secrets = {}
@@ -215,47 +211,31 @@ async def _build(options: argparse.Namespace) -> int:
             secrets[secret_id] = Path(file).read_bytes()
         except OSError as exc:
             raise BuildError(f"--secret {secret_id}: {file}: {exc.strerror}") from None
-    store = await _open_store(options)
-    sandbox = RuncSandbox(store.root / "state" / "sandbox", memory=options.memory,
-                          cpus=options.cpus, fast_sync=options.fast_sync)
-    builder = Builder(store, sandbox, _fetcher(options, store.root))
+    builder = await open_builder(
+        options.store, rsync_mode=options.rsync_mode, memory=options.memory, cpus=options.cpus,
+        fast_sync=options.fast_sync, **_fetcher_settings(options))
     log = _Stdout()
     result = await builder.build(parsed, options.context, log=log.write, secrets=secrets)
     print(f'Got: "{result}"', flush=True)
     return EXIT_OK
 
 
-def _fetcher(options: argparse.Namespace, store_root: Path) -> Any:
-    """The fetcher the options choose (see FETCHER_HELP); a registry keeps its layers and
-    resolved tags in STORE_ROOT/state/registry. Raises BuildError for an unknown fetcher or a
-    malformed fetcher map."""
-    from pipeline.obuilder.fetchers.select import (
-        default_fetcher,
-        parse_fetcher,
-        read_fetcher_map,
-    )
-
-    settings = {"cache_dir": store_root / "state" / "registry", "platform": options.platform,
-                "insecure": options.insecure_registry, "mirror": options.debian_mirror}
-    if options.image_dir is not None:
-        fetcher = parse_fetcher(f"local:{options.image_dir}", **settings)
-    elif options.fetcher is not None:
-        fetcher = parse_fetcher(options.fetcher, **settings)
-    else:
-        fetcher = default_fetcher(**settings)
-    if options.fetcher_map is not None:
-        fetcher = read_fetcher_map(options.fetcher_map, default=fetcher, **settings)
-    return fetcher
+def _fetcher_settings(options: argparse.Namespace) -> dict[str, Any]:
+    """The fetcher options, as `select_fetcher` takes them (see FETCHER_HELP)."""
+    return {"fetcher": options.fetcher, "image_dir": options.image_dir,
+            "fetcher_map": options.fetcher_map, "platform": options.platform,
+            "insecure": options.insecure_registry, "mirror": options.debian_mirror}
 
 
 async def _pull(options: argparse.Namespace) -> int:
     from pipeline.obuilder.builder import Builder, base_digest, from_id
     from pipeline.obuilder.fetchers.select import choose
     from pipeline.obuilder.sandboxes.runc import RuncSandbox
+    from pipeline.obuilder.setup import sandbox_dir, select_fetcher
 
     image: str = options.image
     store = await _open_store(options)
-    fetcher = choose(_fetcher(options, store.root), image)
+    fetcher = choose(select_fetcher(store.root, **_fetcher_settings(options)), image)
     id = from_id(image)
     existing = await store.result(id)
     refresh = getattr(fetcher, "refresh", None)
@@ -268,7 +248,7 @@ async def _pull(options: argparse.Namespace) -> int:
         for result_id in await store.delete(id):
             print(f"deleted {result_id}")
     # Only the `from` step runs: the sandbox is never used.
-    sandbox = RuncSandbox(store.root / "state" / "sandbox")
+    sandbox = RuncSandbox(sandbox_dir(store))
     log = _Stdout()
     await Builder(store, sandbox, fetcher).fetch_base(image, log=log.write)
     result = await store.result(id)

@@ -1,0 +1,83 @@
+"""Putting a builder together: a store from `KIND:PATH`, a fetcher from its name, a runc sandbox.
+
+Shared by `pipeline obuilder` and by the engine's build primitive, so that both read the same
+options the same way. Modules are imported only when used, so that a fully cached build starts
+fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.obuilder.builder import Builder
+from pipeline.obuilder.db_store import DbStore
+from pipeline.obuilder.protocols import Fetcher
+
+
+async def open_db_store(store_spec: str, *, rsync_mode: str = "copy") -> DbStore:
+    """The store `store_spec` (`KIND:PATH`) with its result table, opened (which also removes
+    what a crash left). Raises what `open_store` raises for a malformed spec, an unknown kind, a
+    missing directory or a refused filesystem, and sqlite3.Error for an unusable table."""
+    from pipeline.obuilder.stores import open_store
+
+    store = DbStore(open_store(store_spec, rsync_mode=rsync_mode))
+    await store.open()
+    return store
+
+
+def select_fetcher(store_root: Path, *, fetcher: str | None = None, image_dir: str | None = None,
+                   fetcher_map: Path | None = None, platform: str | None = None,
+                   insecure: Sequence[str] = (), mirror: str | None = None) -> Fetcher:
+    """The fetcher chosen as `pipeline obuilder` documents it: `image_dir` (short for
+    `local:DIR`), else `fetcher` by name, else the default; `fetcher_map` sends chosen images
+    elsewhere. A registry keeps its layers and resolved tags in STORE_ROOT/state/registry.
+
+    Raises BuildError for an unknown fetcher or a malformed fetcher map. Nothing is fetched,
+    and nothing beyond the map is checked, until an image is asked for.
+    """
+    from pipeline.obuilder.fetchers.select import (
+        default_fetcher,
+        parse_fetcher,
+        read_fetcher_map,
+    )
+
+    settings = {"cache_dir": store_root / "state" / "registry", "platform": platform,
+                "insecure": insecure, "mirror": mirror}
+    chosen: Fetcher
+    if image_dir is not None:
+        chosen = parse_fetcher(f"local:{image_dir}", **settings)
+    elif fetcher is not None:
+        chosen = parse_fetcher(fetcher, **settings)
+    else:
+        chosen = default_fetcher(**settings)
+    if fetcher_map is not None:
+        chosen = read_fetcher_map(fetcher_map, default=chosen, **settings)
+    return chosen
+
+
+def sandbox_dir(store: DbStore) -> Path:
+    """Where a store's runc sandbox keeps its state and bundles."""
+    return store.root / "state" / "sandbox"
+
+
+async def open_builder(store_spec: str, *, rsync_mode: str = "copy", fetcher: str | None = None,
+                       image_dir: str | None = None, fetcher_map: Path | None = None,
+                       platform: str | None = None, insecure: Sequence[str] = (),
+                       mirror: str | None = None, memory: int | None = None,
+                       cpus: float | None = None, fast_sync: bool = False) -> Builder:
+    """A builder on the store `store_spec` with a runc sandbox (its state under the store's
+    `state/sandbox`) and the fetcher `select_fetcher` chooses; `memory`, `cpus` and `fast_sync`
+    configure the sandbox (see `RuncSandbox`).
+
+    Raises what `open_db_store`, `select_fetcher` and `RuncSandbox` raise: BuildError for a
+    bad store or fetcher, or when not running as root; MissingTool without runc.
+    """
+    from pipeline.obuilder.sandboxes.runc import RuncSandbox
+
+    store = await open_db_store(store_spec, rsync_mode=rsync_mode)
+    chosen = select_fetcher(store.root, fetcher=fetcher, image_dir=image_dir,
+                            fetcher_map=fetcher_map, platform=platform, insecure=insecure,
+                            mirror=mirror)
+    sandbox = RuncSandbox(sandbox_dir(store), memory=memory, cpus=cpus, fast_sync=fast_sync)
+    return Builder(store, sandbox, chosen)

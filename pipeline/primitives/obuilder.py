@@ -1,0 +1,203 @@
+"""Builds as cached primitives: `build(spec, context=commit)` runs the builder (`pipeline.obuilder`)
+in-process, as a job of the engine.
+
+A build is keyed on the spec's canonical text, the commit's hash, the store and the fetcher, so
+that a reformatted spec or the same commit on another branch reuses the outcome. All builds on one
+store (with one fetcher) in one event loop share one `Builder`: steps that several builds need at
+the same time run once, with one live log, and every finished step is in one step cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import tempfile
+import weakref
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+import pipeline as p
+from pipeline.obuilder import spec as S
+from pipeline.obuilder.builder import Builder
+from pipeline.obuilder.setup import open_builder
+from pipeline.obuilder.stores import KINDS
+from pipeline.primitives import git
+from pipeline.primitives.git import Commit
+
+OP_ID = "obuilder-build"
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildKey:
+    """What one build job builds.
+
+    `spec` is the canonical text of the spec, or the text as written when it does not parse
+    (the job then fails with the spec error); `commit` the context (None: an empty directory);
+    `store` is `KIND:PATH` and `fetcher` a fetcher name (`local:DIR`, `registry`, ...) or None for
+    the default. `secrets` are handed to the build but are part of neither the key's digest nor
+    its equality, so that their values are never stored.
+    """
+
+    spec: str
+    commit: Commit | None
+    store: str
+    fetcher: str | None
+    secrets: tuple[tuple[str, bytes], ...] = dataclasses.field(
+        default=(), compare=False, repr=False)
+
+
+def _key_digest(key: BuildKey) -> str:
+    # The commit's hash, not its repository or ref: the same commit seen on two branches (or in
+    # two clones) is one build.
+    commit_hash = key.commit.hash if key.commit is not None else None
+    return p.digest((key.spec, commit_hash, key.store, key.fetcher))
+
+
+def _pp(key: BuildKey) -> str:
+    where = f"{key.commit.ref} at {key.commit.short}" if key.commit is not None else "no context"
+    return f"{where} on {key.store}"
+
+
+def canonical_spec(text: str) -> str:
+    """The canonical text of the spec `text`, or `text` itself if it does not parse."""
+    try:
+        return S.to_sexp(S.parse(text))
+    except S.SpecError:
+        return text
+
+
+# One Builder per (store, fetcher) per event loop: a Builder shares steps only among its own
+# builds, and opening a store twice would have the second `clean` remove the first's work.
+_builders: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple[str, str | None], asyncio.Task[Builder]]
+] = weakref.WeakKeyDictionary()
+
+
+def _resolve_store(store: str, state_dir: Path) -> tuple[str, Path | None]:
+    """`store` with a relative PATH made absolute under `state_dir`, and that directory (to be
+    created) if it was relative; a malformed `store` is returned as it is, for `open_store` to
+    refuse with its message."""
+    kind, sep, path = store.partition(":")
+    if kind not in KINDS or not sep or not path or Path(path).is_absolute():
+        return store, None
+    directory = state_dir.absolute() / path
+    return f"{kind}:{directory}", directory
+
+
+async def _open(store: str, create: Path | None, fetcher: str | None) -> Builder:
+    if create is not None:
+        await asyncio.to_thread(create.mkdir, parents=True, exist_ok=True)
+    return await open_builder(store, fetcher=fetcher)
+
+
+async def shared_builder(store: str, fetcher: str | None, state_dir: Path) -> Builder:
+    """The Builder of this event loop for `store` (a relative PATH is under `state_dir`,
+    created if missing) and `fetcher`, opened on first use.
+
+    Raises what `open_builder` raises (a bad store or fetcher, no runc, not root); a failed
+    opening is forgotten, so that the next build tries again.
+    """
+    loop = asyncio.get_running_loop()
+    resolved, create = _resolve_store(store, state_dir)
+    builders = _builders.setdefault(loop, {})
+    memo = (resolved, fetcher)
+    task = builders.get(memo)
+    if task is None:
+        task = loop.create_task(_open(resolved, create, fetcher), name=f"open store {resolved}")
+        builders[memo] = task
+
+        def forget_failure(done: asyncio.Task[Builder]) -> None:
+            if (done.cancelled() or done.exception() is not None) and builders.get(memo) is done:
+                del builders[memo]
+
+        task.add_done_callback(forget_failure)
+    # Shielded: a cancelled build must not cancel the opening that other builds wait for.
+    return await asyncio.shield(task)
+
+
+@contextlib.asynccontextmanager
+async def _context_dir(commit: Commit | None) -> AsyncIterator[Path]:
+    """A clean checkout of `commit`, or an empty directory without one."""
+    if commit is not None:
+        async with git.checkout(commit) as path:
+            yield Path(path)
+        return
+    empty = await asyncio.to_thread(tempfile.mkdtemp, prefix="pipeline-build-")
+    try:
+        yield Path(empty)
+    finally:
+        await asyncio.to_thread(os.rmdir, empty)
+
+
+async def _build(job: p.Job, key: BuildKey) -> str:
+    """Build `key` and return the result id.
+
+    Fails (the job's error, also the last line of its log) with the spec error, located by
+    line and column, if the spec does not parse; with the builder's error naming the step if a
+    step fails; with git's error if the commit cannot be checked out. Cancelling the job cancels
+    the build: the running step's sandbox is killed unless another build waits for that step.
+    """
+    parsed = S.parse(key.spec, filename="spec")
+    builder = await shared_builder(key.store, key.fetcher, job.state_dir)
+    async with _context_dir(key.commit) as context:
+        job.log(f"Building in {context}")
+        return await builder.build(parsed, context, log=job.write, secrets=dict(key.secrets))
+
+
+# The cache's options are fixed per operation, so each (pool, level) gets its own operation. They
+# share one id, so that a build's outcome is found whichever pool or level asks for it again.
+_ops: dict[tuple[p.Pool | None, p.Level], p.BuilderOp[BuildKey, str]] = {}
+
+
+def _op(pool: p.Pool | None, level: p.Level) -> p.BuilderOp[BuildKey, str]:
+    op = _ops.get((pool, level))
+    if op is None:
+        op = p.builder(OP_ID, auto_cancel=True, pool=pool, level=level, pp=_pp,
+                       key_digest=_key_digest)(_build)
+        _ops[(pool, level)] = op
+    return op
+
+
+def build(
+    spec: p.Term[str] | str,
+    *,
+    context: p.Term[Commit] | None = None,
+    store: str = "rsync:store",
+    fetcher: str | None = None,
+    image_dir: str | None = None,
+    pool: p.Pool | None = None,
+    label: str = "build",
+    secrets: Mapping[str, bytes] | None = None,
+    level: p.Level = p.Level.AVERAGE,
+) -> p.Term[str]:
+    """The result id of building `spec` (its text) with the commit `context` as the source of
+    `copy` steps (a local commit, e.g. from `git.local_heads` or `git.fetch`; None: an empty
+    directory).
+
+    - `store`: `KIND:PATH` (`btrfs`, `overlayfs`, `xfs` or `rsync`); a relative PATH is under
+      the engine's state directory and is created if missing (an absolute one must exist).
+    - `fetcher`: `registry`, `debootstrap` or `local:DIR`; `image_dir`: short for `local:DIR`
+      (not both); neither: debootstrap for Debian, a registry for the rest.
+    - `pool`, `level`: the job's pool and risk level; `label`: the node's name in the diagram;
+      `secrets`: values of the spec's secrets by id (not part of the key: a new value alone does
+      not rebuild).
+
+    The job streams each step's output into its log and fails as `_build` describes; a new spec
+    or commit cancels the running build of the old one (auto-cancel). Raises ValueError for
+    both `fetcher` and `image_dir`.
+    """
+    if fetcher is not None and image_dir is not None:
+        raise ValueError("give fetcher or image_dir, not both")
+    if image_dir is not None:
+        fetcher = f"local:{Path(image_dir).absolute()}"
+    secret_items = tuple(sorted((secrets or {}).items()))
+    spec_term = p.as_term(spec).map(canonical_spec, label="canonical spec")
+    context_term: p.Term[Commit | None] = context if context is not None else p.const(None)
+
+    def key(pair: tuple[str, Commit | None]) -> BuildKey:
+        return BuildKey(pair[0], pair[1], store, fetcher, secret_items)
+
+    return _op(pool, level)(p.pair(spec_term, context_term).map(key, label="build key"),
+                            label=label)
