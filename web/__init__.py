@@ -1,0 +1,1 @@
+"""The web UI of pipeline: an aiohttp application on the engine's event loop."""
