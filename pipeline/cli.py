@@ -13,6 +13,7 @@ import importlib.util
 import signal
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from pipeline.term import Term
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+DEFAULT_PORT = 8080
 
 LEVEL_NAMES = ("harmless", "mostly-harmless", "average", "above-average", "dangerous")
 
@@ -103,6 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--once", action="store_true",
                      help="run until nothing is ready or running, print each node's state, label "
                      "and job, and exit 0 if the pipeline succeeded or 1 if not")
+    web = run.add_argument_group("web UI")
+    web.add_argument("--port", metavar="PORT", type=int,
+                     help=f"serve the web UI on PORT (default: {DEFAULT_PORT}; with --once the UI "
+                     "is served only when --port is given)")
+    web.add_argument("--host", metavar="HOST", default="127.0.0.1",
+                     help="the address to serve the web UI on (default: 127.0.0.1); any other "
+                     "than loopback needs --admin-token-file")
+    web.add_argument("--no-web", action="store_true", help="do not serve the web UI")
+    web.add_argument("--admin-token-file", metavar="FILE", type=Path,
+                     help="a file holding the token that allows actions (rebuild, cancel, start "
+                     "now) in the web UI; without it, anyone on this machine may act")
+    web.add_argument("--webhook-secret-file", metavar="FILE", type=Path,
+                     help="a file holding the secret of GitHub push webhooks (POST /webhooks/git)")
 
     diagram = commands.add_parser(
         "diagram", help="write the pipeline's diagram without running anything",
@@ -162,21 +178,71 @@ def _diagram(options: argparse.Namespace, args: list[str]) -> int:
     return EXIT_OK
 
 
+@dataclass(frozen=True)
+class WebOptions:
+    """Where and how to serve the web UI."""
+
+    host: str
+    port: int
+    admin_token: str | None
+    webhook_secret: bytes | None
+
+
+class UsageError(Exception):
+    """A bad option; the message says which and why."""
+
+
+def _web_options(options: argparse.Namespace) -> WebOptions | None:
+    """The web UI's settings, or None if it is not served (--no-web, or --once without --port)."""
+    if options.no_web or (options.once and options.port is None):
+        return None
+
+    def secret(path: Path | None, what: str) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            value = path.read_bytes().strip()
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot read the {what}: {exc.strerror}") from None
+        if not value:
+            raise UsageError(f"{path}: the {what} file is empty")
+        return value
+
+    token = secret(options.admin_token_file, "admin token")
+    ui = WebOptions(
+        host=options.host, port=DEFAULT_PORT if options.port is None else options.port,
+        admin_token=token.decode(errors="replace") if token is not None else None,
+        webhook_secret=secret(options.webhook_secret_file, "webhook secret"))
+    from web.server import check_host
+
+    try:
+        check_host(ui.host, ui.admin_token)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return ui
+
+
 def _run(options: argparse.Namespace, args: list[str]) -> int:
     from pipeline.engine import PipelineError, tune_gc
     from pipeline.level import Level
 
+    try:
+        ui = _web_options(options)
+    except UsageError as exc:
+        print(f"pipeline: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     root = load_pipeline(options.file, args)
     confirm = Level.parse(options.confirm) if options.confirm else None
     tune_gc()
     try:
-        return asyncio.run(_serve(root, options.state_dir, confirm, options.once))
+        return asyncio.run(_serve(root, options.state_dir, confirm, options.once, ui))
     except PipelineError as exc:
         print(f"pipeline: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
 
-async def _serve(root: Term[Any], state_dir: Path, confirm: Any, once: bool) -> int:
+async def _serve(root: Term[Any], state_dir: Path, confirm: Any, once: bool,
+                 ui: WebOptions | None) -> int:
     from pipeline.engine import Engine
     from pipeline.output import Ok
 
@@ -186,7 +252,22 @@ async def _serve(root: Term[Any], state_dir: Path, confirm: Any, once: bool) -> 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await engine.start()
+    runner = None
     try:
+        if ui is not None:
+            from web.server import bound_port, start_server
+
+            try:
+                runner = await start_server(engine, host=ui.host, port=ui.port,
+                                            admin_token=ui.admin_token,
+                                            webhook_secret=ui.webhook_secret)
+            except OSError as exc:
+                # The port is taken, or the host is not an address of this machine.
+                print(f"pipeline: cannot serve the web UI on {ui.host}:{ui.port}: "
+                      f"{exc.strerror or exc}", file=sys.stderr)
+                return EXIT_USAGE
+            host = f"[{ui.host}]" if ":" in ui.host else ui.host
+            print(f"Web UI: http://{host}:{bound_port(runner)}/", flush=True)
         if once:
             await _until(engine.wait_idle(), stop)
             print_states(engine)
@@ -202,6 +283,9 @@ async def _serve(root: Term[Any], state_dir: Path, confirm: Any, once: bool) -> 
             return EXIT_INTERRUPTED
         return EXIT_OK if isinstance(engine.root_output(), Ok) else EXIT_FAILED
     finally:
+        # The server first: no request may act on an engine that is stopping.
+        if runner is not None:
+            await runner.cleanup()
         await engine.stop(reason="Cancelled: pipeline stopped")
 
 

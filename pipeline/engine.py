@@ -13,6 +13,7 @@ import asyncio
 import gc
 import heapq
 import itertools
+import time
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
@@ -62,6 +63,8 @@ class Engine:
         self.jobs = JobRegistry(self.state_dir / "job", self.confirmation, clock=self.clock.now)
         self.cache = Cache(self, self.state_dir / "db.sqlite")
         self.evaluations = 0
+        # How long the latest round of evaluation took, for the web UI's metrics.
+        self.last_round_seconds = 0.0
         self.root_node: Node | None = None
         self.fatal: PipelineError | None = None
         self._nodes: dict[Term[Any], Node] = {}
@@ -221,6 +224,7 @@ class Engine:
 
     def _process(self) -> None:
         self._kicked = False
+        began = time.perf_counter()
         heap = self._heap
         try:
             while heap and self.fatal is None:
@@ -238,6 +242,7 @@ class Engine:
             self.fatal = exc
         if self.fatal is not None:
             heap.clear()
+        self.last_round_seconds = time.perf_counter() - began
         for listener in tuple(self._change_listeners):
             listener()
         self.check_idle()

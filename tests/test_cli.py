@@ -196,7 +196,7 @@ def test_ctrl_c_cancels_running_jobs_and_saves_state(tmp_path: Path) -> None:
             return p.pair(quick("a"), slow("b"))
     """)
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", str(file)], cwd=tmp_path,
+        [sys.executable, "-m", "pipeline", "run", str(file), "--no-web"], cwd=tmp_path,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -239,7 +239,7 @@ def test_hello_reruns_only_the_primitive_when_the_file_changes(tmp_path: Path) -
     watched = write(tmp_path / "in.txt", "one\n")
     summary = tmp_path / "out.summary"
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", str(HELLO), "--", str(watched),
+        [sys.executable, "-m", "pipeline", "run", str(HELLO), "--no-web", "--", str(watched),
          "--out", str(summary)],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

@@ -1,0 +1,564 @@
+"""The web UI through aiohttp's test client, against a real engine running small pipelines."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+import pipeline as p
+from pipeline.primitives import git
+from web import diagram
+from web.ansi import AnsiConverter, ansi_to_html
+from web.server import bound_port, make_app, start_server
+
+TOKEN = "s3cret-admin-token"
+HOOK_SECRET = b"hook-secret"
+
+
+class Gates:
+    """Builders that wait for the test to let them finish."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, asyncio.Event] = {}
+        self.release: dict[str, asyncio.Event] = {}
+
+    def of(self, key: str) -> tuple[asyncio.Event, asyncio.Event]:
+        return (self.started.setdefault(key, asyncio.Event()),
+                self.release.setdefault(key, asyncio.Event()))
+
+
+def gated(gates: Gates, **options: Any) -> p.BuilderOp[str, str]:
+    """A builder that logs, waits for its key's release, then fails for keys starting 'bad'."""
+
+    @p.builder("step", **options)
+    async def step(job: p.Job, key: str) -> str:
+        started, release = gates.of(key)
+        job.log(f"building {key}")
+        started.set()
+        await release.wait()
+        if key.startswith("bad"):
+            raise RuntimeError(f"{key} is broken")
+        return key.upper()
+
+    return step
+
+
+@dataclass
+class Served:
+    engine: p.Engine
+    client: TestClient
+
+
+@asynccontextmanager
+async def serve(tmp_path: Path, root: p.Term[Any], *, confirm: p.Level | None = None,
+                **app_options: Any) -> AsyncIterator[Served]:
+    engine = p.Engine(root, state_dir=tmp_path / "var", confirm=confirm)
+    await engine.start()
+    client = TestClient(TestServer(make_app(engine, **app_options)))
+    await client.start_server()
+    try:
+        yield Served(engine, client)
+    finally:
+        await client.close()
+        await engine.stop()
+
+
+def element(page: str, element_id: str) -> str:
+    """The text of the element with `element_id` (no nested elements of the same tag)."""
+    match = re.search(rf'<(\w+)[^>]* id="{re.escape(element_id)}"[^>]*>(.*?)</\1>', page, re.S)
+    assert match, f"no element #{element_id}"
+    return match.group(2)
+
+
+def count_of(page: str, state: str) -> int:
+    """The number shown for `state` in the main page's counts."""
+    counts = dict(re.findall(r'<li data-state="([^"]+)">.*?class="count">(\d+)<',
+                             element(page, "counts")))
+    return int(counts[state])
+
+
+def csrf_of(page: str) -> str:
+    match = re.search(r'name="csrf" value="([0-9a-f]+)"', page)
+    assert match, "no CSRF token in the page"
+    return match.group(1)
+
+
+async def get_text(client: TestClient, path: str, status: int = 200) -> str:
+    response = await client.get(path)
+    assert response.status == status, await response.text()
+    return await response.text()
+
+
+async def next_event(response: aiohttp.ClientResponse) -> tuple[str, str]:
+    """The next server-sent event: (event name, data)."""
+    name, data = "message", []
+    while True:
+        line = (await response.content.readline()).decode()
+        assert line, "the event stream ended"
+        line = line.rstrip("\n")
+        if not line:
+            return name, "\n".join(data)
+        field, _, value = line.partition(": ")
+        if field == "event":
+            name = value
+        elif field == "data":
+            data.append(value)
+
+
+async def events_until(response: aiohttp.ClientResponse, name: str, text: str = ""
+                       ) -> list[tuple[str, str]]:
+    """Events up to and including the first `name` event whose data contains `text`."""
+    seen = []
+    while True:
+        event = await next_event(response)
+        seen.append(event)
+        if event[0] == name and text in event[1]:
+            return seen
+
+
+# Pages
+
+
+async def test_main_page_shows_state_counts_and_clickable_diagram(tmp_path: Path) -> None:
+    gates = Gates()
+    root = gated(gates)("a")
+    async with serve(tmp_path, root) as s:
+        await gates.of("a")[0].wait()
+        job_id = s.engine.node_for(root).job_id
+        page = await get_text(s.client, "/")
+        assert element(page, "overall-state") == "running"
+        assert count_of(page, "running") == 1 and count_of(page, "ok") == 1
+        diagram_html = element(page, "diagram")
+        assert diagram_html.lstrip().startswith("<svg")
+        assert f'href="/job/{job_id}"' in diagram_html
+        gates.of("a")[1].set()
+        await s.engine.wait_idle()
+        page = await get_text(s.client, "/")
+        assert element(page, "overall-state") == "ok"
+        assert count_of(page, "ok") == 2 and count_of(page, "running") == 0
+
+
+async def test_svg_and_dot_with_expanded_groups(tmp_path: Path) -> None:
+    source = p.const("x", label="source")
+    inner = source.map(str.upper, label="inner-step")
+    root = p.collapse("group", "g1", input=source, output=inner)
+    async with serve(tmp_path, root) as s:
+        await s.engine.wait_idle()
+        dot = await get_text(s.client, "/pipeline.dot")
+        assert "inner-step" not in dot and "?expand=group=g1" in dot
+        expanded = await get_text(s.client, "/pipeline.dot?expand=group%3Dg1")
+        assert "inner-step" in expanded
+        response = await s.client.get("/pipeline.svg?expand=group%3Dg1")
+        assert response.content_type == "image/svg+xml"
+        assert "inner&#45;step" in await response.text()
+
+
+async def test_svg_is_drawn_again_only_after_a_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    drawn: list[str] = []
+    real_render = diagram.render_svg
+
+    async def counting_render(dot: str) -> str:
+        drawn.append(dot)
+        return await real_render(dot)
+
+    monkeypatch.setattr(diagram, "render_svg", counting_render)
+    gates = Gates()
+    root = gated(gates)("a")
+    async with serve(tmp_path, root) as s:
+        await gates.of("a")[0].wait()
+        first = await get_text(s.client, "/pipeline.svg")
+        assert await get_text(s.client, "/pipeline.svg") == first
+        await get_text(s.client, "/")
+        assert len(drawn) == 1, "nothing changed: graphviz must not run again"
+        gates.of("a")[1].set()
+        await s.engine.wait_idle()
+        assert await get_text(s.client, "/pipeline.svg") != first
+        assert len(drawn) == 2
+        assert p.COLOURS["ok"] in drawn[1] and p.COLOURS["running"] in drawn[0]
+
+
+async def test_events_announce_changes(tmp_path: Path) -> None:
+    gates = Gates()
+    root = gated(gates)("a")
+    async with serve(tmp_path, root) as s:
+        await gates.of("a")[0].wait()
+        response = await s.client.get("/events")
+        assert response.content_type == "text/event-stream"
+        name, data = await next_event(response)
+        assert name == "changed" and json.loads(data)["state"] == "running"
+        gates.of("a")[1].set()
+        while json.loads(data)["state"] != "ok":
+            name, data = await next_event(response)
+        assert json.loads(data)["counts"]["ok"] == 2
+        response.close()
+
+
+async def test_job_page_shows_state_actions_and_earlier_runs(tmp_path: Path) -> None:
+    gates = Gates()
+    root = gated(gates)("a")
+    async with serve(tmp_path, root) as s:
+        await gates.of("a")[0].wait()
+        job_id = s.engine.node_for(root).job_id
+        page = await get_text(s.client, f"/job/{job_id}")
+        assert element(page, "job-state") == "running"
+        assert element(page, "job-label") == "step"
+        assert 'id="cancel"' in page
+        assert re.search(r'<form [^>]*hidden><input[^>]*><button id="rebuild"', page), \
+            "rebuild is hidden while the job runs"
+        assert f'data-src="/job/{job_id}/log"' in page
+        gates.of("a")[1].set()
+        await s.engine.wait_idle()
+        s.engine.rebuild(job_id)
+        await s.engine.wait_idle()
+        second = s.engine.node_for(root).job_id
+        page = await get_text(s.client, f"/job/{job_id}")
+        assert element(page, "job-state") == "ok"
+        assert re.search(r'<form [^>]*"><input[^>]*><button id="rebuild"', page)
+        assert 'id="cancel"' not in page
+        history = element(page, "history")
+        assert f'href="/job/{second}"' in history and f'href="/job/{job_id}"' in history
+
+
+async def test_unknown_job_is_404(tmp_path: Path) -> None:
+    async with serve(tmp_path, p.const(1)) as s:
+        for path in ("/job/2020-01-01/000000-nothing-000000", "/job/2020-01-01/..%2F..%2Fetc",
+                     "/job/2020-01-01/000000-nothing-000000/log"):
+            assert (await s.client.get(path)).status == 404
+        response = await s.client.post("/job/2020-01-01/000000-nothing-000000/rebuild",
+                                       headers={"Authorization": f"Bearer {TOKEN}"})
+        assert response.status in (403, 404)
+
+
+async def test_log_stream_delivers_lines_written_after_connecting(tmp_path: Path) -> None:
+    gates = Gates()
+    root = gated(gates)("a")
+    async with serve(tmp_path, root) as s:
+        await gates.of("a")[0].wait()
+        job = s.engine.jobs.get(s.engine.node_for(root).job_id)
+        response = await s.client.get(f"/job/{job.id}/log")
+        await events_until(response, "lines", "building a")
+        job.write("later <line> \x1b[32mgreen\x1b[0m\n")
+        events = await events_until(response, "lines", "later")
+        html = events[-1][1]
+        assert '&lt;line&gt; <span class="ansi-fg-2">green</span>' in html
+        number = re.search(r'id="L(\d+)"><a class="ln" href="#L\1">\1</a>later', html)
+        assert number, html
+        gates.of("a")[1].set()
+        end = await events_until(response, "end")
+        outcome = json.loads(end[-1][1])
+        assert outcome["state"] == "ok" and outcome["error"] is None and outcome["finished"]
+        assert any("Job succeeded" in data for name, data in end if name == "lines")
+
+
+async def test_log_stream_of_a_large_finished_log_is_complete(tmp_path: Path) -> None:
+    gates = Gates()
+    root = gated(gates)("a")
+    async with serve(tmp_path, root) as s:
+        await gates.of("a")[0].wait()
+        job = s.engine.jobs.get(s.engine.node_for(root).job_id)
+        job.write("".join(f"line {i}\n" for i in range(100_000)))
+        gates.of("a")[1].set()
+        await s.engine.wait_idle()
+        response = await s.client.get(f"/job/{job.id}/log")
+        events = await events_until(response, "end")
+        chunks = [data for name, data in events if name == "lines"]
+        assert len(chunks) > 1, "a large log is sent in several chunks"
+        text = "".join(chunks)
+        assert text.count('class="line"') == 100_000 + 4
+        assert '<a class="ln" href="#L100003">100003</a>line 99999<' in text
+
+
+async def test_jobs_page_lists_active_jobs(tmp_path: Path) -> None:
+    gates = Gates()
+    pool = p.Pool("workers", 1)
+    step = gated(gates, pool=pool)
+    root = p.pair(step("a"), step("b"))
+    async with serve(tmp_path, root) as s:
+        await gates.of("a")[0].wait()
+        table = element(await get_text(s.client, "/jobs"), "jobs")
+        assert table.count('data-state="running"') == 1
+        assert table.count('data-state="ready"') == 1
+        gates.of("a")[1].set()
+        gates.of("b")[1].set()
+        await s.engine.wait_idle()
+        assert "<td>" not in element(await get_text(s.client, "/jobs"), "jobs")
+
+
+async def test_query_filters_and_rebuilds_selected(tmp_path: Path) -> None:
+    gates = Gates()
+    step = gated(gates)
+    bad = step("bad")
+    root = p.pair(step("good"), bad)
+    for key in ("good", "bad"):
+        gates.of(key)[1].set()
+    async with serve(tmp_path, root, admin_token=TOKEN) as s:
+        await s.engine.wait_idle()
+        bad_job = s.engine.node_for(bad).job_id
+        everything = element(await get_text(s.client, "/query"), "entries")
+        assert everything.count('type="checkbox"') == 2
+        failed = element(await get_text(s.client, "/query?ok=false"), "entries")
+        assert bad_job in failed and "bad is broken" in failed and "GOOD" not in failed
+        assert element(await get_text(s.client, "/query?ok=true&op=step"), "entries") \
+            .count('type="checkbox"') == 1
+        assert element(await get_text(s.client, "/query?since=2999-01-01"), "entries") \
+            .count('type="checkbox"') == 0
+        assert element(await get_text(s.client, "/query?op=nothing"), "entries") \
+            .count('type="checkbox"') == 0
+        await get_text(s.client, "/query?since=yesterday", status=400)
+        await get_text(s.client, "/query?ok=maybe", status=400)
+        response = await s.client.post("/query/rebuild", data={"job": bad_job},
+                                       headers={"Authorization": f"Bearer {TOKEN}"},
+                                       allow_redirects=False)
+        assert response.status == 303
+        await s.engine.wait_idle()
+        assert s.engine.node_for(bad).job_id != bad_job
+
+
+# Access
+
+
+async def test_actions_need_the_admin_token(tmp_path: Path) -> None:
+    gates = Gates()
+    root = gated(gates)("a")
+    async with serve(tmp_path, root, admin_token=TOKEN) as s:
+        await gates.of("a")[0].wait()
+        job_id = s.engine.node_for(root).job_id
+        cancel = f"/job/{job_id}/cancel"
+        page = await get_text(s.client, f"/job/{job_id}")
+        csrf = csrf_of(page)
+        # A viewer with a valid CSRF token is still not allowed.
+        assert (await s.client.post(cancel, data={"csrf": csrf})).status == 403
+        assert (await s.client.post(cancel, headers={"Authorization": "Bearer wrong"})).status \
+            == 403
+        assert s.engine.job_actions(job_id) == {"cancel"}, "nothing happened"
+        response = await s.client.post(cancel, headers={"Authorization": f"Bearer {TOKEN}"},
+                                       allow_redirects=False)
+        assert response.status == 303 and response.headers["Location"] == f"/job/{job_id}"
+        await s.engine.wait_idle()
+        assert s.engine.jobs.get(job_id).error == "Cancelled"
+        # Cancelling again is not possible any more.
+        assert (await s.client.post(cancel, headers={"Authorization": f"Bearer {TOKEN}"})
+                ).status == 409
+
+
+async def test_login_cookie_and_csrf(tmp_path: Path) -> None:
+    gates = Gates()
+    root = gated(gates)("a")
+    gates.of("a")[1].set()
+    async with serve(tmp_path, root, admin_token=TOKEN) as s:
+        await s.engine.wait_idle()
+        job_id = s.engine.node_for(root).job_id
+        login_page = await get_text(s.client, "/login")
+        csrf = csrf_of(login_page)
+        wrong = await s.client.post("/login", data={"csrf": csrf, "token": "nope"})
+        assert wrong.status == 403
+        no_csrf = await s.client.post("/login", data={"token": TOKEN})
+        assert no_csrf.status == 403
+        response = await s.client.post("/login", data={"csrf": csrf, "token": TOKEN},
+                                       allow_redirects=False)
+        assert response.status == 303
+        cookie = response.headers.getall("Set-Cookie")
+        assert any("pipeline_login=" in c and "HttpOnly" in c and "SameSite=Strict" in c
+                   for c in cookie)
+        rebuild = f"/job/{job_id}/rebuild"
+        assert (await s.client.post(rebuild, data={"csrf": "0" * 64})).status == 403
+        assert (await s.client.post(rebuild)).status == 403
+        assert s.engine.node_for(root).job_id == job_id, "nothing happened"
+        page = await get_text(s.client, f"/job/{job_id}")
+        assert "admin" in element(page, "role")
+        response = await s.client.post(rebuild, data={"csrf": csrf_of(page)},
+                                       allow_redirects=False)
+        assert response.status == 303
+        await s.engine.wait_idle()
+        assert s.engine.node_for(root).job_id != job_id
+        # Another browser (another session) cannot reuse this session's token.
+        async with TestClient(TestServer(s.client.app)) as other:
+            assert (await other.post(rebuild, data={"csrf": csrf})).status == 403
+
+
+async def test_without_a_token_loopback_may_act_with_csrf(tmp_path: Path) -> None:
+    gates = Gates()
+    root = gated(gates, level=p.Level.DANGEROUS)("a")
+    gates.of("a")[1].set()
+    async with serve(tmp_path, root, confirm=p.Level.AVERAGE) as s:
+        await s.engine.wait_idle()
+        job_id = s.engine.node_for(root).job_id
+        page = await get_text(s.client, f"/job/{job_id}")
+        assert element(page, "job-state") == "waiting-for-confirmation"
+        assert 'id="start-now"' in page and 'id="cancel"' in page
+        start = f"/job/{job_id}/start"
+        assert (await s.client.post(start)).status == 403, "no CSRF token"
+        response = await s.client.post(start, data={"csrf": csrf_of(page)},
+                                       allow_redirects=False)
+        assert response.status == 303
+        await s.engine.wait_idle()
+        assert s.engine.root_output() == p.Ok("A")
+
+
+async def test_security_headers_on_every_response(tmp_path: Path) -> None:
+    async with serve(tmp_path, p.const(1)) as s:
+        await s.engine.wait_idle()
+        for path in ("/", "/pipeline.svg", "/static/app.js", "/metrics", "/nowhere",
+                     "/job/2020-01-01/000000-x-000000"):
+            headers = (await s.client.get(path)).headers
+            csp = headers["Content-Security-Policy"]
+            assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp
+            assert "script-src 'self'" in csp and "unsafe-inline" not in csp.split("style-src")[0]
+            assert headers["X-Frame-Options"] == "DENY"
+            assert headers["X-Content-Type-Options"] == "nosniff"
+            assert headers["Referrer-Policy"] == "same-origin"
+        assert "<script>" not in await get_text(s.client, "/")
+
+
+async def test_start_server_refuses_a_public_address_without_a_token(tmp_path: Path) -> None:
+    async with p.Engine(p.const(1), state_dir=tmp_path) as engine:
+        with pytest.raises(ValueError, match="admin token"):
+            await start_server(engine, host="0.0.0.0", port=0)
+        runner = await start_server(engine, host="127.0.0.1", port=0, admin_token=TOKEN)
+        try:
+            port = bound_port(runner)
+            async with aiohttp.ClientSession(trust_env=False) as session, \
+                    session.get(f"http://127.0.0.1:{port}/") as response:
+                assert response.status == 200
+        finally:
+            await runner.cleanup()
+
+
+# Machines
+
+
+async def test_metrics(tmp_path: Path) -> None:
+    gates = Gates()
+    pool = p.Pool("workers", 1)
+    step = gated(gates, pool=pool)
+    root = p.pair(step("good"), step("bad"))
+    async with serve(tmp_path, root) as s:
+        await gates.of("good")[0].wait()
+        text = await get_text(s.client, "/metrics")
+        assert 'pipeline_pool_slots_in_use{pool="workers"} 1.0' in text
+        assert 'pipeline_pool_queue_length{pool="workers"} 1.0' in text
+        assert 'pipeline_nodes{state="running"} 1.0' in text
+        assert 'pipeline_nodes{state="ready"} 1.0' in text
+        assert "pipeline_jobs_started_total 1.0" in text
+        gates.of("good")[1].set()
+        gates.of("bad")[1].set()
+        await s.engine.wait_idle()
+        text = await get_text(s.client, "/metrics")
+        assert "pipeline_jobs_started_total 2.0" in text
+        assert "pipeline_jobs_finished_total 2.0" in text
+        assert "pipeline_jobs_failed_total 1.0" in text
+        assert 'pipeline_nodes{state="failed"} 1.0' in text
+        assert 'pipeline_pool_slots_in_use{pool="workers"} 0.0' in text
+        count = re.search(r"^pipeline_evaluation_seconds_count (\S+)$", text, re.M)
+        assert count and float(count.group(1)) >= 1
+
+
+def signed(body: bytes, secret: bytes = HOOK_SECRET) -> dict[str, str]:
+    return {"X-Hub-Signature-256": "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest(),
+            "Content-Type": "application/json"}
+
+
+async def test_webhook_checks_the_signature(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refreshed: list[str] = []
+
+    def fake_refresh(repo: str) -> int:
+        refreshed.append(repo)
+        return 1
+
+    monkeypatch.setattr(git, "refresh", fake_refresh)
+    body = json.dumps({"ref": "refs/heads/main", "repository": {
+        "clone_url": "https://github.com/o/r.git", "ssh_url": "git@github.com:o/r.git",
+        "html_url": "https://github.com/o/r", "url": "https://github.com/o/r"}}).encode()
+    async with serve(tmp_path, p.const(1)) as s:
+        assert (await s.client.post("/webhooks/git", data=body, headers=signed(body))).status \
+            == 404, "no secret configured"
+    async with serve(tmp_path, p.const(1), webhook_secret=HOOK_SECRET) as s:
+        for headers in ({}, signed(body, b"wrong"), signed(body + b" ")):
+            response = await s.client.post("/webhooks/git", data=body, headers=headers)
+            assert response.status == 403
+        assert refreshed == []
+        response = await s.client.post("/webhooks/git", data=body, headers=signed(body))
+        assert response.status == 200
+        assert await response.json() == {"refreshed": 3}
+        assert sorted(refreshed) == ["git@github.com:o/r.git", "https://github.com/o/r",
+                                     "https://github.com/o/r.git"]
+
+
+async def test_webhook_refreshes_a_real_local_repository_monitor(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t",
+                    "commit", "-q", "--allow-empty", "-m", "one"], check=True)
+    reads: list[int] = []
+
+    def count(commits: list[git.Commit]) -> int:
+        reads.append(len(commits))
+        return len(commits)
+
+    root = git.local_heads(repo).map(count)
+    body = json.dumps({"repository": {"url": str(repo)}}).encode()
+    async with serve(tmp_path, root, webhook_secret=HOOK_SECRET) as s:
+        await s.engine.wait_idle()
+        assert reads == [1]
+        response = await s.client.post("/webhooks/git", data=body, headers=signed(body))
+        assert response.status == 200
+        assert await response.json() == {"refreshed": 1}
+        other = json.dumps({"repository": {"url": str(tmp_path / "other")}}).encode()
+        response = await s.client.post("/webhooks/git", data=other, headers=signed(other))
+        assert await response.json() == {"refreshed": 0}, "nothing watches that one"
+
+
+# Helpers
+
+
+def test_ansi_to_html() -> None:
+    assert ansi_to_html("plain <b> & 'q'") == "plain &lt;b&gt; &amp; 'q'"
+    assert ansi_to_html("\x1b[31mred\x1b[0m normal") == '<span class="ansi-fg-1">red</span> normal'
+    assert ansi_to_html("\x1b[1;92;44mx") == '<span class="ansi-bold ansi-fg-10 ansi-bg-4">x</span>'
+    assert ansi_to_html("\x1b[38;5;196mx\x1b[39my") == "xy", "256 colours are dropped, whole"
+    assert ansi_to_html("\x1b[2K\x1b[1Gdone") == "done", "other escapes are dropped"
+    converter = AnsiConverter()
+    assert converter.convert("\x1b[33mstart") == '<span class="ansi-fg-3">start</span>'
+    assert converter.convert("next line") == '<span class="ansi-fg-3">next line</span>'
+    assert converter.convert("\x1b[m") == "" and converter.convert("after") == "after"
+
+
+def test_cli_refuses_a_public_address_without_a_token(tmp_path: Path) -> None:
+    file = tmp_path / "p.py"
+    file.write_text(textwrap.dedent("""
+        import pipeline as p
+
+        def pipeline(args):
+            return p.const(1)
+    """))
+    result = subprocess.run([sys.executable, "-m", "pipeline", "run", str(file), "--host",
+                             "0.0.0.0"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "without an admin token" in result.stderr and "--admin-token-file" in result.stderr
+    served = subprocess.run([sys.executable, "-m", "pipeline", "run", str(file), "--once",
+                             "--port", "0"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert served.returncode == 0, served.stderr
+    assert re.match(r"Web UI: http://127\.0\.0\.1:[1-9][0-9]*/$", served.stdout.splitlines()[0])
+    quiet = subprocess.run([sys.executable, "-m", "pipeline", "run", str(file), "--once"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert "Web UI" not in quiet.stdout

@@ -1,0 +1,615 @@
+"""The aiohttp application: pages, live updates (server-sent events), actions, metrics, webhook.
+
+The application runs on the engine's event loop and reads the engine directly; everything it
+shares between requests is stored on the application under the keys below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import html
+import json
+import string
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+import pipeline as p
+from pipeline.primitives import git
+from web.ansi import AnsiConverter
+from web.auth import LOGIN_COOKIE, Access, Role, is_loopback
+from web.diagram import DiagramCache
+from web.metrics import NODE_STATES, Metrics
+
+HERE = Path(__file__).parent
+EVENT_INTERVAL = 0.1
+"""Seconds between two diagram-change events to one browser: at most ten a second."""
+QUERY_LIMIT = 500
+"""The most cache entries /query lists."""
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'; "
+        "frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
+
+ENGINE = web.AppKey("engine", p.Engine)
+ACCESS = web.AppKey("access", Access)
+DIAGRAMS = web.AppKey("diagrams", DiagramCache)
+METRICS = web.AppKey("metrics", Metrics)
+STREAMS = web.AppKey("streams", set)
+WEBHOOK_SECRET = web.AppKey("webhook_secret", object)
+
+# Job actions: the URL's last segment -> (its name in engine.job_actions, which is also the
+# button's element id; the engine method; the button's label).
+_ACTIONS = {"rebuild": ("rebuild", "rebuild", "Rebuild"), "cancel": ("cancel", "cancel", "Cancel"),
+            "start": ("start-now", "start_now", "Start now")}
+
+
+def _template(name: str) -> string.Template:
+    return string.Template((HERE / "templates" / name).read_text())
+
+
+TEMPLATES = {name: _template(f"{name}.html")
+             for name in ("base", "index", "job", "jobs", "query", "login")}
+
+
+class ChangeFeed:
+    """A revision number that grows whenever the engine evaluated something; awaitable."""
+
+    def __init__(self, engine: p.Engine) -> None:
+        """Follow `engine`'s rounds of evaluation."""
+        self.engine = engine
+        self.revision = 0
+        self._evaluations = engine.evaluations
+        self._changed = asyncio.Event()
+        engine.on_change(self._on_round)
+
+    def _on_round(self) -> None:
+        if self.engine.evaluations == self._evaluations:
+            return
+        self._evaluations = self.engine.evaluations
+        self.revision += 1
+        # A fresh event per revision: waiters of the old one all wake, later waiters block.
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def wait(self, seen: int) -> None:
+        """Return once the revision is no longer `seen`."""
+        while self.revision == seen:
+            await self._changed.wait()
+
+
+CHANGES = web.AppKey("changes", ChangeFeed)
+
+
+# Building blocks
+
+
+def _e(value: object) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _page(request: web.Request, title: str, body: str, *, status: int = 200) -> web.Response:
+    access = request.app[ACCESS]
+    role = access.role(request)
+    if role >= Role.BUILDER:
+        login = f"{role.name.lower()} {_post_button(request, '/logout', 'Log out', 'logout')}" \
+            if access.admin_token is not None else "builder (loopback)"
+    else:
+        login = 'viewer <a id="login-link" href="/login">Log in</a>'
+    text = TEMPLATES["base"].substitute(title=_e(title), body=body, role=login)
+    return web.Response(text=text, content_type="text/html", status=status)
+
+
+def _post_button(request: web.Request, action: str, label: str, element_id: str, *,
+                 hidden: bool = False) -> str:
+    """A form posting to `action` with the CSRF token: one button."""
+    csrf = request.app[ACCESS].csrf_token(request)
+    return (f'<form class="action" method="post" action="{_e(action)}"'
+            f'{" hidden" if hidden else ""}>'
+            f'<input type="hidden" name="csrf" value="{_e(csrf)}">'
+            f'<button id="{_e(element_id)}" type="submit">{_e(label)}</button></form>')
+
+
+def _job_link(job_id: str) -> str:
+    return f'<a href="/job/{_e(job_id)}">{_e(job_id)}</a>'
+
+
+def _require(request: web.Request, role: Role) -> None:
+    if request.app[ACCESS].role(request) < role:
+        raise web.HTTPForbidden(text=f"this needs the {role.name.lower()} role: log in at /login "
+                                "or send the admin token as a bearer header")
+
+
+def overall_state(engine: p.Engine) -> str:
+    """The state of the pipeline as a whole: that of the root's output."""
+    output = engine.root_output()
+    if isinstance(output, p.Ok):
+        return "ok"
+    if isinstance(output, p.Failed):
+        return "failed"
+    if isinstance(output, p.Active):
+        return output.state
+    return "pending"
+
+
+def summary(engine: p.Engine, revision: int) -> dict[str, Any]:
+    """What the main page shows besides the diagram."""
+    counts = engine.state_counts()
+    return {"revision": revision, "state": overall_state(engine),
+            "counts": {state: counts.get(state, 0) for state in NODE_STATES}}
+
+
+def _expand(request: web.Request) -> list[str]:
+    return request.query.getall("expand", [])
+
+
+async def _sse(request: web.Request) -> web.StreamResponse:
+    """Start a server-sent event stream; it is ended when the application shuts down."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    task = asyncio.current_task()
+    if task is not None:
+        streams = request.app[STREAMS]
+        streams.add(task)
+        task.add_done_callback(streams.discard)
+    return response
+
+
+async def _send(response: web.StreamResponse, event: str, data: str, event_id: str = "") -> None:
+    lines = [f"event: {event}"] + ([f"id: {event_id}"] if event_id else [])
+    lines += [f"data: {line}" for line in data.split("\n")]
+    await response.write(("\n".join(lines) + "\n\n").encode())
+
+
+# The pipeline
+
+
+async def index(request: web.Request) -> web.Response:
+    """The diagram, the overall state and the counts per state."""
+    engine = request.app[ENGINE]
+    info = summary(engine, request.app[CHANGES].revision)
+    svg = await request.app[DIAGRAMS].svg(_expand(request))
+    counts = "".join(
+        f'<li data-state="{_e(state)}"><span class="state state-{_e(state)}">{_e(state)}</span> '
+        f'<span class="count">{n}</span></li>' for state, n in info["counts"].items())
+    body = TEMPLATES["index"].substitute(
+        state=_e(info["state"]), counts=counts, revision=info["revision"],
+        svg=svg[svg.find("<svg"):])
+    return _page(request, "Pipeline", body)
+
+
+async def pipeline_svg(request: web.Request) -> web.Response:
+    """The diagram as SVG (`?expand=KEY=VALUE` opens a collapsed group; may be repeated)."""
+    svg = await request.app[DIAGRAMS].svg(_expand(request))
+    return web.Response(text=svg, content_type="image/svg+xml")
+
+
+async def pipeline_dot(request: web.Request) -> web.Response:
+    """The diagram in DOT."""
+    dot = request.app[DIAGRAMS].dot(_expand(request))
+    return web.Response(text=dot, content_type="text/vnd.graphviz")
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """Server-sent `changed` events (the summary, as JSON) whenever the pipeline changes."""
+    changes = request.app[CHANGES]
+    engine = request.app[ENGINE]
+    response = await _sse(request)
+    seen = -1
+    while True:
+        await changes.wait(seen)
+        seen = changes.revision
+        await _send(response, "changed", json.dumps(summary(engine, seen)), str(seen))
+        await asyncio.sleep(EVENT_INTERVAL)
+
+
+# Jobs
+
+
+def _job_id(request: web.Request) -> str:
+    """The job id of the URL; 404 unless this engine has or had such a job."""
+    engine = request.app[ENGINE]
+    job_id = f"{request.match_info['day']}/{request.match_info['rest']}"
+    try:
+        path = engine.jobs.log_path(job_id)
+    except ValueError:
+        raise web.HTTPNotFound(text=f"no job {job_id}") from None
+    if engine.jobs.get(job_id) is None and not engine.cache.stored(job_id) \
+            and not path.exists():
+        raise web.HTTPNotFound(text=f"no job {job_id}")
+    return job_id
+
+
+def _stored_row(engine: p.Engine, job_id: str) -> dict[str, Any] | None:
+    row = engine.cache.db.execute(
+        "SELECT op, key, key_pp, ok, outcome, started, finished FROM jobs WHERE job_id = ?",
+        (job_id,)).fetchone()
+    if row is None:
+        return None
+    return dict(zip(("op", "key", "key_pp", "ok", "outcome", "started", "finished"), row,
+                    strict=True))
+
+
+def _history(engine: p.Engine, job_id: str, row: dict[str, Any] | None) -> list[dict[str, Any]]:
+    instance = engine.cache.find(job_id)
+    if instance is not None:
+        return engine.cache.history(instance.op.id, instance.key_digest)
+    return engine.cache.history(row["op"], row["key"]) if row is not None else []
+
+
+async def job_page(request: web.Request) -> web.Response:
+    """A job: state, timings, actions, live log and the other runs of its key."""
+    engine = request.app[ENGINE]
+    job_id = _job_id(request)
+    job = engine.jobs.get(job_id)
+    row = _stored_row(engine, job_id)
+    if job is not None:
+        state, label, error = str(job.state), job.label, job.error
+        started, finished = job.started, job.finished
+    elif row is not None:
+        state = "ok" if row["ok"] else "failed"
+        label = row["op"]
+        error = None if row["ok"] else row["outcome"]
+        started, finished = row["started"], row["finished"]
+    else:
+        state, label, error, started, finished = "unknown", "", None, None, None
+    if row is not None:
+        label = f"{label} {row['key_pp']}"
+    allowed = engine.job_actions(job_id)
+    # Rebuild is there, hidden, while the job runs: the page shows it when the job ends.
+    actions = "".join(
+        _post_button(request, f"/job/{job_id}/{action}", label, name,
+                     hidden=name not in allowed)
+        for action, (name, _method, label) in _ACTIONS.items()
+        if name in allowed or name == "rebuild")
+    history = "".join(
+        f'<li class="{"ok" if run["ok"] else "failed"}">{_job_link(run["job_id"])} '
+        f'{_e(run["finished"])} {"ok" if run["ok"] else _e(run["outcome"])}'
+        f'{" (this job)" if run["job_id"] == job_id else ""}</li>'
+        for run in _history(engine, job_id, row))
+    body = TEMPLATES["job"].substitute(
+        job_id=_e(job_id), state=_e(state), label=_e(label), started=_e(started),
+        finished=_e(finished), error=_e(error), actions=actions, history=history,
+        log_url=_e(f"/job/{job_id}/log"))
+    return _page(request, job_id, body)
+
+
+def _line_html(number: int, converter: AnsiConverter, line: str) -> str:
+    return (f'<span class="line" id="L{number}"><a class="ln" href="#L{number}">{number}</a>'
+            f"{converter.convert(line.rstrip(chr(13)))}</span>\n")
+
+
+async def job_log(request: web.Request) -> web.StreamResponse:
+    """The job's log as server-sent events: `lines` (HTML, one element per line, ids `L<n>`),
+    `state` when the job's state changes, and `end` (JSON: state, finished, error) once the job
+    has finished.
+
+    The log is read in chunks as it grows, never whole. Event ids are `OFFSET:LINE`, so a
+    browser that reconnects (sending Last-Event-ID) continues where it was.
+    """
+    engine = request.app[ENGINE]
+    job_id = _job_id(request)
+    path = engine.jobs.log_path(job_id)
+    job = engine.jobs.get(job_id)
+    offset, number = 0, 0
+    last = request.headers.get("Last-Event-ID", "")
+    if last.count(":") == 1 and all(part.isdigit() for part in last.split(":")):
+        offset, number = (int(part) for part in last.split(":"))
+    response = await _sse(request)
+    converter = AnsiConverter()
+    state = ""
+    pending = b""
+    done: Callable[[], bool] = (lambda: job.finished is not None) if job is not None \
+        else (lambda: True)
+    # A job stored by an earlier process may have lost its log: there is nothing to follow.
+    chunks = p.follow_log(path, done=done, start=offset) if path.exists() else _nothing()
+    async for chunk in chunks:
+        data = pending + chunk
+        # Only whole lines are sent: a partial one waits for the rest (or the end of the job).
+        cut = data.rfind(b"\n") + 1
+        complete, pending = data[:cut], data[cut:]
+        if complete:
+            lines = complete.decode(errors="replace").split("\n")[:-1]
+            fragment = "".join(_line_html(number + i, converter, line)
+                               for i, line in enumerate(lines, start=1))
+            offset += len(complete)
+            number += len(lines)
+            await _send(response, "lines", fragment, f"{offset}:{number}")
+        if job is not None and job.state != state:
+            state = str(job.state)
+            await _send(response, "state", state)
+    if pending:
+        await _send(response, "lines",
+                    _line_html(number + 1, converter, pending.decode(errors="replace")))
+    await _send(response, "end", json.dumps(_outcome(engine, job_id)))
+    return response
+
+
+def _outcome(engine: p.Engine, job_id: str) -> dict[str, str | None]:
+    """How a finished job ended: state, finish time and error, for the job page's script."""
+    job = engine.jobs.get(job_id)
+    if job is not None:
+        return {"state": str(job.state), "finished": str(job.finished), "error": job.error}
+    row = _stored_row(engine, job_id)
+    if row is None:
+        return {"state": "unknown", "finished": None, "error": None}
+    return {"state": "ok" if row["ok"] else "failed", "finished": row["finished"],
+            "error": None if row["ok"] else row["outcome"]}
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield
+
+
+async def job_action(request: web.Request) -> web.Response:
+    """Rebuild, cancel or start a job now (builder role); back to the job's page."""
+    _require(request, Role.BUILDER)
+    engine = request.app[ENGINE]
+    job_id = _job_id(request)
+    name, method, _label = _ACTIONS[request.match_info["action"]]
+    if name not in engine.job_actions(job_id) or not getattr(engine, method)(job_id):
+        raise web.HTTPConflict(text=f"cannot {name} job {job_id} now")
+    raise web.HTTPSeeOther(f"/job/{job_id}")
+
+
+async def jobs_page(request: web.Request) -> web.Response:
+    """The jobs that are running, queued or waiting for confirmation."""
+    rows = "".join(
+        f'<tr data-state="{_e(job.state)}"><td>{_job_link(job.id)}</td><td>{_e(job.label)}</td>'
+        f'<td class="state state-{_e(job.state)}">{_e(job.state)}</td>'
+        f"<td>{_e(job.started)}</td></tr>"
+        for job in request.app[ENGINE].jobs.active())
+    return _page(request, "Jobs", TEMPLATES["jobs"].substitute(rows=rows))
+
+
+def _query_filter(request: web.Request) -> tuple[str, list[str]]:
+    """The WHERE clause and its parameters for /query's filters; 400 for a bad one."""
+    clauses, params = [], []
+    if op := request.query.get("op"):
+        clauses.append("op = ?")
+        params.append(op)
+    ok = request.query.get("ok", "")
+    if ok not in ("", "true", "false"):
+        raise web.HTTPBadRequest(text="ok must be true or false")
+    if ok:
+        clauses.append("ok = ?")
+        params.append("1" if ok == "true" else "0")
+    if since := request.query.get("since"):
+        try:
+            date.fromisoformat(since)
+        except ValueError:
+            raise web.HTTPBadRequest(text="since must be a date, YYYY-MM-DD") from None
+        clauses.append("finished >= ?")
+        params.append(since)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def _options(values: Iterable[tuple[str, str]], selected: str) -> str:
+    return "".join(f'<option value="{_e(v)}"{" selected" if v == selected else ""}>{_e(t)}'
+                   "</option>" for v, t in values)
+
+
+async def query_page(request: web.Request) -> web.Response:
+    """Cache entries filtered by operation, outcome and date, with "rebuild selected"."""
+    db = request.app[ENGINE].cache.db
+    where, params = _query_filter(request)
+    entries = db.execute(
+        "SELECT job_id, op, key_pp, ok, outcome, finished FROM jobs" + where +
+        f" ORDER BY finished DESC, rowid DESC LIMIT {QUERY_LIMIT}", params).fetchall()
+    rows = "".join(
+        f'<tr><td><input type="checkbox" name="job" value="{_e(job_id)}"></td>'
+        f"<td>{_job_link(job_id)}</td><td>{_e(op)}</td><td>{_e(key_pp)}</td>"
+        f'<td class="{"ok" if ok else "failed"}">{"ok" if ok else _e(outcome)}</td>'
+        f"<td>{_e(finished)}</td></tr>"
+        for job_id, op, key_pp, ok, outcome, finished in entries)
+    ops = [row[0] for row in db.execute("SELECT DISTINCT op FROM jobs ORDER BY op")]
+    body = TEMPLATES["query"].substitute(
+        ops=_options(((op, op) for op in ops), request.query.get("op", "")),
+        outcomes=_options((("", "(any)"), ("true", "ok"), ("false", "failed")),
+                          request.query.get("ok", "")),
+        since=_e(request.query.get("since", "")), rows=rows,
+        csrf=_e(request.app[ACCESS].csrf_token(request)))
+    return _page(request, "Query", body)
+
+
+async def query_rebuild(request: web.Request) -> web.Response:
+    """Rebuild every checked entry (builder role); back to /query."""
+    _require(request, Role.BUILDER)
+    engine = request.app[ENGINE]
+    for job_id in (await request.post()).getall("job", []):
+        engine.rebuild(str(job_id))
+    raise web.HTTPSeeOther("/query")
+
+
+# Access
+
+
+async def login_page(request: web.Request) -> web.Response:
+    """The login form."""
+    return _login_form(request, "Enter the admin token to rebuild, cancel and start jobs.")
+
+
+def _login_form(request: web.Request, message: str, status: int = 200) -> web.Response:
+    access = request.app[ACCESS]
+    if access.admin_token is None:
+        message = "No admin token is configured: anyone on this machine may act."
+    body = TEMPLATES["login"].substitute(message=_e(message),
+                                         csrf=_e(access.csrf_token(request)))
+    return _page(request, "Log in", body, status=status)
+
+
+async def login(request: web.Request) -> web.Response:
+    """Check the token; on success, a cookie gives this browser's session the admin role."""
+    access = request.app[ACCESS]
+    form = await request.post()
+    if not access.check_token(str(form.get("token", ""))):
+        return _login_form(request, "Wrong token.", status=403)
+    response = web.HTTPSeeOther("/")
+    access.log_in(request, response)
+    raise response
+
+
+async def logout(request: web.Request) -> web.Response:
+    """Forget the login cookie."""
+    response = web.HTTPSeeOther("/")
+    response.del_cookie(LOGIN_COOKIE, path="/")
+    raise response
+
+
+# Machines
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text."""
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def git_webhook(request: web.Request) -> web.Response:
+    """A GitHub push webhook: re-read the pushed repository's monitors now.
+
+    The body must be signed (`X-Hub-Signature-256: sha256=HEX`, HMAC-SHA256 under the secret);
+    otherwise 403 and nothing happens. 404 when no secret is configured.
+    """
+    secret = request.app[WEBHOOK_SECRET]
+    if not isinstance(secret, bytes):
+        raise web.HTTPNotFound(text="no webhook secret is configured")
+    body = await request.read()
+    expected = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+    signature = request.headers.get("X-Hub-Signature-256", "")
+    if not hmac.compare_digest(signature.encode(), expected.encode()):
+        raise web.HTTPForbidden(text="bad or missing X-Hub-Signature-256")
+    try:
+        repository = json.loads(body).get("repository") or {}
+    except (ValueError, AttributeError):
+        raise web.HTTPBadRequest(text="the body is not a JSON object") from None
+    urls = {repository.get(field) for field in ("clone_url", "ssh_url", "html_url", "url")}
+    refreshed = sum(git.refresh(url) for url in urls if isinstance(url, str) and url)
+    return web.json_response({"refreshed": refreshed})
+
+
+# The application
+
+
+@web.middleware
+async def _guard(request: web.Request,
+                 handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                 ) -> web.StreamResponse:
+    """Check the CSRF token of POSTs; give a browser without a session its session cookie.
+
+    Every POST but the webhook carries the CSRF token of its session, or the bearer token (which
+    a browser cannot be made to send).
+    """
+    access = request.app[ACCESS]
+    if request.method == "POST" and request.path != "/webhooks/git" \
+            and not access.has_bearer(request):
+        form = await request.post()
+        if not access.check_csrf(request, str(form.get("csrf", ""))):
+            raise web.HTTPForbidden(text="bad or missing CSRF token: reload the page")
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        access.remember(request, exc)
+        raise
+    # Cookies must be set before the response is prepared (event streams are, but make none).
+    if not response.prepared:
+        access.remember(request, response)
+    return response
+
+
+async def _headers(_request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.update(SECURITY_HEADERS)
+
+
+async def _end_streams(app: web.Application) -> None:
+    # Event streams never end on their own; without this the server would wait for them.
+    for task in list(app[STREAMS]):
+        task.cancel()
+
+
+def make_app(engine: p.Engine, *, admin_token: str | None = None,
+             webhook_secret: bytes | None = None) -> web.Application:
+    """The web UI of a started `engine`.
+
+    `admin_token` is needed for actions (None: anyone on loopback may act); `webhook_secret`
+    enables `POST /webhooks/git`. Metrics count from now.
+    """
+    app = web.Application(middlewares=[_guard])
+    app[ENGINE] = engine
+    app[ACCESS] = Access(admin_token)
+    app[DIAGRAMS] = DiagramCache(engine)
+    app[METRICS] = Metrics(engine)
+    app[CHANGES] = ChangeFeed(engine)
+    app[STREAMS] = set()
+    app[WEBHOOK_SECRET] = webhook_secret
+    app.on_response_prepare.append(_headers)
+    app.on_shutdown.append(_end_streams)
+    job = "/job/{day}/{rest}"
+    app.add_routes([
+        web.get("/", index),
+        web.get("/pipeline.svg", pipeline_svg),
+        web.get("/pipeline.dot", pipeline_dot),
+        web.get("/events", events),
+        web.get(job, job_page),
+        web.get(job + "/log", job_log),
+        web.post(job + "/{action:rebuild|cancel|start}", job_action),
+        web.get("/jobs", jobs_page),
+        web.get("/query", query_page),
+        web.post("/query/rebuild", query_rebuild),
+        web.get("/login", login_page),
+        web.post("/login", login),
+        web.post("/logout", logout),
+        web.get("/metrics", metrics),
+        web.post("/webhooks/git", git_webhook),
+        web.static("/static", HERE / "static"),
+    ])
+    return app
+
+
+def check_host(host: str, admin_token: str | None) -> None:
+    """Raise ValueError if listening on `host` without an admin token would let others act."""
+    if admin_token is None and not is_loopback(host):
+        raise ValueError(
+            f"refusing to serve the web UI on {host} without an admin token: anyone who can "
+            "reach it could rebuild and cancel jobs. Give --admin-token-file, or listen on "
+            "127.0.0.1")
+
+
+async def start_server(engine: p.Engine, *, host: str, port: int,
+                       admin_token: str | None = None,
+                       webhook_secret: bytes | None = None) -> web.AppRunner:
+    """Serve the web UI of `engine` on host:port; `await runner.cleanup()` stops it.
+
+    Raises ValueError for a non-loopback `host` without `admin_token`, OSError if the port
+    cannot be bound.
+    """
+    check_host(host, admin_token)
+    app = make_app(engine, admin_token=admin_token, webhook_secret=webhook_secret)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    """The port the runner listens on (useful when it was started on port 0)."""
+    return int(runner.addresses[0][1])
