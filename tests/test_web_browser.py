@@ -8,6 +8,7 @@ waits (generously) for a condition. Screenshots go to `tests/artifacts/` for rev
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -65,7 +66,6 @@ def free_port() -> int:
 class Demo:
     """A running `pipeline run examples/web_demo.py` with its web UI."""
 
-    process: subprocess.Popen[str]
     url: str
     control: Path
     output: list[str]
@@ -90,17 +90,14 @@ def _pump(stream: Iterator[str], lines: queue.Queue[str | None]) -> None:
     lines.put(None)
 
 
-@pytest.fixture
-def demo(tmp_path: Path) -> Iterator[Demo]:
-    """Start the demo with `build-debian-12` and `test-alpine-3.19` held; stop it with SIGINT."""
-    control = tmp_path / "control"
-    control.mkdir()
-    (control / "build-debian-12.hold").touch()
-    (control / "test-alpine-3.19.hold").touch()
+@contextlib.contextmanager
+def serve(file: Path, args: list[str], tmp_path: Path) -> Iterator[tuple[str, list[str]]]:
+    """Run `pipeline run FILE --port FREE -- ARGS` until the caller is done; yield its URL and
+    output so far; stop it with SIGINT and check it exits 0."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", str(DEMO), "--state-dir", str(tmp_path / "state"),
-         "--port", str(port), "--", str(control)],
+        [sys.executable, "-m", "pipeline", "run", str(file), "--state-dir", str(tmp_path / "state"),
+         "--port", str(port), "--", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -122,7 +119,7 @@ def demo(tmp_path: Path) -> Iterator[Demo]:
             if found:
                 url = found.group(1).rstrip("/")
         assert url == f"http://127.0.0.1:{port}", url
-        yield Demo(process, url, control, output)
+        yield url, output
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
@@ -135,6 +132,17 @@ def demo(tmp_path: Path) -> Iterator[Demo]:
         while (line := lines.get()) is not None:
             output.append(line)
     assert process.returncode == 0, "".join(output)
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Iterator[Demo]:
+    """Start the demo with `build-debian-12` and `test-alpine-3.19` held; stop it with SIGINT."""
+    control = tmp_path / "control"
+    control.mkdir()
+    (control / "build-debian-12.hold").touch()
+    (control / "test-alpine-3.19.hold").touch()
+    with serve(DEMO, [str(control)], tmp_path) as (url, output):
+        yield Demo(url, control, output)
 
 
 @pytest.fixture
@@ -243,3 +251,40 @@ def test_the_web_ui_in_chromium(demo: Demo, browser: Browser) -> None:
     assert main.evaluate("window.__notReloaded") is True, "the main page was reloaded"
     main.screenshot(path=str(ARTIFACTS / "main-after.png"))
     context.close()
+
+
+def git(repo: Path, *args: str) -> None:
+    """Run git in `repo` as a fixed author."""
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, env=env)
+
+
+def test_a_commit_turns_the_branch_orange_then_green(
+    tmp_path: Path, browser: Browser, busybox_images: Path
+) -> None:
+    """examples/build_repo.py with the UI open: a commit re-builds its branch, seen live."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "build.spec").write_text(
+        '((from busybox)\n (copy (src "version") (dst /version))\n'
+        ' (run (shell "sleep 2; cat /version")))\n')
+    (repo / "version").write_text("1\n")
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "one")
+    args = ["--repo", str(repo), "--image-dir", str(busybox_images)]
+    with serve(ROOT / "examples" / "build_repo.py", args, tmp_path) as (url, _):
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(url + "/")
+        expect(node(page, "build")).to_have_count(1, timeout=WAIT_MS)
+        wait_fill(page, "build", "ok")
+        page.evaluate("window.__notReloaded = true")
+        first = node_link(page, "build")
+        (repo / "version").write_text("2\n")
+        git(repo, "commit", "-q", "-am", "two")
+        wait_fill(page, "build", "running")
+        wait_fill(page, "build", "ok")
+        assert node_link(page, "build") != first, "a new build job ran"
+        assert page.evaluate("window.__notReloaded") is True, "the page was reloaded"
+        page.close()
