@@ -1,8 +1,10 @@
 """The `pipeline` command: run a pipeline file, or draw its diagram.
 
 A pipeline file is a Python file defining `pipeline(args: list[str]) -> Term`: it receives the
-arguments given after `--` and returns the root term. Heavy modules are imported only by the
-sub-command that needs them, so `pipeline --help` stays fast.
+arguments given after `--` and returns the root term. It may also define
+`web_routes(state_dir: Path)`, returning aiohttp route definitions that `pipeline run` adds to the
+web UI, and `web_links`, (URL, label) pairs for the web UI's nav bar. Heavy modules are imported
+only by the sub-command that needs them, so `pipeline --help` stays fast.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import importlib.util
 import signal
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -34,6 +37,11 @@ class PipelineFileError(Exception):
 
 def load_pipeline(path: Path, args: list[str]) -> Term[Any]:
     """Import the pipeline file at `path` and call its `pipeline(args)`."""
+    return _load(path, args)[0]
+
+
+def _load(path: Path, args: list[str]) -> tuple[Term[Any], ModuleType]:
+    """The root term of the pipeline file at `path`, and the file as a module."""
     from pipeline.term import Term
 
     if not path.is_file():
@@ -63,7 +71,20 @@ def load_pipeline(path: Path, args: list[str]) -> Term[Any]:
         raise PipelineFileError(
             f"{path}:{line}: pipeline() returned {type(root).__name__}, expected a Term"
         )
-    return root
+    return root, module
+
+
+def _web_extras(module: ModuleType, path: Path, state_dir: Path
+                ) -> tuple[tuple[Any, ...], tuple[tuple[str, str], ...]]:
+    """The pages a pipeline file adds to the web UI (its `web_routes(state_dir)`, if any) and its
+    nav bar links (its `web_links`, if any)."""
+    make = getattr(module, "web_routes", None)
+    try:
+        routes = tuple(make(state_dir)) if callable(make) else ()
+    except Exception as exc:
+        raise PipelineFileError(_located(exc, path)) from None
+    links = tuple((str(url), str(label)) for url, label in getattr(module, "web_links", ()))
+    return routes, links
 
 
 def _located(exc: Exception, path: Path) -> str:
@@ -186,6 +207,10 @@ class WebOptions:
     port: int
     admin_token: str | None
     webhook_secret: bytes | None
+    extra_routes: tuple[Any, ...] = ()
+    """Pages the pipeline file adds (aiohttp route definitions)."""
+    extra_links: tuple[tuple[str, str], ...] = ()
+    """(URL, label) pairs for the nav bar."""
 
 
 class UsageError(Exception):
@@ -231,7 +256,10 @@ def _run(options: argparse.Namespace, args: list[str]) -> int:
     except UsageError as exc:
         print(f"pipeline: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    root = load_pipeline(options.file, args)
+    root, module = _load(options.file, args)
+    if ui is not None:
+        routes, links = _web_extras(module, options.file, options.state_dir)
+        ui = replace(ui, extra_routes=routes, extra_links=links)
     confirm = Level.parse(options.confirm) if options.confirm else None
     tune_gc()
     try:
@@ -260,7 +288,9 @@ async def _serve(root: Term[Any], state_dir: Path, confirm: Any, once: bool,
             try:
                 runner = await start_server(engine, host=ui.host, port=ui.port,
                                             admin_token=ui.admin_token,
-                                            webhook_secret=ui.webhook_secret)
+                                            webhook_secret=ui.webhook_secret,
+                                            extra_routes=ui.extra_routes,
+                                            extra_links=ui.extra_links)
             except OSError as exc:
                 # The port is taken, or the host is not an address of this machine.
                 print(f"pipeline: cannot serve the web UI on {ui.host}:{ui.port}: "

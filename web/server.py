@@ -12,7 +12,7 @@ import hmac
 import html
 import json
 import string
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,8 @@ DIAGRAMS = web.AppKey("diagrams", DiagramCache)
 METRICS = web.AppKey("metrics", Metrics)
 STREAMS = web.AppKey("streams", set)
 WEBHOOK_SECRET = web.AppKey("webhook_secret", object)
+NAV_LINKS = web.AppKey("nav_links", str)
+"""The nav bar's links to pages a pipeline added, as HTML."""
 
 # Job actions: the URL's last segment -> (its name in engine.job_actions, which is also the
 # button's element id; the engine method; the button's label).
@@ -101,7 +103,11 @@ def _e(value: object) -> str:
     return html.escape("" if value is None else str(value))
 
 
-def _page(request: web.Request, title: str, body: str, *, status: int = 200) -> web.Response:
+def page(request: web.Request, title: str, body: str, *, status: int = 200) -> web.Response:
+    """An HTML page in the UI's layout (nav bar, stylesheet): `body` is HTML, `title` text.
+
+    Pages that a pipeline adds (`extra_routes`) use it too, so that they look like the rest.
+    """
     access = request.app[ACCESS]
     role = access.role(request)
     if role >= Role.BUILDER:
@@ -109,7 +115,8 @@ def _page(request: web.Request, title: str, body: str, *, status: int = 200) -> 
             if access.admin_token is not None else "builder (loopback)"
     else:
         login = 'viewer <a id="login-link" href="/login">Log in</a>'
-    text = TEMPLATES["base"].substitute(title=_e(title), body=body, role=login)
+    text = TEMPLATES["base"].substitute(title=_e(title), body=body, role=login,
+                                        links=request.app[NAV_LINKS])
     return web.Response(text=text, content_type="text/html", status=status)
 
 
@@ -189,7 +196,7 @@ async def index(request: web.Request) -> web.Response:
     body = TEMPLATES["index"].substitute(
         state=_e(info["state"]), counts=counts, revision=info["revision"],
         svg=svg[svg.find("<svg"):])
-    return _page(request, "Pipeline", body)
+    return page(request, "Pipeline", body)
 
 
 async def pipeline_svg(request: web.Request) -> web.Response:
@@ -285,7 +292,7 @@ async def job_page(request: web.Request) -> web.Response:
         job_id=_e(job_id), state=_e(state), label=_e(label), started=_e(started),
         finished=_e(finished), error=_e(error), actions=actions, history=history,
         log_url=_e(f"/job/{job_id}/log"))
-    return _page(request, job_id, body)
+    return page(request, job_id, body)
 
 
 def _line_html(number: int, converter: AnsiConverter, line: str) -> str:
@@ -374,7 +381,7 @@ async def jobs_page(request: web.Request) -> web.Response:
         f'<td class="state state-{_e(job.state)}">{_e(job.state)}</td>'
         f"<td>{_e(job.started)}</td></tr>"
         for job in request.app[ENGINE].jobs.active())
-    return _page(request, "Jobs", TEMPLATES["jobs"].substitute(rows=rows))
+    return page(request, "Jobs", TEMPLATES["jobs"].substitute(rows=rows))
 
 
 def _query_filter(request: web.Request) -> tuple[str, list[str]]:
@@ -424,7 +431,7 @@ async def query_page(request: web.Request) -> web.Response:
                           request.query.get("ok", "")),
         since=_e(request.query.get("since", "")), rows=rows,
         csrf=_e(request.app[ACCESS].csrf_token(request)))
-    return _page(request, "Query", body)
+    return page(request, "Query", body)
 
 
 async def query_rebuild(request: web.Request) -> web.Response:
@@ -450,7 +457,7 @@ def _login_form(request: web.Request, message: str, status: int = 200) -> web.Re
         message = "No admin token is configured: anyone on this machine may act."
     body = TEMPLATES["login"].substitute(message=_e(message),
                                          csrf=_e(access.csrf_token(request)))
-    return _page(request, "Log in", body, status=status)
+    return page(request, "Log in", body, status=status)
 
 
 async def login(request: web.Request) -> web.Response:
@@ -543,11 +550,15 @@ async def _end_streams(app: web.Application) -> None:
 
 
 def make_app(engine: p.Engine, *, admin_token: str | None = None,
-             webhook_secret: bytes | None = None) -> web.Application:
+             webhook_secret: bytes | None = None,
+             extra_routes: Iterable[web.AbstractRouteDef] = (),
+             extra_links: Sequence[tuple[str, str]] = ()) -> web.Application:
     """The web UI of a started `engine`.
 
     `admin_token` is needed for actions (None: anyone on loopback may act); `webhook_secret`
-    enables `POST /webhooks/git`. Metrics count from now.
+    enables `POST /webhooks/git`. Metrics count from now. `extra_routes` are pages a pipeline
+    adds (a list of route definitions or a `RouteTableDef`): they get the same security headers
+    and CSRF checks; `extra_links` are (URL, label) pairs added to the nav bar.
     """
     app = web.Application(middlewares=[_guard])
     app[ENGINE] = engine
@@ -557,6 +568,7 @@ def make_app(engine: p.Engine, *, admin_token: str | None = None,
     app[CHANGES] = ChangeFeed(engine)
     app[STREAMS] = set()
     app[WEBHOOK_SECRET] = webhook_secret
+    app[NAV_LINKS] = "".join(f'<a href="{_e(url)}">{_e(label)}</a>\n' for url, label in extra_links)
     app.on_response_prepare.append(_headers)
     app.on_shutdown.append(_end_streams)
     job = "/job/{day}/{rest}"
@@ -578,6 +590,8 @@ def make_app(engine: p.Engine, *, admin_token: str | None = None,
         web.post("/webhooks/git", git_webhook),
         web.static("/static", HERE / "static"),
     ])
+    # Added after the UI's own, which aiohttp tries first: a pipeline cannot replace them.
+    app.add_routes(extra_routes)
     return app
 
 
@@ -592,14 +606,19 @@ def check_host(host: str, admin_token: str | None) -> None:
 
 async def start_server(engine: p.Engine, *, host: str, port: int,
                        admin_token: str | None = None,
-                       webhook_secret: bytes | None = None) -> web.AppRunner:
+                       webhook_secret: bytes | None = None,
+                       extra_routes: Iterable[web.AbstractRouteDef] = (),
+                       extra_links: Sequence[tuple[str, str]] = ()) -> web.AppRunner:
     """Serve the web UI of `engine` on host:port; `await runner.cleanup()` stops it.
+
+    `extra_routes` and `extra_links` are passed to `make_app`.
 
     Raises ValueError for a non-loopback `host` without `admin_token`, OSError if the port
     cannot be bound.
     """
     check_host(host, admin_token)
-    app = make_app(engine, admin_token=admin_token, webhook_secret=webhook_secret)
+    app = make_app(engine, admin_token=admin_token, webhook_secret=webhook_secret,
+                   extra_routes=extra_routes, extra_links=extra_links)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
