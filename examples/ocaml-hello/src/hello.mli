@@ -1,0 +1,2 @@
+val greet : string -> string
+(** [greet name] is a friendly greeting for [name]. *)

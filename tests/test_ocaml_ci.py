@@ -1,0 +1,211 @@
+"""`pipelines/ocaml_ci.py` end to end: real git repositories of `examples/ocaml-hello`, the real
+builder and sandbox, Debian 12's OCaml.
+
+Every test shares one overlayfs store (`ocaml_store`), so Debian 12 is debootstrapped once per
+session and the platform's packages installed once; each later OCaml build costs seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_build_primitive import Repo
+
+import pipeline as p
+from pipeline.cli import load_pipeline
+from pipelines.ocaml import status as St
+
+ROOT = Path(__file__).resolve().parent.parent
+PIPELINE_FILE = ROOT / "pipelines" / "ocaml_ci.py"
+EXAMPLE = ROOT / "examples" / "ocaml-hello"
+PIPELINE = Path(sys.executable).parent / "pipeline"
+# Only a guard against a hang, never a measurement: the session's first build debootstraps
+# Debian and installs OCaml.
+HANG_GUARD = 900
+
+BROKEN_GREET = 'let greet name = "Goodbye, " ^ name ^ "!"\n'
+FIXED_GREET = 'let greet name = "Hello, " ^ name ^ "!"\n'
+
+
+def mounts_under(directory: Path) -> list[str]:
+    """The mount points at or below `directory`, deepest first."""
+    points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    inside = [point for point in points if Path(point).is_relative_to(directory)]
+    return sorted(inside, key=len, reverse=True)
+
+
+@pytest.fixture(scope="session")
+def ocaml_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An overlayfs store holding Debian 12, shared by every test of the session; its mounted
+    results are unmounted at the end, so that the directory can be removed."""
+    directory = tmp_path_factory.mktemp("ocaml-store")
+    empty = tmp_path_factory.mktemp("empty-context")
+    spec = empty / "spec"
+    spec.write_text("((from debian:12))\n")
+    store = f"overlayfs:{directory}"
+    try:
+        subprocess.run([str(PIPELINE), "obuilder", "build", "-f", str(spec), str(empty),
+                        "--store", store], check=True, capture_output=True, timeout=HANG_GUARD)
+        yield store
+    finally:
+        for point in mounts_under(directory):
+            subprocess.run(["umount", "--lazy", point], check=False)
+
+
+def example_files() -> dict[str, str]:
+    return {str(path.relative_to(EXAMPLE)): path.read_text()
+            for path in EXAMPLE.rglob("*") if path.is_file() and "_build" not in path.parts}
+
+
+async def hello_repo(path: Path, extra: dict[str, str] | None = None) -> Repo:
+    """A repository whose first commit is the demo project (plus `extra` files)."""
+    path.mkdir()
+    for name, text in {**example_files(), **(extra or {})}.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(text)
+    repo = Repo(path)
+    await repo.git("init", "--quiet", "--initial-branch", "main")
+    await repo.commit(None, {})
+    return repo
+
+
+def ci(repo: Repo, store: str) -> p.Term[Any]:
+    return load_pipeline(PIPELINE_FILE, ["--repo", str(repo.path), "--store", store])
+
+
+def read_status(state: Path, repo: Repo, branch: str) -> dict[str, Any] | None:
+    path = St.status_path(state, repo.path.name, branch)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+async def final_status(state: Path, repo: Repo, branch: str, commit: str) -> dict[str, Any]:
+    """The status of `branch` once `commit`'s result is known (not pending)."""
+    def done() -> dict[str, Any] | None:
+        status = read_status(state, repo, branch)
+        if status is not None and status["commit"] == commit and status["result"] != "pending":
+            return status
+        return None
+
+    async with asyncio.timeout(HANG_GUARD):
+        while (status := done()) is None:
+            await asyncio.sleep(0.1)
+    return status
+
+
+def jobs_of(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {job["name"]: job for job in status["jobs"]}
+
+
+def log_of(state: Path, job: dict[str, Any]) -> str:
+    [log] = (state / "job").glob(f"{job['job_id']}.log")
+    return log.read_text()
+
+
+async def head(repo: Repo, branch: str) -> str:
+    return await repo.git("rev-parse", branch)
+
+
+async def test_a_broken_test_fails_the_build_and_a_fix_passes_while_a_branch_builds_alone(
+        tmp_path: Path, ocaml_store: str) -> None:
+    repo = await hello_repo(tmp_path / "hello")
+    state = tmp_path / "var"
+    async with p.Engine(ci(repo, ocaml_store), state_dir=state):
+        status = await final_status(state, repo, "main", await head(repo, "main"))
+        assert status["result"] == "passed", status
+        jobs = jobs_of(status)
+        assert {name: job["state"] for name, job in jobs.items()} == {
+            "(analysis)": "passed", "debian-12-system": "passed",
+            "debian-12-system (lint-opam)": "passed", "debian-12-system (lint-fmt)": "skipped",
+            "debian-12-system (lint-doc)": "skipped"}
+        assert jobs["debian-12-system (lint-fmt)"]["reason"] == "no .ocamlformat file"
+        assert jobs["debian-12-system (lint-doc)"]["reason"] == \
+            "odoc is not available on debian-12-system"
+        build_log = log_of(state, jobs["debian-12-system"])
+        assert "To reproduce locally" in build_log.split("\n", 3)[2], build_log
+        assert "Test Successful" in build_log
+
+        await repo.commit("feature", {"README.md": "A branch of its own\n"}, new=True)
+        broken = await repo.commit("main", {"src/hello.ml": BROKEN_GREET})
+        status = await final_status(state, repo, "main", broken)
+        assert status["result"] == "failed", status
+        build = jobs_of(status)["debian-12-system"]
+        assert build["state"] == "failed", status
+        # The failing test's own output is in the build's log.
+        build_log = log_of(state, build)
+        assert "greets by name" in build_log and "Goodbye, world!" in build_log, build_log
+
+        feature = await final_status(state, repo, "feature", await head(repo, "feature"))
+        assert feature["result"] == "passed", feature
+
+        fixed = await repo.commit("main", {"src/hello.ml": FIXED_GREET})
+        status = await final_status(state, repo, "main", fixed)
+        assert status["result"] == "passed", status
+
+
+async def test_a_dependency_debian_lacks_skips_the_build_and_no_opam_file_fails(
+        tmp_path: Path, ocaml_store: str) -> None:
+    repo = await hello_repo(tmp_path / "lacking")
+    opam = (repo.path / "hello.opam").read_text().replace(
+        '"alcotest" {with-test}', '"alcotest" {with-test}\n  "nosuchlibrary"')
+    await repo.commit(None, {"hello.opam": opam})
+    await repo.git("checkout", "--quiet", "-b", "no-opam")
+    await repo.git("rm", "--quiet", "hello.opam")
+    await repo.commit(None, {})
+    state = tmp_path / "var"
+    async with p.Engine(ci(repo, ocaml_store), state_dir=state):
+        status = await final_status(state, repo, "main", await head(repo, "main"))
+        build = jobs_of(status)["debian-12-system"]
+        assert build["state"] == "skipped", status
+        assert "nosuchlibrary" in build["reason"], build
+        # The other jobs still ran: skipping one does not make the commit an error.
+        assert status["result"] == "passed", status
+
+        status = await final_status(state, repo, "no-opam", await head(repo, "no-opam"))
+        assert status["result"] == "failed", status
+        [analysis] = status["jobs"]
+        assert analysis["state"] == "failed"
+        assert "No opam files found" in analysis["reason"], analysis
+        assert "No opam files found" in log_of(state, analysis)
+
+
+def run_once(state: Path, repo: Path, store: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(PIPELINE), "run", str(PIPELINE_FILE), "--once", "--state-dir", str(state), "--",
+         "--repo", str(repo), "--store", store],
+        capture_output=True, text=True, timeout=HANG_GUARD, cwd=ROOT)
+
+
+async def test_once_exits_0_for_a_passing_project_and_1_for_a_failing_one(
+        tmp_path: Path, ocaml_store: str) -> None:
+    passing = await hello_repo(tmp_path / "passing")
+    failing = await hello_repo(tmp_path / "failing", {"src/hello.ml": BROKEN_GREET})
+    state = tmp_path / "var"
+    done = run_once(state, passing.path, ocaml_store)
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = run_once(state, failing.path, ocaml_store)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert read_status(state, failing, "main")["result"] == "failed"  # type: ignore[index]
+
+
+def commits(repo: Path) -> list[str]:
+    return subprocess.run(["git", "log", "--format=%H"], cwd=repo, check=True,
+                          capture_output=True, text=True).stdout.split()
+
+
+def test_demo_makes_a_repository_of_the_example_once(tmp_path: Path) -> None:
+    demo = tmp_path / "demo"
+    load_pipeline(PIPELINE_FILE, ["--demo", "--demo-dir", str(demo)])
+    assert (demo / "hello.opam").read_text() == (EXAMPLE / "hello.opam").read_text()
+    [first] = commits(demo)
+    # Made again (a restart): the user's repository is left as it is.
+    (demo / "mine.txt").write_text("mine\n")
+    load_pipeline(PIPELINE_FILE, ["--demo", "--demo-dir", str(demo)])
+    assert commits(demo) == [first]
+    assert (demo / "mine.txt").exists()
