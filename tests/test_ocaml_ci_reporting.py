@@ -1,0 +1,66 @@
+"""The OCaml CI pipeline's reporting: GitHub commit statuses and its pages in the web UI.
+
+A repository without opam files fails at the analysis, which needs no sandbox: enough to see
+the result travel to the GitHub stand-in and to the pipeline's pages.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from aiohttp.test_utils import TestClient, TestServer
+from github_statuses import github_statuses
+
+import pipeline as p
+from pipelines import ocaml_ci
+from web.server import make_app
+
+TOKEN = "ghp_stand-in-token"
+
+
+def make_repo(path: Path) -> str:
+    """A git repository whose only commit has no opam file; returns the commit hash."""
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    path.mkdir()
+    (path / "README").write_text("no OCaml here\n")
+    for args in (["init", "-q", "-b", "main"], ["add", "."], ["commit", "-q", "-m", "one"]):
+        subprocess.run(["git", *args], cwd=path, check=True, env=env, capture_output=True)
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+async def test_result_goes_to_github_and_to_the_pages(tmp_path: Path) -> None:
+    commit = make_repo(tmp_path / "project")
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    state_dir = tmp_path / "var"
+    async with github_statuses(TOKEN) as github:
+        root = ocaml_ci.pipeline([
+            "--repo", str(tmp_path / "project"), "--store", "rsync:store",
+            "--github-token-file", str(token_file), "--github-api-url", github.url,
+            "--github-repo", "owner/project",
+        ])
+        async with p.Engine(root, state_dir=state_dir) as engine:
+            await engine.wait_idle()
+            assert isinstance(engine.root_output(), p.Failed)
+            assert {r.path for r in github.requests} == {
+                f"/repos/owner/project/statuses/{commit}"}
+            states = [r.body["state"] for r in github.requests]
+            # "pending" is published while the analysis runs, if the publisher is quick enough.
+            assert states[-1] == "failure" and set(states) <= {"pending", "failure"}
+            assert all(r.body["context"] == "ocaml-ci" for r in github.requests)
+
+            app = make_app(engine, extra_routes=ocaml_ci.web_routes(state_dir),
+                           extra_links=ocaml_ci.web_links)
+            async with TestClient(TestServer(app)) as client:
+                index = await client.get("/ocaml")
+                assert index.status == 200 and "project" in await index.text()
+                page = await client.get("/ocaml/project/main")
+                text = await page.text()
+                assert page.status == 200
+                assert commit[:7] in text and "No opam files found" in text
+                home = await client.get("/")
+                assert 'href="/ocaml"' in await home.text()
