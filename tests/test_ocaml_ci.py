@@ -10,12 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
+from ocaml_fixtures import HANG_GUARD, PIPELINE
 from test_build_primitive import Repo
 
 import pipeline as p
@@ -25,38 +23,8 @@ from pipelines.ocaml import status as St
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE_FILE = ROOT / "pipelines" / "ocaml_ci.py"
 EXAMPLE = ROOT / "examples" / "ocaml-hello"
-PIPELINE = Path(sys.executable).parent / "pipeline"
-# Only a guard against a hang, never a measurement: the session's first build debootstraps
-# Debian and installs OCaml.
-HANG_GUARD = 900
-
 BROKEN_GREET = 'let greet name = "Goodbye, " ^ name ^ "!"\n'
 FIXED_GREET = 'let greet name = "Hello, " ^ name ^ "!"\n'
-
-
-def mounts_under(directory: Path) -> list[str]:
-    """The mount points at or below `directory`, deepest first."""
-    points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
-    inside = [point for point in points if Path(point).is_relative_to(directory)]
-    return sorted(inside, key=len, reverse=True)
-
-
-@pytest.fixture(scope="session")
-def ocaml_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """An overlayfs store holding Debian 12, shared by every test of the session; its mounted
-    results are unmounted at the end, so that the directory can be removed."""
-    directory = tmp_path_factory.mktemp("ocaml-store")
-    empty = tmp_path_factory.mktemp("empty-context")
-    spec = empty / "spec"
-    spec.write_text("((from debian:12))\n")
-    store = f"overlayfs:{directory}"
-    try:
-        subprocess.run([str(PIPELINE), "obuilder", "build", "-f", str(spec), str(empty),
-                        "--store", store], check=True, capture_output=True, timeout=HANG_GUARD)
-        yield store
-    finally:
-        for point in mounts_under(directory):
-            subprocess.run(["umount", "--lazy", point], check=False)
 
 
 def example_files() -> dict[str, str]:

@@ -177,8 +177,10 @@ def test_different_analyses_give_different_specs() -> None:
 
 def test_opam_repository_is_set_before_the_project_files() -> None:
     spec = S.parse(build_spec(OPAM, ANALYSIS, opam_repository="/srv/repo"))
-    assert spec.ops[2] == S.Run(
+    assert spec.ops[1] == S.Run(
         shell="opam repository set-url default file:///srv/repo && opam update default")
+    # Before the workdir: a command run in a missing /src would make it root's.
+    assert spec.ops[2] == S.Workdir("/src")
     assert isinstance(spec.ops[3], S.Copy)
 
 

@@ -144,9 +144,9 @@ def _dependencies(
     platform: Platform, a: Analysis, packages: list[str] | None, opam_repository: str | None
 ) -> list[S.Op]:
     """The steps from the base image to the dependencies installed, as user 1000 in /src."""
-    ops: list[S.Op] = [*_base(platform).ops, S.UserIds(_UID, _UID), S.Workdir(_SRC)]
+    ops: list[S.Op] = [*_base(platform).ops, S.UserIds(_UID, _UID)]
     if platform.kind == "system":
-        ops += _copy_opam_files(a)
+        ops += [S.Workdir(_SRC), *_copy_opam_files(a)]
         wanted = system_packages(a) if packages is None else packages
         extra = sorted(set(wanted) - set(BASE_PACKAGES))
         if extra:
@@ -156,8 +156,11 @@ def _dependencies(
     if opam_repository is not None:
         # Its own step, before the project's files, so every project shares it.
         url = shlex.quote(f"file://{opam_repository}")
+        # Run before the workdir is set: a command run in a missing /src would have the sandbox
+        # make it, owned by root, and the user could then not write `_build` there (copying
+        # makes it the user's).
         ops.append(S.Run(shell=f"opam repository set-url default {url} && opam update default"))
-    ops += _copy_opam_files(a)
+    ops += [S.Workdir(_SRC), *_copy_opam_files(a)]
     ops.append(S.Run(
         shell=f"opam install --deps-only --with-test -y {_opam_dirs(a)}", network=("host",)
     ))
@@ -211,13 +214,14 @@ def lint_spec(platform: Platform, a: Analysis, kind: Literal["opam", "fmt", "doc
         paths = " ".join(shlex.quote(f.path) for f in a.opam_files)
         ops = [*base, *user, *_copy_opam_files(a), S.Run(shell=f"opam lint {paths}")]
     elif kind == "fmt":
-        ops = [*base, *user]
+        ops = [*base, user[0]]
         if platform.kind == "opam" and a.ocamlformat_version is not None:
+            # Before the workdir, as in `_dependencies`: /src must be made by the copy.
             ops.append(S.Run(
                 shell=f"opam install -y {shlex.quote('ocamlformat=' + a.ocamlformat_version)}",
                 network=("host",),
             ))
-        ops += [_copy_source(), S.Run(shell=_in_env(platform, _LINT_COMMANDS["fmt"]))]
+        ops += [user[1], _copy_source(), S.Run(shell=_in_env(platform, _LINT_COMMANDS["fmt"]))]
     elif kind == "doc":
         ops = _dependencies(platform, a, None, None)
         if platform.kind == "opam":
