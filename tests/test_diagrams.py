@@ -21,13 +21,12 @@ pipeline while a job is running. No test depends on timing.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
-import pytest
+from golden import assert_golden
 
 from pipeline import (
     Engine,
@@ -49,7 +48,6 @@ from pipeline import (
 )
 
 EXPECTED_DIR = Path(__file__).parent / "expected"
-UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
 JOB_URL = re.compile(r'/job/[^"]+')
 
 # Fill colours from DESIGN.md §3, written out here so that the table in pipeline.diagram is
@@ -84,15 +82,7 @@ class Golden:
 
     def check(self) -> None:
         """Compare with the golden file, or rewrite it when UPDATE_GOLDEN=1."""
-        actual = "\n".join(self.steps)
-        if UPDATE:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(actual)
-            return
-        if not self.path.exists():
-            pytest.fail(f"{self.path} is missing: run with UPDATE_GOLDEN=1 to create it")
-        expected = self.path.read_text()
-        assert actual == expected, f"diagrams differ from {self.path} (UPDATE_GOLDEN=1 rewrites)"
+        assert_golden(self.path, "\n".join(self.steps))
 
 
 class Gates:

@@ -7,10 +7,10 @@ To accept a change to the generated specs, rewrite the golden files and review t
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from golden import assert_golden
 
 from pipeline.obuilder import spec as S
 from pipelines.ocaml.analysis import Analysis, Dependency, OpamFile
@@ -27,7 +27,6 @@ from pipelines.ocaml.platforms import (
 )
 
 EXPECTED = Path(__file__).parent / "expected" / "ocaml"
-UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
 SYSTEM = PLATFORMS["debian-12-system"]
 OPAM = PLATFORMS["debian-12-ocaml-5.2"]
 
@@ -50,14 +49,7 @@ ANALYSIS = Analysis(
 
 def _golden(name: str, actual: str) -> None:
     """Compare with the golden file, or rewrite it when UPDATE_GOLDEN=1."""
-    path = EXPECTED / name
-    if UPDATE:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(actual)
-        return
-    if not path.exists():
-        pytest.fail(f"{path} is missing: run with UPDATE_GOLDEN=1 to create it")
-    assert actual == path.read_text(), f"{name} differs (UPDATE_GOLDEN=1 rewrites)"
+    assert_golden(EXPECTED / name, actual)
 
 
 def test_platforms() -> None:

@@ -10,11 +10,11 @@ rewrites them instead of comparing; read the diff of `tests/expected/dockerfile/
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import pytest
+from golden import assert_golden
 
 from pipeline.obuilder.protocols import BuildError
 from pipeline.obuilder.spec import (
@@ -41,7 +41,6 @@ from pipeline.obuilder.spec import (
 )
 
 GOLDEN_DIR = Path(__file__).parent / "expected" / "dockerfile"
-UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
 
 # Every op, nested stages (a grandchild copied from by its parent), caches, secrets, network,
 # exclude, both kinds of user, a multi-line run and values the Dockerfile must escape.
@@ -479,14 +478,7 @@ def test_contexts_start_from_a_given_context() -> None:
 def test_dockerfile_golden(name: str, buildkit: bool, target_os: str) -> None:
     spec = parse(GOLDEN_SPEC)
     actual = to_dockerfile(spec, buildkit=buildkit, os=target_os)  # type: ignore[arg-type]
-    path = GOLDEN_DIR / f"{name}.Dockerfile"
-    if UPDATE:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(actual)
-        return
-    if not path.exists():
-        pytest.fail(f"{path} is missing: run with UPDATE_GOLDEN=1 to create it")
-    assert actual == path.read_text(), f"differs from {path} (UPDATE_GOLDEN=1 rewrites)"
+    assert_golden(GOLDEN_DIR / f"{name}.Dockerfile", actual)
 
 
 def test_buildkit_mounts_need_a_numeric_user() -> None:
