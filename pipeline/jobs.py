@@ -8,6 +8,7 @@ when ``start()`` raised (a cancelled job is finished with the error ``"Cancelled
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import os
 import random
@@ -369,6 +370,9 @@ class JobRegistry:
         self._confirmation = confirmation
         self._clock = clock
         self._jobs: dict[str, Job] = {}
+        self._finished: collections.deque[str] = collections.deque()
+        self.keep_finished = 1000
+        """How many finished jobs `get` still returns (older ones are forgotten)."""
         self._change_callbacks: list[Callable[[Job], None]] = []
 
     @property
@@ -410,7 +414,8 @@ class JobRegistry:
         return job
 
     def get(self, job_id: str) -> Job | None:
-        """The job with `job_id` if this process created it, else None."""
+        """The job with `job_id` if this process created it and it is running or among the
+        `keep_finished` latest finished jobs, else None."""
         return self._jobs.get(job_id)
 
     def active(self) -> list[Job]:
@@ -432,6 +437,12 @@ class JobRegistry:
         self._change_callbacks.append(callback)
 
     def _notify(self, job: Job) -> None:
+        if job.finished is not None:
+            self._finished.append(job.id)
+            # A long-running engine makes jobs for ever: keep only the latest finished ones in
+            # memory (the cache's database and the log files keep the rest).
+            while len(self._finished) > self.keep_finished:
+                self._jobs.pop(self._finished.popleft(), None)
         for callback in list(self._change_callbacks):
             callback(job)
 

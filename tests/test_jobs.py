@@ -670,3 +670,14 @@ async def test_cancel_after_finish_does_nothing(registry: JobRegistry) -> None:
     assert calls == []
     assert not job.is_cancelled
     assert job.state is JobState.OK
+
+
+async def test_registry_forgets_all_but_the_latest_finished_jobs(tmp_path: Path) -> None:
+    registry = JobRegistry(tmp_path / "job", Confirmation())
+    registry.keep_finished = 2
+    jobs = [registry.create("j") for _ in range(4)]
+    for job in jobs[:3]:
+        job.finish()
+    assert registry.get(jobs[0].id) is None, "the oldest finished job is forgotten"
+    assert all(registry.get(job.id) is job for job in jobs[1:])
+    assert jobs[0].log_path.exists(), "its log stays"
