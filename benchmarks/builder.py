@@ -179,8 +179,12 @@ def main() -> None:
     try:
         figures = measure(options.stores.split(","), work)
     finally:
-        for mount_point in ("btrfs", "xfs"):
-            subprocess.run(["umount", "-l", str(work / mount_point)], capture_output=True)
+        # Deepest first: the overlayfs store's result views, then the loop-mounted filesystems.
+        with open("/proc/self/mountinfo") as mountinfo:
+            points = [line.split()[4] for line in mountinfo]
+        for mount_point in sorted((p for p in points if p.startswith(f"{work}/")),
+                                  key=len, reverse=True):
+            subprocess.run(["umount", "-l", mount_point], capture_output=True)
         subprocess.run(["buildah", "rmi", "-f", "bench", "localhost/busybox:latest"],
                        capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
