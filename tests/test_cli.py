@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -24,6 +25,31 @@ def pipeline_cmd(
         [sys.executable, "-m", "pipeline", *map(str, args)],
         cwd=cwd, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    """Poll `condition` for up to 30 s (a guard against a hang, not a measurement)."""
+    for _ in range(600):
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(what)
+
+
+def run_then_interrupt(*args: str | Path, cwd: Path, meanwhile: Callable[[], None]
+                       ) -> tuple[int, str, str]:
+    """Run `pipeline ARGS`, do `meanwhile`, then press Ctrl-C; its status, stdout and stderr."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *map(str, args)], cwd=cwd,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        meanwhile()
+        os.kill(process.pid, signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    return process.returncode, out, err
 
 
 def write(path: Path, source: str) -> Path:
@@ -195,42 +221,21 @@ def test_ctrl_c_cancels_running_jobs_and_saves_state(tmp_path: Path) -> None:
         def pipeline(args):
             return p.pair(quick("a"), slow("b"))
     """)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", str(file), "--no-web"], cwd=tmp_path,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        for _ in range(600):
-            if marker.exists():
-                break
-            time.sleep(0.05)
-        assert marker.exists(), "the slow job never started"
-        os.kill(process.pid, signal.SIGINT)
-        out, err = process.communicate(timeout=30)
-    finally:
-        process.kill()
-    assert process.returncode == 0, err
+    status, out, err = run_then_interrupt(
+        "run", file, "--no-web", cwd=tmp_path,
+        meanwhile=lambda: wait_until(marker.exists, "the slow job never started"))
+    assert status == 0, err
     assert "Stopping" in out
     logs = {log.name.split("-")[1]: log.read_text()
             for log in (tmp_path / "var/job").glob("*/*.log")}
     assert "Cancelled: pipeline stopped" in logs["slow"]
     marker.unlink()
     # The quick job's outcome was saved; the cancelled one is run again.
-    rerun = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", str(file), "--once"], cwd=tmp_path,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        for _ in range(600):
-            if marker.exists():
-                break
-            time.sleep(0.05)
-        assert marker.exists(), "the cancelled job was not run again after the restart"
-        os.kill(rerun.pid, signal.SIGINT)
-        out, _ = rerun.communicate(timeout=30)
-    finally:
-        rerun.kill()
-    assert rerun.returncode == 130
+    status, out, _ = run_then_interrupt(
+        "run", file, "--once", cwd=tmp_path,
+        meanwhile=lambda: wait_until(
+            marker.exists, "the cancelled job was not run again after the restart"))
+    assert status == 130
     quick_line = next(ln for ln in out.splitlines() if " quick " in f" {ln} ")
     assert quick_line.endswith("(cached)")
 
@@ -238,28 +243,18 @@ def test_ctrl_c_cancels_running_jobs_and_saves_state(tmp_path: Path) -> None:
 def test_hello_reruns_only_the_primitive_when_the_file_changes(tmp_path: Path) -> None:
     watched = write(tmp_path / "in.txt", "one\n")
     summary = tmp_path / "out.summary"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", str(HELLO), "--no-web", "--", str(watched),
-         "--out", str(summary)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    def summary_ends(text: str) -> None:
+        wait_until(lambda: summary.exists() and summary.read_text().endswith(text),
+                   f"summary never became {text!r}")
 
-    def wait_for(text: str) -> None:
-        for _ in range(600):
-            if summary.exists() and summary.read_text().endswith(text):
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"summary never became {text!r}")
-
-    try:
-        wait_for("ONE\n")
+    def edit() -> None:
+        summary_ends("ONE\n")
         watched.write_text("two\n")
-        wait_for("TWO\n")
-        os.kill(process.pid, signal.SIGINT)
-        out, err = process.communicate(timeout=30)
-    finally:
-        process.kill()
-    assert process.returncode == 0, err
+        summary_ends("TWO\n")
+
+    status, out, err = run_then_interrupt(
+        "run", HELLO, "--no-web", "--", watched, "--out", summary, cwd=tmp_path, meanwhile=edit)
+    assert status == 0, err
     logs = list((tmp_path / "var" / "job").glob("*/*.log"))
     assert len(logs) == 2, "one job per content of the file"
     assert all("write-summary" in log.name for log in logs)
