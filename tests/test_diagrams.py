@@ -165,6 +165,12 @@ def assert_state(dot: str, label: str, wanted: str) -> None:
     assert SPEC_FILL[wanted] in node_line(dot, label), f"{label} should be {wanted}:\n{dot}"
 
 
+@builder("deploy")
+async def deploy(job: Job, image: str) -> str:
+    """The last step of the gate and collapse pipelines."""
+    return f"deployed {image}"
+
+
 def chain_ops(gates: Gates) -> tuple[Any, Any, Any]:
     """fetch, build and test builders, each job held at its gate ("fetch", "build", "test")."""
 
@@ -346,10 +352,6 @@ async def test_gate(tmp_path: Path) -> None:
     gates.open("fetch", "build")
     fetch, build, test = chain_ops(gates)
 
-    @builder("deploy")
-    async def deploy(job: Job, image: str) -> str:
-        return f"deployed {image}"
-
     image = build(fetch(const("https://example.org/repo.git", label="repo")))
     tested = test(image)
     gated = gate(image, on=tested, label="when tested")
@@ -425,10 +427,6 @@ async def test_collapse(tmp_path: Path) -> None:
     gates = Gates()
     gates.open("fetch", "test")
     fetch, build, test = chain_ops(gates)
-
-    @builder("deploy")
-    async def deploy(job: Job, image: str) -> str:
-        return f"deployed {image}"
 
     commit = fetch(const("https://example.org/repo.git", label="repo"))
     image = build(commit)
