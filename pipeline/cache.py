@@ -262,6 +262,8 @@ class Instance:
         self._sticky_cancel = True
         self._task: asyncio.Task[None] | None = None
         self._timer: Timer | None = None
+        self.job_ids: list[str] = []
+        """The jobs this instance ran, each findable through `Cache.find` while it lives."""
 
     @property
     def is_publisher(self) -> bool:
@@ -345,6 +347,7 @@ class Instance:
         value = self.desired[0] if self.desired is not None else None
         job.on_state_change(self._on_job_state)
         self.cache.by_job[job.id] = self
+        self.job_ids.append(job.id)
         self._task = self.cache.engine.loop.create_task(self._run(job, value),
                                                         name=f"job {job.id}")
         self.notify()
@@ -584,8 +587,8 @@ class Cache:
         """Drop an instance that nobody uses and that runs nothing."""
         if not instance.users and instance.job is None:
             self._instances.pop((instance.op.id, instance.key_digest), None)
-            if instance.outcome is not None:
-                self.by_job.pop(instance.outcome.job_id, None)
+            for job_id in instance.job_ids:
+                self.by_job.pop(job_id, None)
 
     def pools(self) -> list[Pool]:
         """The pools used by the operations seen so far."""
@@ -627,7 +630,6 @@ class Cache:
              int(outcome.sticky), job.started.isoformat() if job.started else None,
              outcome.finished.isoformat()),
         )
-        self.by_job[job.id] = instance
         self._stored.add((instance.op.id, instance.key_digest))
         if not self._commit_pending:
             self._commit_pending = True
@@ -639,14 +641,8 @@ class Cache:
             self._db.commit()
 
     def find(self, job_id: str) -> Instance | None:
-        """The live instance whose current or latest job is `job_id`."""
-        instance = self.by_job.get(job_id)
-        if instance is not None and \
-                self._instances.get((instance.op.id, instance.key_digest)) is not instance:
-            # Forgotten: `forget` drops only the latest job's entry.
-            del self.by_job[job_id]
-            return None
-        return instance
+        """The live instance that ran `job_id`."""
+        return self.by_job.get(job_id)
 
     def stored(self, job_id: str) -> bool:
         """Whether the database holds an outcome for `job_id`."""
