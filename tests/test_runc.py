@@ -62,9 +62,10 @@ def processes_mentioning(marker: str) -> list[int]:
 
 
 def assert_clean(sandbox: RuncSandbox) -> None:
-    """No container, no bundle: only runc's (empty) state directory is left."""
+    """No container, no bundle: only runc's (empty) state directory and the owner tokens are
+    left."""
     assert containers(sandbox) == []
-    assert [p.name for p in sandbox.state_dir.iterdir()] == ["runc"]
+    assert sorted(p.name for p in sandbox.state_dir.iterdir()) == ["owner", "runc"]
 
 
 def test_implements_the_protocol(sandbox: RuncSandbox) -> None:

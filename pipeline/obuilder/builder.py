@@ -12,9 +12,11 @@ A step's id is the SHA-256 of everything that determines its result (DESIGN.md Â
 `comment`, `workdir`, `env`, `user` and `shell` only change the context later steps see.
 
 A step whose id is in the store is not run again: its saved log is replayed. Steps that two
-builds need at the same time run once: the second build follows the first one's live log and
-gets the same result or error. Cancelling a build kills the step it is running unless another
-build still waits for that step.
+builds need at the same time run once: within a builder, the second build follows the first
+one's live log and gets the same result or error; across builders and processes sharing a
+store, the second waits for the step's lock (`Store.lock`) and then finds the result (or, if
+the first build failed, tries the step itself). Cancelling a build kills the step it is running
+unless another build of the same builder still waits for that step.
 
 A `run` step's caches are the store's named caches (`Store.cache`): each step works on its own
 copy, taken when the step starts and owned by the step's user if the cache is new. When two
@@ -138,8 +140,8 @@ class Builder:
     """Builds specs with results kept in `store`, commands run in `sandbox`, images from
     `fetcher`.
 
-    One builder should own the store's builds: two builders (or processes) building the same
-    step at once on one store break the store's promise of one build per id.
+    Several builders, in one process or many, may share a store: each step is built once.
+    `close` (or the end of the process) lets go of what the store holds.
     """
 
     def __init__(self, store: Store, sandbox: Sandbox, fetcher: Fetcher) -> None:
@@ -312,14 +314,9 @@ class Builder:
 
     async def _load_or_build(self, id: str, base: str | None, header: str, live: _LiveLog,
                              work: Work) -> bool:
-        """Replay the saved log of `id` if it is in the store (True), else build it (False)."""
-        if await self.store.result(id) is not None:
-            mark_used = getattr(self.store, "mark_used", None)
-            if mark_used is not None:
-                await mark_used(id)
-            saved = self.store.log_file(id)
-            if saved.exists():
-                live.write(await asyncio.to_thread(saved.read_bytes))
+        """Replay the saved log of `id` if it is in the store (True), else build it (False),
+        holding the step's lock so that no other process builds it at the same time."""
+        if await self._replay(id, live):
             return True
 
         async def fn(tmp: Path) -> None:
@@ -327,13 +324,36 @@ class Builder:
             with open(tmp / "log", "wb", buffering=0) as file:
                 await work(tmp, _Tee(file, live))
 
-        try:
-            await self.store.build(base, id, fn)
-        except BuildError as exc:
-            # One line: the printer breaks a long op only between fields.
-            one_line = re.sub(r"\n *", " ", header)
-            raise BuildError(f"step {one_line} failed: {exc}") from exc
+        async with self.store.lock(id):
+            # Another process may have built it while this one waited for the lock.
+            if await self._replay(id, live):
+                return True
+            try:
+                await self.store.build(base, id, fn)
+            except BuildError as exc:
+                # One line: the printer breaks a long op only between fields.
+                one_line = re.sub(r"\n *", " ", header)
+                raise BuildError(f"step {one_line} failed: {exc}") from exc
         return False
+
+    async def _replay(self, id: str, live: _LiveLog) -> bool:
+        """If result `id` is in the store, mark it used, write its saved log to `live` and
+        return True; else False."""
+        if await self.store.result(id) is None:
+            return False
+        mark_used = getattr(self.store, "mark_used", None)
+        if mark_used is not None:
+            await mark_used(id)
+        saved = self.store.log_file(id)
+        if saved.exists():
+            live.write(await asyncio.to_thread(saved.read_bytes))
+        return True
+
+    def close(self) -> None:
+        """Let go of the store and sandbox (their locks, mounts); the builder must not be used
+        afterwards. Also done at exit for a builder never closed."""
+        self.store.close()
+        self.sandbox.close()
 
 
 def _header(ctx: S.Context, op: S.Op) -> str:

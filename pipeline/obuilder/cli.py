@@ -9,7 +9,8 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="the escape character convention (default: unix)")
 
     for name, text in (("healthcheck", "check that the store and runc work"),
-                       ("clean", "remove temporary state left by a crash"),
+                       ("clean", "remove what crashed processes left (containers, builds, mounts)"),
                        ("df", "show the store's disk usage")):
         _store_option(commands.add_parser(name, help=text))
 
@@ -183,10 +184,16 @@ def _convert(options: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _open_store(options: argparse.Namespace) -> Any:
+@asynccontextmanager
+async def _opened_store(options: argparse.Namespace) -> AsyncIterator[Any]:
+    """The store of `--store`, opened for the block and closed after it."""
     from pipeline.obuilder.setup import open_db_store
 
-    return await open_db_store(options.store, rsync_mode=options.rsync_mode)
+    store = await open_db_store(options.store, rsync_mode=options.rsync_mode)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 class _Stdout:
@@ -215,7 +222,10 @@ async def _build(options: argparse.Namespace) -> int:
         options.store, rsync_mode=options.rsync_mode, memory=options.memory, cpus=options.cpus,
         fast_sync=options.fast_sync, **_fetcher_settings(options))
     log = _Stdout()
-    result = await builder.build(parsed, options.context, log=log.write, secrets=secrets)
+    try:
+        result = await builder.build(parsed, options.context, log=log.write, secrets=secrets)
+    finally:
+        builder.close()
     print(f'Got: "{result}"', flush=True)
     return EXIT_OK
 
@@ -228,14 +238,26 @@ def _fetcher_settings(options: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _pull(options: argparse.Namespace) -> int:
-    from pipeline.obuilder.builder import Builder, base_digest, from_id
+    from pipeline.obuilder.builder import Builder
     from pipeline.obuilder.fetchers.select import choose
-    from pipeline.obuilder.sandboxes.runc import RuncSandbox
-    from pipeline.obuilder.setup import sandbox_dir, select_fetcher
+    from pipeline.obuilder.setup import open_sandbox, select_fetcher
 
     image: str = options.image
-    store = await _open_store(options)
-    fetcher = choose(select_fetcher(store.root, **_fetcher_settings(options)), image)
+    async with _opened_store(options) as store:
+        fetcher = choose(select_fetcher(store.root, **_fetcher_settings(options)), image)
+        # Only the `from` step runs: the sandbox is never used.
+        builder = Builder(store, open_sandbox(store.root), fetcher)
+        try:
+            return await _pull_image(image, builder, fetcher)
+        finally:
+            builder.sandbox.close()
+
+
+async def _pull_image(image: str, builder: Any, fetcher: Any) -> int:
+    """Fetch `image` again with `fetcher` unless the stored base has its current digest."""
+    from pipeline.obuilder.builder import base_digest, from_id
+
+    store = builder.store
     id = from_id(image)
     existing = await store.result(id)
     refresh = getattr(fetcher, "refresh", None)
@@ -247,18 +269,16 @@ async def _pull(options: argparse.Namespace) -> int:
     if existing is not None:
         for result_id in await store.delete(id):
             print(f"deleted {result_id}")
-    # Only the `from` step runs: the sandbox is never used.
-    sandbox = RuncSandbox(sandbox_dir(store))
     log = _Stdout()
-    await Builder(store, sandbox, fetcher).fetch_base(image, log=log.write)
+    await builder.fetch_base(image, log=log.write)
     result = await store.result(id)
     print((result and base_digest(result)) or "(no digest)")
     return EXIT_OK
 
 
 async def _healthcheck(options: argparse.Namespace) -> int:
-    store = await _open_store(options)
-    usage = await store.df()
+    async with _opened_store(options) as store:
+        usage = await store.df()
     print(f"store {options.store}: ok ({usage.free // 2**20} MiB free)")
     from pipeline.obuilder.sandboxes.runc import check_runc
 
@@ -267,14 +287,17 @@ async def _healthcheck(options: argparse.Namespace) -> int:
 
 
 async def _clean(options: argparse.Namespace) -> int:
-    store = await _open_store(options)
-    await store.clean()
+    from pipeline.obuilder.setup import open_builder
+
+    # Opening a builder cleans what crashed processes left: containers, then the store.
+    builder = await open_builder(options.store, rsync_mode=options.rsync_mode)
+    builder.close()
     return EXIT_OK
 
 
 async def _df(options: argparse.Namespace) -> int:
-    store = await _open_store(options)
-    usage = await store.df()
+    async with _opened_store(options) as store:
+        usage = await store.df()
     used = usage.total - usage.free
     print(f"{used / 2**30:.2f} GiB used of {usage.total / 2**30:.2f} GiB "
           f"({100 * usage.free / max(usage.total, 1):.0f}% free)")
@@ -282,16 +305,16 @@ async def _df(options: argparse.Namespace) -> int:
 
 
 async def _delete(options: argparse.Namespace) -> int:
-    store = await _open_store(options)
-    deleted = await store.delete(options.id)
+    async with _opened_store(options) as store:
+        deleted = await store.delete(options.id)
     for result_id in deleted or ():
         print(f"deleted {result_id}")
     return EXIT_OK
 
 
 async def _prune(options: argparse.Namespace) -> int:
-    store = await _open_store(options)
-    deleted = await store.prune(options.before, options.limit)
+    async with _opened_store(options) as store:
+        deleted = await store.prune(options.before, options.limit)
     for result_id in deleted:
         print(f"deleted {result_id}")
     print(f"{len(deleted)} results deleted")

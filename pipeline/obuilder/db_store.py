@@ -4,6 +4,10 @@ built on it and for pruning the least recently used results (OBuilder's `Db_stor
 The table lives in `ROOT/state/db.sqlite`: one row per committed result with its creation and
 last-use times, its parent (the base it was built on) and its number of children. Backends know
 nothing of it; the builder talks to a `DbStore` wrapping one.
+
+Several processes may share the table, as they share the store: a writer waits up to
+`BUSY_TIMEOUT` seconds for another's transaction, and the store's step locks (`Store.lock`)
+keep a build, a deletion and start-up cleaning of one result from crossing each other.
 """
 
 from __future__ import annotations
@@ -20,12 +24,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
+from pipeline.obuilder.locks import FileLock, if_free
 from pipeline.obuilder.protocols import BuildError, DiskUsage, Store
 from pipeline.obuilder.stores.common import RESULT, STATE
 
 _log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+BUSY_TIMEOUT = 600.0
+"""Seconds a transaction waits for another process's to finish before failing. Transactions
+here are single statements, so any wait is short unless a process is stopped holding one."""
 
 # `children` is kept by triggers, so no code path can forget it. A row is always removed after
 # its children's rows (see `DbStore.delete`).
@@ -63,6 +72,10 @@ def _set_used(db: sqlite3.Connection, id: str, now: float) -> None:
 
 def _remove(db: sqlite3.Connection, ids: list[str]) -> None:
     db.executemany("DELETE FROM results WHERE id = ?", [(id,) for id in ids])
+
+
+def _is_recorded(db: sqlite3.Connection, id: str) -> bool:
+    return db.execute("SELECT 1 FROM results WHERE id = ?", (id,)).fetchone() is not None
 
 
 def _ids(db: sqlite3.Connection) -> set[str]:
@@ -107,11 +120,13 @@ class DbStore:
         self._clock = clock
         (store.root / STATE).mkdir(parents=True, exist_ok=True)
         # Calls run in worker threads (`_sql`), one at a time under `_lock`.
-        self._db = sqlite3.connect(store.root / STATE / "db.sqlite", check_same_thread=False)
+        self._db = sqlite3.connect(store.root / STATE / "db.sqlite", check_same_thread=False,
+                                   timeout=BUSY_TIMEOUT)
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
-        # Bases of builds running now (with how many builds use each), and results being
-        # deleted now: prune leaves the former alone; a build on one of the latter is refused.
+        # Bases of builds running in this process now (with how many builds use each), and
+        # results being deleted by it now: prune leaves the former alone; a build on one of the
+        # latter is refused. (Other processes' are known through the store's step locks.)
         self._in_progress: Counter[str] = Counter()
         self._deleting: set[str] = set()
 
@@ -133,10 +148,9 @@ class DbStore:
         results on disk: results that are gone are forgotten, with everything built on them
         (a store may keep only differences from a base, as overlayfs does, so they cannot be
         trusted without it); results the table does not know (committed just before a crash,
-        before being recorded) are deleted.
-
-        Call it when no build is running (at start-up): a build that has just committed but not
-        yet recorded its result would lose it. Raises what the store raises if a removal fails.
+        before being recorded) are deleted, unless their step is locked (a live process has
+        just committed one and is recording it). Raises what the store raises if a removal
+        fails.
         """
         await self.store.clean()
         recorded = await self._sql(_ids)
@@ -145,31 +159,37 @@ class DbStore:
             _log.warning("result %s is gone: forgetting it and deleting what was built on it", id)
             await self.delete(id)
         for id in sorted(present - recorded):
-            _log.warning("deleting result %s, not in the database", id)
-            await self.store.delete(id)
+            with if_free(self.store.lock(id)) as free:
+                if free and not await self._sql(_is_recorded, id):
+                    _log.warning("deleting result %s, not in the database", id)
+                    await self.store.delete(id)
 
     async def build(
         self, base: str | None, id: str, fn: Callable[[Path], Awaitable[None]]
     ) -> None:
-        """See `Store.build`; on success `id` is recorded as a child of `base`, and `base` is
-        marked used. While it runs, `prune` will not remove `base`.
+        """See `Store.build` (the caller holds `lock(id)` until this returns); on success `id`
+        is recorded as a child of `base`, and `base` is marked used. While it runs, `base`'s
+        lock is held shared, so no process prunes or deletes `base`.
 
-        Raises BuildError if `base` is being deleted or pruned; otherwise whatever the store or
-        `fn` raises, recording nothing.
+        Raises BuildError if `base` is being deleted or pruned (by another process: if it was
+        deleted before the build could start); otherwise whatever the store or `fn` raises,
+        recording nothing.
         """
-        if base is not None:
-            if base in self._deleting:
-                raise BuildError(f"cannot build {id}: its base {base} is being deleted")
-            self._in_progress[base] += 1
-        try:
-            if base is not None:
-                await self.mark_used(base)
+        if base is None:
             await self.store.build(base, id, fn)
+            await self._sql(_add, id, base, self._clock())
+            return
+        if base in self._deleting:
+            raise BuildError(f"cannot build {id}: its base {base} is being deleted")
+        self._in_progress[base] += 1
+        try:
+            async with self.store.lock(base, shared=True):
+                await self.mark_used(base)
+                await self.store.build(base, id, fn)
         finally:
-            if base is not None:
-                self._in_progress[base] -= 1
-                if not self._in_progress[base]:
-                    del self._in_progress[base]
+            self._in_progress[base] -= 1
+            if not self._in_progress[base]:
+                del self._in_progress[base]
         await self._sql(_add, id, base, self._clock())
 
     async def mark_used(self, id: str) -> None:
@@ -184,42 +204,52 @@ class DbStore:
     async def delete(self, id: str) -> list[str]:
         """Remove result `id` and every result built on it, children before parents; returns
         the ids removed (the deepest first, `id` last), or [] if there is no such result. An
-        id unknown to the table is still removed from the store. Raises what the store raises
-        if a removal fails; the results removed before that stay removed."""
+        id unknown to the table is still removed from the store. Waits for builds (in any
+        process) on a result to be removed to finish first. Raises what the store raises if a
+        removal fails; the results removed before that stay removed."""
         descendants = await self._sql(_descendants, id)
         if not descendants and await self.store.result(id) is None:
             await self._sql(_remove, [id])
             return []
         doomed = [*descendants, id]
         for victim in doomed:
-            await self._delete_one(victim)
+            lock = self.store.lock(victim)
+            await lock.acquire()
+            await self._delete_one(victim, lock)
         return doomed
 
-    async def _delete_one(self, id: str) -> None:
+    async def _delete_one(self, id: str, lock: FileLock) -> None:
+        """Remove result `id`, whose step lock the caller has taken (released here)."""
         self._deleting.add(id)
         try:
             await self.store.delete(id)
             await self._sql(_remove, [id])
         finally:
             self._deleting.discard(id)
+            lock.release()
 
     async def prune(self, before: datetime, limit: int | None = None) -> list[str]:
         """Remove up to `limit` (default: no limit) results last used before `before`, least
         recently used first, among results with no children; a parent whose children are all
-        removed becomes a candidate in turn. Never removes the base of a running build. Returns
-        the ids removed, in order. A naive `before` is local time. Raises what the store raises
-        if a removal fails; the results removed before that stay removed."""
+        removed becomes a candidate in turn. Never removes the base of a running build (of any
+        process), nor a result another process holds. Returns the ids removed, in order. A
+        naive `before` is local time. Raises what the store raises if a removal fails; the
+        results removed before that stay removed."""
         cutoff = before.timestamp()
         pruned: list[str] = []
+        busy: set[str] = set()
         while limit is None or len(pruned) < limit:
-            victim = await self._sql(_least_recently_used, cutoff, sorted(self._in_progress))
+            victim = await self._sql(_least_recently_used, cutoff,
+                                     sorted(busy.union(self._in_progress)))
             if victim is None:
                 break
             # A build may have started on it while the query ran; `_delete_one` then marks it
             # before yielding, so no build can start on it after this check.
-            if victim in self._in_progress:
+            lock = self.store.lock(victim)
+            if victim in self._in_progress or not lock.try_acquire():
+                busy.add(victim)
                 continue
-            await self._delete_one(victim)
+            await self._delete_one(victim, lock)
             pruned.append(victim)
         return pruned
 
@@ -238,3 +268,12 @@ class DbStore:
     async def df(self) -> DiskUsage:
         """See `Store.df`."""
         return await self.store.df()
+
+    def lock(self, id: str, *, shared: bool = False) -> FileLock:
+        """See `Store.lock`."""
+        return self.store.lock(id, shared=shared)
+
+    def close(self) -> None:
+        """See `Store.close`: closes the table, then the wrapped store."""
+        self._db.close()
+        self.store.close()

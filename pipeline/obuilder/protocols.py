@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from pipeline.obuilder.locks import FileLock
+
 
 class BuildError(Exception):
     """A build step failed: the message says which and why, in one line a user can act on."""
@@ -33,6 +35,9 @@ class Store(Protocol):
 
     A result is a directory holding `rootfs/` (and whatever metadata the builder writes beside
     it), identified by the step id that produced it. Results are immutable once committed.
+
+    Several processes may use one store at once, each with its own `Store` object: they take
+    turns through `lock`, and `clean` removes only what crashed processes left.
     """
 
     root: Path
@@ -47,8 +52,18 @@ class Store(Protocol):
         `base` is None. If `fn` returns, `tmpdir` is committed atomically as `id`; if it raises,
         nothing is recorded (the temporary copy is removed) and the exception propagates, so a
         later call may try again. A crash at any point leaves either no result or a complete one;
-        leftovers are removed by the next start-up. The caller promises not to build an `id` that
-        already exists, nor to build the same `id` twice at once, and that `base` exists.
+        leftovers are removed by the next start-up. The caller promises to hold `lock(id)`
+        (so no other process builds `id` at once), not to build an `id` that already exists,
+        and that `base` exists.
+        """
+        ...
+
+    def lock(self, id: str, *, shared: bool = False) -> FileLock:
+        """The lock of step `id`, shared by every process using the store (not yet taken).
+
+        Held exclusively while looking for result `id` and building it if missing (so that a
+        step needed by two processes at once runs once), and while deleting it; held shared
+        while building on it (so that it is not deleted meanwhile).
         """
         ...
 
@@ -83,7 +98,14 @@ class Store(Protocol):
         ...
 
     async def clean(self) -> None:
-        """Remove temporary state left by a crash (unfinished builds, released cache copies)."""
+        """Remove temporary state left by crashed processes (unfinished builds whose step lock
+        is free, cache copies of processes that have gone); what live processes hold stays."""
+        ...
+
+    def close(self) -> None:
+        """Let go of what this object holds (locks, mounts), blocking until done; nothing
+        it mounted stays mounted unless another process uses it. Called at exit if not
+        before; the store must not be used afterwards."""
         ...
 
 @dataclass(frozen=True)
@@ -137,6 +159,16 @@ class Sandbox(Protocol):
         Setting `cancelled` kills the process (and everything it started) and raises
         asyncio.CancelledError; cancelling the calling task does the same.
         """
+        ...
+
+    async def clean(self) -> None:
+        """Kill and remove what crashed processes using the same state left (commands still
+        running, their working files); what live processes are running stays."""
+        ...
+
+    def close(self) -> None:
+        """Let go of what this object holds; it must not be used afterwards. Called at exit
+        if not before."""
         ...
 
 @dataclass(frozen=True)

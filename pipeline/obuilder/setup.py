@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.obuilder.builder import Builder
 from pipeline.obuilder.db_store import DbStore
 from pipeline.obuilder.protocols import Fetcher
+
+if TYPE_CHECKING:
+    from pipeline.obuilder.sandboxes.runc import RuncSandbox
 
 
 async def open_db_store(store_spec: str, *, rsync_mode: str = "copy") -> DbStore:
@@ -22,7 +26,11 @@ async def open_db_store(store_spec: str, *, rsync_mode: str = "copy") -> DbStore
     from pipeline.obuilder.stores import open_store
 
     store = DbStore(open_store(store_spec, rsync_mode=rsync_mode))
-    await store.open()
+    try:
+        await store.open()
+    except BaseException:
+        store.close()
+        raise
     return store
 
 
@@ -56,9 +64,18 @@ def select_fetcher(store_root: Path, *, fetcher: str | None = None, image_dir: s
     return chosen
 
 
-def sandbox_dir(store: DbStore) -> Path:
-    """Where a store's runc sandbox keeps its state and bundles."""
-    return store.root / "state" / "sandbox"
+def sandbox_dir(store_root: Path) -> Path:
+    """Where the runc sandbox of the store at `store_root` keeps its state and bundles."""
+    return store_root / "state" / "sandbox"
+
+
+def open_sandbox(store_root: Path, *, memory: int | None = None, cpus: float | None = None,
+                 fast_sync: bool = False) -> RuncSandbox:
+    """The runc sandbox of the store at `store_root` (see `RuncSandbox` for the options and
+    what it raises)."""
+    from pipeline.obuilder.sandboxes.runc import RuncSandbox
+
+    return RuncSandbox(sandbox_dir(store_root), memory=memory, cpus=cpus, fast_sync=fast_sync)
 
 
 async def open_builder(store_spec: str, *, rsync_mode: str = "copy", fetcher: str | None = None,
@@ -68,16 +85,29 @@ async def open_builder(store_spec: str, *, rsync_mode: str = "copy", fetcher: st
                        cpus: float | None = None, fast_sync: bool = False) -> Builder:
     """A builder on the store `store_spec` with a runc sandbox (its state under the store's
     `state/sandbox`) and the fetcher `select_fetcher` chooses; `memory`, `cpus` and `fast_sync`
-    configure the sandbox (see `RuncSandbox`).
+    configure the sandbox (see `RuncSandbox`). What crashed processes left is cleaned first:
+    their containers, then the store's temporary state.
 
     Raises what `open_db_store`, `select_fetcher` and `RuncSandbox` raise: BuildError for a
     bad store or fetcher, or when not running as root; MissingTool without runc.
     """
-    from pipeline.obuilder.sandboxes.runc import RuncSandbox
+    from pipeline.obuilder.stores import open_store
 
-    store = await open_db_store(store_spec, rsync_mode=rsync_mode)
-    chosen = select_fetcher(store.root, fetcher=fetcher, image_dir=image_dir,
-                            fetcher_map=fetcher_map, platform=platform, insecure=insecure,
-                            mirror=mirror)
-    sandbox = RuncSandbox(sandbox_dir(store), memory=memory, cpus=cpus, fast_sync=fast_sync)
-    return Builder(store, sandbox, chosen)
+    store = DbStore(open_store(store_spec, rsync_mode=rsync_mode))
+    try:
+        chosen = select_fetcher(store.root, fetcher=fetcher, image_dir=image_dir,
+                                fetcher_map=fetcher_map, platform=platform, insecure=insecure,
+                                mirror=mirror)
+        sandbox = open_sandbox(store.root, memory=memory, cpus=cpus, fast_sync=fast_sync)
+    except BaseException:
+        store.close()
+        raise
+    builder = Builder(store, sandbox, chosen)
+    try:
+        # Containers first: a crashed build's command may still be writing in its rootfs.
+        await sandbox.clean()
+        await store.open()
+    except BaseException:
+        builder.close()
+        raise
+    return builder

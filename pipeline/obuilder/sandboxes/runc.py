@@ -6,6 +6,11 @@ container gets its own pid, ipc, uts and mount namespaces, and its own network n
 loopback interface) unless the step asked for `(network host)`; OBuilder's capability set; /proc,
 a tmpfs /dev, /dev/shm, /dev/pts, /dev/mqueue, a read-only /sys; hostname `builder`.
 
+Several processes may share a state directory (they share the store it belongs to): each takes
+an owner token (`locks.Owner`) and names its bundles `bundle-TOKEN-*` and its containers
+`pipeline-TOKEN-*`. `clean` (at start-up) kills the containers and removes the bundles of
+tokens whose process has gone, e.g. a build killed with SIGKILL while its command ran on.
+
 The rootfs is a build result in the making, so the sandbox leaves nothing of its own in it: the
 mount points it has to create (for /etc/hosts, caches, secrets, ...) are removed after the run, and
 /etc/hosts and /etc/resolv.conf are bind-mounted over, never written.
@@ -21,11 +26,13 @@ import shutil
 import signal
 import tempfile
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Awaitable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from pipeline.obuilder.locks import Owner, is_live_owner
 from pipeline.obuilder.protocols import BuildError, Log, MissingTool, SandboxConfig
 
 CAPABILITIES = (
@@ -62,6 +69,15 @@ _CFS_PERIOD = 100_000
 quota."""
 
 _INSTALL_RUNC = "runc not found: apt-get install runc"
+_BUNDLE_PREFIX = "bundle-"
+_CONTAINER_PREFIX = "pipeline-"
+
+
+def _entries(directory: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
 
 
 def _mount(destination: str, type: str, source: str, options: list[str]) -> dict[str, Any]:
@@ -260,6 +276,35 @@ class RuncSandbox:
         self._runc = path
         self._runc_root = state_dir / "runc"
         self._runc_root.mkdir(parents=True, exist_ok=True)
+        self._owners = state_dir / "owner"
+        self._owner = Owner(self._owners)
+        self._finalizer = weakref.finalize(self, self._owner.release)
+
+    def close(self) -> None:
+        """See `Sandbox.close`: gives up the owner token."""
+        self._finalizer()
+
+    async def clean(self) -> None:
+        """See `Sandbox.clean`: kills and deletes the containers of `runc --root STATE/runc`
+        whose owner has gone (with every process in them) and removes their bundles."""
+        for container in await asyncio.to_thread(_entries, self._runc_root):
+            if not self._is_live(container.removeprefix(_CONTAINER_PREFIX)):
+                await self._runc_quietly("delete", "--force", container)
+        for bundle in await asyncio.to_thread(_entries, self.state_dir):
+            if bundle.startswith(_BUNDLE_PREFIX) and not self._is_live(
+                    bundle.removeprefix(_BUNDLE_PREFIX)):
+                await asyncio.to_thread(shutil.rmtree, self.state_dir / bundle, True)
+
+    def _is_live(self, name: str) -> bool:
+        """Whether the container or bundle named (after its prefix) `name` has a live owner."""
+        return is_live_owner(self._owners, name.split("-", 1)[0])
+
+    async def _runc_quietly(self, *args: str) -> int:
+        """Run `runc --root STATE/runc ARGS`, its output discarded; its exit status."""
+        process = await asyncio.create_subprocess_exec(
+            self._runc, "--root", str(self._runc_root), *args, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        return await process.wait()
 
     def oci_config(self, config: SandboxConfig, rootfs: Path, *, hosts: Path) -> dict[str, Any]:
         """The OCI runtime `config.json` running `config` over `rootfs` (an absolute path), with
@@ -350,7 +395,8 @@ class RuncSandbox:
         case the container, its bundle and the mount points made in `rootfs` are gone on return.
         """
         rootfs = rootfs.resolve()
-        bundle = Path(tempfile.mkdtemp(prefix="bundle-", dir=self.state_dir))
+        bundle = Path(tempfile.mkdtemp(prefix=f"{_BUNDLE_PREFIX}{self._owner.token}-",
+                                       dir=self.state_dir))
         created: list[Path] = []
         try:
             hosts = bundle / "hosts"
@@ -368,7 +414,7 @@ class RuncSandbox:
 
     async def _run_bundle(self, bundle: Path, *, log: Log, stdin: bytes | None,
                           cancelled: asyncio.Event | None) -> None:
-        container_id = f"pipeline-{uuid.uuid4().hex[:16]}"
+        container_id = f"{_CONTAINER_PREFIX}{self._owner.token}-{uuid.uuid4().hex[:16]}"
         runc_log = bundle / "runc.log"
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -429,11 +475,7 @@ class RuncSandbox:
                     finished: asyncio.Future[int]) -> None:
         """Kill the container if still running, wait for runc to exit and delete its state."""
         while proc.returncode is None:
-            kill = await asyncio.create_subprocess_exec(
-                self._runc, "--root", str(self._runc_root), "kill", "--all", container_id,
-                "KILL", stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL)
-            if await kill.wait() == 0:
+            if await self._runc_quietly("kill", "--all", container_id, "KILL") == 0:
                 await proc.wait()
             else:
                 # runc may not have created the container yet (or has just deleted it): retry
@@ -448,8 +490,4 @@ class RuncSandbox:
         # `runc run` deletes the container when it exits normally; only an interrupted run
         # leaves state behind.
         if (self._runc_root / container_id).exists():
-            delete = await asyncio.create_subprocess_exec(
-                self._runc, "--root", str(self._runc_root), "delete", "--force", container_id,
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL)
-            await delete.wait()
+            await self._runc_quietly("delete", "--force", container_id)

@@ -9,11 +9,16 @@ Layout of a store rooted at ROOT (OBuilder's):
     ROOT/cache/NAME/       the latest released version of each named cache
     ROOT/cache-tmp/N-NAME/ cache copies in use
     ROOT/state/            the result database (db.sqlite) and other bookkeeping
+    ROOT/state/lock/       the locks several processes sharing the store take (`locks.py`):
+                           `step/ID` per step, `cache/NAME` per named cache
+    ROOT/state/owner/      one lock per live process using the store (`locks.Owner`)
 
-Everything under the two -tmp directories is temporary: `clean()` removes it at start-up.
-Commits are renames, so a process killed at any point leaves a result complete or absent;
-nothing is synced to disk, so after a power failure a committed result may lack data the
-filesystem had not yet written.
+Everything under the two -tmp directories is temporary. Several processes may use one store at
+once: a build in `result-tmp/ID` belongs to whoever holds the lock of step ID, a cache copy
+`cache-tmp/TOKEN-N-NAME` to the live owner TOKEN, and `clean()` (run at every start-up) removes
+only what nobody holds, i.e. what crashed processes left. Commits are renames, so a process
+killed at any point leaves a result complete or absent; nothing is synced to disk, so after a
+power failure a committed result may lack data the filesystem had not yet written.
 """
 
 from __future__ import annotations
@@ -25,12 +30,14 @@ import itertools
 import os
 import re
 import shutil
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.obuilder.locks import FileLock, LockDir, Owner, if_free, is_live_owner
 from pipeline.obuilder.protocols import BuildError, DiskUsage, MissingTool
 
 RESULT = "result"
@@ -38,6 +45,8 @@ RESULT_TMP = "result-tmp"
 CACHE = "cache"
 CACHE_TMP = "cache-tmp"
 STATE = "state"
+LOCK = "lock"
+OWNER = "owner"
 
 # The Debian package providing each tool a store runs.
 PACKAGES = {"btrfs": "btrfs-progs", "rsync": "rsync", "cp": "coreutils"}
@@ -137,27 +146,54 @@ def exchange(a: Path, b: Path) -> None:
 
 @dataclass
 class _Cache:
-    """In-memory state of one named cache. `lock` serialises taking and releasing copies;
-    `generation` changes when the cache is deleted, so copies taken before are discarded."""
+    """In-memory state of one named cache. `lock` serialises taking and releasing copies in
+    this process (the store's cache lock does so across processes); `generation` changes when
+    the cache is deleted by this process, so copies taken before are discarded."""
 
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     generation: int = 0
+
+
+STAGING = ".staging"
+"""The suffix of a backend's second temporary directory for build ID: `result-tmp/ID.staging`."""
+DELETED = ".deleted-"
+"""The prefix of a result being removed: `result-tmp/.deleted-ID`."""
+
+
+def step_of(leftover: str) -> str:
+    """The step id a `result-tmp` entry belongs to: `ID`, `ID.staging` or `.deleted-ID`."""
+    return leftover.removeprefix(DELETED).removesuffix(STAGING)
+
+
+def _run_in_reverse(callbacks: list[Callable[[], None]]) -> None:
+    for callback in reversed(callbacks):
+        callback()
 
 
 class DirectoryStore(ABC):
     """The `Store` protocol over the layout above. A backend subclasses it and provides
     `_copy`, and may override `_create`, `_remove` and `_commit`.
 
-    The store assumes it is the only process using `root`.
+    Several processes may share `root` (see the module's documentation); each should `close`
+    its store when done (or it is closed at exit).
     """
 
     def __init__(self, root: Path) -> None:
-        """Create the layout under `root` (and `root` itself) if missing."""
+        """Create the layout under `root` (and `root` itself) if missing, and claim a token
+        for this process's cache copies."""
         self.root = root
         for name in (RESULT, RESULT_TMP, CACHE, CACHE_TMP, STATE):
             (root / name).mkdir(parents=True, exist_ok=True)
         self._caches: dict[str, _Cache] = {}
         self._copies = itertools.count()
+        self._step_locks = LockDir(root / STATE / LOCK / "step")
+        self._cache_locks = LockDir(root / STATE / LOCK / "cache")
+        self._owners = root / STATE / OWNER
+        self._owner = Owner(self._owners)
+        # What `close` does, last added first; run at exit too, should nobody call `close`.
+        # (Callables that do not refer to the store, or it would never be collected.)
+        self._on_close: list[Callable[[], None]] = [self._owner.release]
+        self._finalizer = weakref.finalize(self, _run_in_reverse, self._on_close)
 
     # Backend primitives.
 
@@ -194,11 +230,20 @@ class DirectoryStore(ABC):
 
     # The Store protocol.
 
+    def lock(self, id: str, *, shared: bool = False) -> FileLock:
+        """See `Store.lock`: `ROOT/state/lock/step/ID`."""
+        return self._step_locks.lock(check_name("result id", id), shared=shared)
+
+    def close(self) -> None:
+        """See `Store.close`."""
+        self._finalizer()
+
     async def build(
         self, base: str | None, id: str, fn: Callable[[Path], Awaitable[None]]
     ) -> None:
-        """See `Store.build`. Raises BuildError if `base` has no result; whatever `fn` raises
-        (cancellation included) propagates after the temporary copy is removed."""
+        """See `Store.build` (the caller holds `lock(id)`). Raises BuildError if `base` has no
+        result; whatever `fn` raises (cancellation included) propagates after the temporary
+        copy is removed."""
         tmp = self._result_tmp(id)
         base_dir = None if base is None else self._result(base)
         if base_dir is not None and not base_dir.is_dir():
@@ -231,14 +276,16 @@ class DirectoryStore(ABC):
 
     @asynccontextmanager
     async def cache(self, name: str, uid: int, gid: int) -> AsyncIterator[Path]:
-        """See `Store.cache`. The copy is `ROOT/cache-tmp/N-NAME`; releasing it swaps it with
-        `ROOT/cache/NAME` in one rename, then removes the old version. Raises BuildError if the
-        copy cannot be made (nothing is left behind)."""
+        """See `Store.cache`. The copy is `ROOT/cache-tmp/TOKEN-N-NAME`; releasing it swaps it
+        with `ROOT/cache/NAME` in one rename, then removes the old version. Taking and
+        releasing hold the cache's lock (`ROOT/state/lock/cache/NAME`), so processes sharing
+        the store take turns. Raises BuildError if the copy cannot be made (nothing is left
+        behind)."""
         check_name("cache name", name)
         state = self._caches.setdefault(name, _Cache())
         shared = self.root / CACHE / name
-        copy = self.root / CACHE_TMP / f"{next(self._copies)}-{name}"
-        async with state.lock:
+        copy = self.root / CACHE_TMP / f"{self._owner.token}-{next(self._copies)}-{name}"
+        async with state.lock, self._cache_locks.exclusive(name):
             if not shared.exists():
                 await self._create(shared)
                 os.chown(shared, uid, gid)
@@ -254,7 +301,7 @@ class DirectoryStore(ABC):
             await self._remove(copy)
             raise
         try:
-            async with state.lock:
+            async with state.lock, self._cache_locks.exclusive(name):
                 # Last writer wins: whoever releases later replaces what an earlier release
                 # left, unless the cache was deleted since this copy was taken.
                 if state.generation == generation:
@@ -266,7 +313,7 @@ class DirectoryStore(ABC):
     async def delete_cache(self, name: str) -> None:
         """See `Store.delete_cache`. Raises BuildError if the removal fails."""
         state = self._caches.setdefault(check_name("cache name", name), _Cache())
-        async with state.lock:
+        async with state.lock, self._cache_locks.exclusive(name):
             state.generation += 1
             await self._remove_if_present(self.root / CACHE / name)
 
@@ -277,10 +324,14 @@ class DirectoryStore(ABC):
                          free=stats.f_bavail * stats.f_frsize)
 
     async def clean(self) -> None:
-        """See `Store.clean`: removes everything under `result-tmp/` and `cache-tmp/`. Call it
-        when no build or cache copy of this store is in use (at start-up): it cannot tell a
-        leftover from a copy in use. Raises BuildError if a removal fails."""
-        for directory in (RESULT_TMP, CACHE_TMP):
-            for leftover in sorted((self.root / directory).iterdir()):
-                await self._remove(leftover)
+        """See `Store.clean`: removes the builds under `result-tmp/` whose step lock is free
+        and the copies under `cache-tmp/` whose owner has gone. Raises BuildError if a removal
+        fails."""
+        for leftover in sorted((self.root / RESULT_TMP).iterdir()):
+            with if_free(self.lock(step_of(leftover.name))) as free:
+                if free:
+                    await self._remove_if_present(leftover)
+        for leftover in sorted((self.root / CACHE_TMP).iterdir()):
+            if not is_live_owner(self._owners, leftover.name.split("-", 1)[0]):
+                await self._remove_if_present(leftover)
 

@@ -32,12 +32,15 @@ costs time in proportion to the rootfs, once every `MAX_DEPTH` steps at most.
 `result/ID/rootfs`: an overlay of its layers under a scratch upper directory in `view/ID`. It is
 writable so that a sandbox can run there as in any other store (runc creates mount points), but
 what is written there lands in the scratch directory, never in a layer: no build on `id` sees
-it. A view stays mounted, across processes too, until the result is deleted; mounting one takes
-a few milliseconds.
+it. Mounting one takes a few milliseconds. Every process using a view holds a shared lock on it
+(`state/lock/view/ID`) until it closes the store (or exits): the last one to let go unmounts it,
+so a process that exits normally leaves nothing mounted. Mounting and unmounting a view happen
+under `state/lock/view-mount/ID`.
 
-**Crashes.** `clean()` (at start-up) unmounts and removes everything under the two `-tmp`
-directories, and removes layers and views whose result does not exist (left by a crash between
-the two renames of a commit, or in the middle of a deletion).
+**Crashes and other processes.** `clean()` (at every start-up) unmounts and removes what
+crashed processes left: builds under the two `-tmp` directories whose step lock is free, views
+nobody holds, and layers and views whose result does not exist (left by a crash between the two
+renames of a commit, or in the middle of a deletion). What a live process holds is left alone.
 
 **Caches** are the directory stores' own: plain directories copied with `cp -a`, swapped into
 place atomically on release.
@@ -48,19 +51,25 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from pipeline.obuilder.locks import FileLock, LockDir, if_free
 from pipeline.obuilder.protocols import BuildError
 from pipeline.obuilder.stores.common import (
+    DELETED,
+    LOCK,
     RESULT,
     RESULT_TMP,
+    STATE,
     DirectoryStore,
     check_name,
     filesystem_type,
     how_to_create,
     require,
     run,
+    step_of,
 )
 
 LAYER = "layer"
@@ -104,8 +113,10 @@ class OverlayfsStore(DirectoryStore):
             (root / name).mkdir(exist_ok=True)
         self._layers = root / LAYER
         self._page_size = os.sysconf("SC_PAGE_SIZE")
-        # Serialises mounting views, so that two callers do not mount the same one twice.
+        # Serialises mounting views in this process (the view-mount locks do across processes).
         self._views_lock = asyncio.Lock()
+        self._views = _Views(root)
+        self._on_close.append(self._views.close)
 
     async def _copy(self, src: Path, dst: Path) -> None:
         # Used only for cache copies: results are layers (see `build`).
@@ -301,16 +312,20 @@ class OverlayfsStore(DirectoryStore):
             await self._remove_if_present(path)
 
     async def result(self, id: str) -> Path | None:
-        """See `Store.result`: `result/ID`, with the merged view mounted at `rootfs`. Raises
-        BuildError if a layer beneath `id` was deleted or mounting fails."""
+        """See `Store.result`: `result/ID`, with the merged view mounted at `rootfs` (and held
+        until `close`). Raises BuildError if a layer beneath `id` was deleted or mounting
+        fails."""
         path = self._result(id)
         exists, mounted = await asyncio.to_thread(_state, path)
         if not exists:
             return None
-        if not mounted:
-            async with self._views_lock:
+        if not (mounted and id in self._views.held):
+            async with self._views_lock, self._views.mount_locks.exclusive(id):
+                # A view this process held may have been unmounted by a deletion since.
+                self._views.forget(id)
                 if not await asyncio.to_thread(os.path.ismount, path / "rootfs"):
                     await self._mount_view(id)
+                await self._views.hold(id)
         return path
 
     async def _mount_view(self, id: str) -> None:
@@ -336,10 +351,11 @@ class OverlayfsStore(DirectoryStore):
         removes the result, its view and its layer. Results built on `id` can no longer be
         mounted (see `_chain`): delete them too. Raises BuildError if a step fails."""
         path = self._result(id)
+        self._views.forget(id)
         await self._unmount_all(path / "rootfs")
         if await asyncio.to_thread(path.exists):
             # Out of sight in one rename, so that no half-removed result is ever seen.
-            trash = self.root / RESULT_TMP / f".deleted-{id}"
+            trash = self.root / RESULT_TMP / f"{DELETED}{id}"
             await self._remove_if_present(trash)
             await asyncio.to_thread(path.rename, trash)
             await self._remove(trash)
@@ -347,20 +363,67 @@ class OverlayfsStore(DirectoryStore):
         await self._remove_if_present(self._layers / id)
 
     async def clean(self) -> None:
-        """See `Store.clean`: unmounts what builds interrupted by a crash left mounted, removes
-        everything under `result-tmp/`, `layer-tmp/` and `cache-tmp/`, and the layers and views
-        of results that do not exist. Call it when no build of this store is running (at
-        start-up). Raises BuildError if an unmount or a removal fails."""
-        for leftover in await asyncio.to_thread(_entries, self.root / RESULT_TMP):
-            await self._unmount_all(leftover / "rootfs")
-        for leftover in await asyncio.to_thread(_entries, self.root / LAYER_TMP):
-            await self._unmount_all(leftover / "merged")
-            await self._remove(leftover)
+        """See `Store.clean`: unmounts and removes the builds under `result-tmp/` and
+        `layer-tmp/` whose step lock is free, the copies under `cache-tmp/` whose owner has
+        gone, the views no process holds, and the layers and views of results that do not
+        exist (unless their step is locked). Raises BuildError if an unmount or a removal
+        fails."""
+        for directory, mount in ((RESULT_TMP, "rootfs"), (LAYER_TMP, "merged")):
+            for leftover in await asyncio.to_thread(_entries, self.root / directory):
+                with if_free(self.lock(step_of(leftover.name))) as free:
+                    if free:
+                        await self._unmount_all(leftover / mount)
+                        await self._remove_if_present(leftover)
         await super().clean()
         for directory in (self._layers, self.root / VIEW):
             for entry in await asyncio.to_thread(_entries, directory):
-                if not await asyncio.to_thread((self.root / RESULT / entry.name).is_dir):
-                    await self._remove(entry)
+                with if_free(self.lock(entry.name)) as free:
+                    if free and not await asyncio.to_thread(
+                            (self.root / RESULT / entry.name).is_dir):
+                        await self._remove(entry)
+        for result in await asyncio.to_thread(_entries, self.root / RESULT):
+            if await asyncio.to_thread(os.path.ismount, result / "rootfs"):
+                with if_free(self._views.mount_locks.lock(result.name)) as free:
+                    if free and self._views.locks.is_free(result.name):
+                        await self._unmount_all(result / "rootfs")
+
+
+class _Views:
+    """The views this process holds (a shared lock each), and their unmounting at close."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.locks = LockDir(root / STATE / LOCK / VIEW)
+        self.mount_locks = LockDir(root / STATE / LOCK / "view-mount")
+        self.held: dict[str, FileLock] = {}
+
+    async def hold(self, id: str) -> None:
+        """Take the shared lock on the view of `id` (its mount lock is held by the caller)."""
+        lock = self.locks.lock(id, shared=True)
+        await lock.acquire()
+        self.held[id] = lock
+
+    def forget(self, id: str) -> None:
+        """Let the view of `id` go without unmounting it (it is gone or about to be)."""
+        lock = self.held.pop(id, None)
+        if lock is not None:
+            lock.release()
+
+    def close(self) -> None:
+        """Let every held view go, unmounting those no other process holds. Blocks the
+        thread (it runs at exit, with or without an event loop)."""
+        while self.held:
+            id, lock = self.held.popitem()
+            mount_lock = self.mount_locks.lock(id)
+            mount_lock.acquire_blocking()
+            try:
+                lock.release()
+                if self.locks.is_free(id):
+                    subprocess.run(["umount", "--lazy", str(self.root / RESULT / id / "rootfs")],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, check=False)
+            finally:
+                mount_lock.release()
 
 
 def _make_upper(path: Path, like: Path) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.obuilder.protocols import BuildError
-from pipeline.obuilder.stores.common import DirectoryStore, require, run
+from pipeline.obuilder.stores.common import STAGING, DirectoryStore, require, run
 
 MODES = ("copy", "hardlink")
 
@@ -48,7 +48,7 @@ class RsyncStore(DirectoryStore):
         if self.mode == "copy" or base is None:
             await super()._commit(tmp, dst, base)
             return
-        staging = tmp.with_name(f"{tmp.name}.linked")
+        staging = tmp.with_name(tmp.name + STAGING)
         try:
             # --checksum: compare contents, not size and mtime, which a step can leave unchanged
             # while changing a file.
