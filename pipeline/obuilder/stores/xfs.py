@@ -44,10 +44,12 @@ class XfsStore(DirectoryStore):
 
 def _require_reflink(directory: Path) -> None:
     """Clone a small file in `directory`; raise BuildError if the filesystem cannot (saying
-    how to make one that can) or if `directory` is not writable."""
-    source, clone = directory / ".reflink-probe", directory / ".reflink-probe.clone"
+    how to make one that can) or if `directory` is not writable. The files are unnamed
+    (O_TMPFILE), so that processes opening the store at once do not meet, and a crash leaves
+    nothing behind."""
     try:
-        with open(source, "w+b") as src, open(clone, "wb") as dst:
+        with open(os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600), "w+b") as src, \
+                open(os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600), "wb") as dst:
             # Some data, so that there are blocks to share.
             src.write(b"\0" * 4096)
             src.flush()
@@ -58,7 +60,3 @@ def _require_reflink(directory: Path) -> None:
         raise BuildError(
             f"the xfs store needs reflink support, which the filesystem of {directory} lacks; "
             f"{how_to_create(directory, _MKFS)}") from None
-    finally:
-        for path in (source, clone):
-            if os.path.lexists(path):
-                path.unlink()
