@@ -68,8 +68,9 @@ def canonical_spec(text: str) -> str:
         return text
 
 
-# One Builder per (store, fetcher) per event loop: a Builder shares steps only among its own
-# builds, and opening a store twice would have the second `clean` remove the first's work.
+# One Builder per (store, fetcher) per event loop: builds of one Builder share a running step's
+# live log; other builders (and processes) wait for the step's lock and then replay its log.
+# A Builder is never closed by hand: its store lets go of its locks and mounts at exit.
 _builders: weakref.WeakKeyDictionary[
     asyncio.AbstractEventLoop, dict[tuple[str, str | None], asyncio.Task[Builder]]
 ] = weakref.WeakKeyDictionary()
