@@ -1,26 +1,35 @@
 """Images must not reach the host: extraction stays inside the rootfs (directory attributes,
-whiteouts, hard links), and a broken image is one clear error.
+whiteouts, hard links), a broken image is one clear error, and no other host user can reach
+what an image put in the store (setuid binaries, device nodes).
 
 Images are real tarballs made here; the end-to-end cases run `pipeline obuilder build
---image-dir` as a process.
+--image-dir` as a process, and the other-user checks run real commands as `nobody`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import shutil
 import stat
 import subprocess
 import tarfile
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from oci_images import directory, file, member, tar_bytes
-from test_obuilder_cli import obuilder
+from test_obuilder_cli import GOT, STORE_MOUNTS, obuilder, store_root
 
 from pipeline.obuilder import confined
 from pipeline.obuilder.fetchers import unpack
 from pipeline.obuilder.protocols import BuildError
+
+NOBODY = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+LAYOUT = ["result", "result-tmp", "cache", "cache-tmp", "state"]
+OVERLAYFS_LAYOUT = ["layer", "layer-tmp", "view"]
 
 
 def symlink(name: str, target: str | Path) -> tuple[tarfile.TarInfo, bytes]:
@@ -189,3 +198,98 @@ def test_build_of_an_image_with_a_dangling_hard_link_fails_in_one_line(tmp_path:
     assert result.stderr == ("pipeline obuilder: step (from evil) failed: image member 'x' is a "
                              "hard link to "
                              "'etc/shadow', which is not in the image\n")
+
+
+# --- (b) no other host user reaches the store ---------------------------------------------------
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory every host user can reach (pytest's tmp_path is under a 0700 directory, which
+    would hide the store whatever the store does)."""
+    path = Path(tempfile.mkdtemp(prefix="public-store-"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def as_nobody(*argv: str | Path) -> subprocess.CompletedProcess[str]:
+    # Through a shell: setpriv looks the program up while it still has its capabilities.
+    return subprocess.run([*NOBODY, "sh", "-c", '"$0" "$@"', *map(str, argv)],
+                          capture_output=True, text=True, timeout=60)
+
+
+@contextlib.contextmanager
+def public_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path,
+                 public_dir: Path) -> Iterator[Path]:
+    """A store root of `kind` at a path every host user can reach: on a mounted filesystem
+    through a bind mount of a directory on it."""
+    root = public_dir / "store"
+    root.mkdir()
+    if STORE_MOUNTS[kind] is None:
+        yield root
+        return
+    mounted = store_root(kind, request, tmp_path)
+    os.chmod(mounted, 0o755)
+    subprocess.run(["mount", "--bind", mounted, root], check=True)
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", "-l", root], check=False)
+
+
+def dangerous_image() -> bytes:
+    """An image holding a setuid-root copy of `id`, a device node and a world-readable file."""
+    return tar_bytes([
+        directory("bin"), file("bin/id", Path(shutil.which("id") or "/usr/bin/id").read_bytes(),
+                               mode=0o4755, uid=0, gid=0),
+        directory("dev"), (member("dev/null", tarfile.CHRTYPE, devmajor=1, devminor=3,
+                                  mode=0o666), b""),
+        directory("etc"), file("etc/motd", b"image data\n", mode=0o644),
+    ])
+
+
+@pytest.mark.parametrize("kind", ["rsync", "btrfs"])
+def test_other_users_cannot_use_what_an_image_puts_in_the_store(
+        kind: str, request: pytest.FixtureRequest, tmp_path: Path, public_dir: Path) -> None:
+    with public_store(kind, request, tmp_path, public_dir) as root:
+        # An existing store made with wider modes is fixed up too.
+        for name in LAYOUT:
+            (root / name).mkdir(mode=0o755)
+            os.chmod(root / name, 0o755)
+        assert as_nobody("ls", root).returncode == 0, "the store root itself stays reachable"
+        result = build(dangerous_image(), f"{kind}:{root}", tmp_path)
+        assert result.returncode == 0, result.stderr
+        got = GOT.match(result.stdout.splitlines()[-1])
+        assert got is not None
+        rootfs = root / "result" / got.group(1) / "rootfs"
+        assert os.stat(rootfs / "bin" / "id").st_mode & stat.S_ISUID, "the image keeps it"
+        assert stat.S_ISCHR(os.stat(rootfs / "dev" / "null").st_mode)
+        ran = as_nobody(rootfs / "bin" / "id", "-u")
+        assert ran.returncode != 0 and "Permission denied" in ran.stderr, ran.stdout
+        for path in (rootfs / "dev" / "null", rootfs / "etc" / "motd"):
+            read = as_nobody("cat", path)
+            assert read.returncode != 0 and "Permission denied" in read.stderr
+        assert {name: stat.S_IMODE((root / name).stat().st_mode) for name in LAYOUT} == {
+            name: 0o700 for name in LAYOUT}
+
+
+@pytest.mark.parametrize("kind", sorted(STORE_MOUNTS))
+def test_every_store_keeps_its_layout_private(
+        kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    root = store_root(kind, request, tmp_path)
+    names = LAYOUT + (OVERLAYFS_LAYOUT if kind == "overlayfs" else [])
+    for name in names:
+        (root / name).mkdir(mode=0o777)
+        os.chmod(root / name, 0o777)
+    result = obuilder("df", "--store", f"{kind}:{root}")
+    assert result.returncode == 0, result.stderr
+    assert {name: stat.S_IMODE((root / name).stat().st_mode) for name in names} == {
+        name: 0o700 for name in names}
+    (tmp_path / "fresh").mkdir()
+    fresh = store_root(kind, request, tmp_path / "fresh")
+    assert obuilder("df", "--store", f"{kind}:{fresh}").returncode == 0
+    assert {name: stat.S_IMODE((fresh / name).stat().st_mode) for name in names} == {
+        name: 0o700 for name in names}

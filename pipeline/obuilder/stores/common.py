@@ -10,6 +10,11 @@ Layout of a store rooted at ROOT (OBuilder's):
     ROOT/cache-tmp/N-NAME/ cache copies in use
     ROOT/state/            the result database (db.sqlite) and other bookkeeping
 
+These five directories (and any a backend adds beside them) are private: mode 0700, set when the
+store is opened even if they already exist with a wider mode. Images may hold setuid-root
+binaries and device nodes, kept as they are for the sandbox; no other host user must be able to
+reach them through the store (`ROOT` itself may be world-accessible).
+
 Everything under the two -tmp directories is temporary: `clean()` removes it at start-up.
 Commits are renames, so a process killed at any point leaves a result complete or absent;
 nothing is synced to disk, so after a power failure a committed result may lack data the
@@ -38,6 +43,8 @@ RESULT_TMP = "result-tmp"
 CACHE = "cache"
 CACHE_TMP = "cache-tmp"
 STATE = "state"
+# The mode of the layout's directories (see above).
+PRIVATE = 0o700
 
 # The Debian package providing each tool a store runs.
 PACKAGES = {"btrfs": "btrfs-progs", "rsync": "rsync", "cp": "coreutils"}
@@ -152,10 +159,11 @@ class DirectoryStore(ABC):
     """
 
     def __init__(self, root: Path) -> None:
-        """Create the layout under `root` (and `root` itself) if missing."""
+        """Create the layout under `root` (and `root` itself) if missing; make it private."""
         self.root = root
         for name in (RESULT, RESULT_TMP, CACHE, CACHE_TMP, STATE):
-            (root / name).mkdir(parents=True, exist_ok=True)
+            (root / name).mkdir(mode=PRIVATE, parents=True, exist_ok=True)
+            os.chmod(root / name, PRIVATE)
         self._caches: dict[str, _Cache] = {}
         self._copies = itertools.count()
 
