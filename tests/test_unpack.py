@@ -200,6 +200,18 @@ def test_build_of_an_image_with_a_dangling_hard_link_fails_in_one_line(tmp_path:
                              "'etc/shadow', which is not in the image\n")
 
 
+@pytest.mark.parametrize(("cut", "problem"), [(1500, "unexpected end of data"),
+                                              (100, "not a tar file")])
+def test_build_of_a_damaged_tarball_fails_in_one_line(tmp_path: Path, cut: int,
+                                                      problem: str) -> None:
+    whole = tar_bytes([file("big", b"x" * 5000)])
+    result = build(whole[:cut], f"rsync:{tmp_path / 'store'}", tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith("pipeline obuilder: step (from evil) failed: ")
+    assert result.stderr.endswith(f"evil.tar cannot be unpacked ({problem})\n")
+    assert result.stderr.count("\n") == 1
+
+
 # --- (b) no other host user reaches the store ---------------------------------------------------
 
 

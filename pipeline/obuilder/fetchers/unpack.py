@@ -67,7 +67,8 @@ def extract(tar: tarfile.TarFile, rootfs: Path, *, layer: bool = False) -> None:
             current = member.name
             _set_directory_attributes(rootfs, member)
     except OSError as e:
-        raise BuildError(f"image member {current!r} cannot be extracted: {e.strerror}") from None
+        raise BuildError(f"image member {current!r} cannot be extracted: {e.strerror or e}"
+                         ) from None
 
 
 def _prepare(member: tarfile.TarInfo, rootfs: Path, layer: bool, added: set[str]) -> bool:
