@@ -7,9 +7,9 @@ descriptor of the root, opening each with `O_NOFOLLOW | O_DIRECTORY`, so a symli
 non-directory anywhere on the way is an error instead of a way out; act on what they return
 through the descriptor (`os.fchown`, `os.fchmod`, `os.utime(fd)`, `dir_fd=` arguments).
 
-Unlike `openat2(RESOLVE_IN_ROOT)` an absolute symlink is not resolved inside the root but
-refused, and so is a `..` component: callers get a path that means the same thing on the host
-as inside the rootfs, or an error.
+Unlike `openat2(RESOLVE_IN_ROOT)`, which resolves symlinks as if the root were `/`, these refuse
+every symlink and every `..` component: a caller gets the directory the path names literally,
+or an error saying which component is in the way.
 """
 
 from __future__ import annotations
