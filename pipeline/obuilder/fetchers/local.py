@@ -35,7 +35,8 @@ class LocalFetcher:
 
         Ownership (numeric ids), modes, symlinks, hard links and device nodes are preserved.
         Raises BuildError naming the image and the files looked for when neither exists, naming
-        the member when the tarball holds a path escaping `rootfs` (`..`, or through a symlink),
+        the member when the tarball holds a path escaping `rootfs` (`..`, or through a symlink)
+        or one that cannot be extracted, naming the tarball when it is damaged or not a tarball,
         and naming the file and line when the `.env` file has a line without `=`. On failure
         `rootfs` may hold part of the image: the store discards it with the failed step.
         """
@@ -67,6 +68,11 @@ def _extract(tarball: Path, rootfs: Path) -> str:
     """Extract `tarball` into `rootfs` and return the tarball's SHA-256 (hex)."""
     with open(tarball, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
-    with tarfile.open(tarball) as tar:
-        extract(tar, rootfs)
+    try:
+        with tarfile.open(tarball) as tar:
+            extract(tar, rootfs)
+    except (OSError, EOFError, tarfile.TarError) as e:
+        # tarfile.open lists every compression it tried, one a line, when none fits.
+        reason = "not a tar file" if "\n" in str(e) else str(e)
+        raise BuildError(f"{tarball} cannot be unpacked ({reason})") from None
     return digest

@@ -7,11 +7,16 @@ Layout of a store rooted at ROOT (OBuilder's):
     ROOT/result/ID/        committed results (`rootfs/`, `log`, ...), never modified
     ROOT/result-tmp/ID/    builds in progress; committed by renaming into result/
     ROOT/cache/NAME/       the latest released version of each named cache
-    ROOT/cache-tmp/N-NAME/ cache copies in use
+    ROOT/cache-tmp/TOKEN-N-NAME/  cache copies in use
     ROOT/state/            the result database (db.sqlite) and other bookkeeping
     ROOT/state/lock/       the locks several processes sharing the store take (`locks.py`):
                            `step/ID` per step, `cache/NAME` per named cache
     ROOT/state/owner/      one lock per live process using the store (`locks.Owner`)
+
+These five directories (and any a backend adds beside them) are private: mode 0700, set when the
+store is opened even if they already exist with a wider mode. Images may hold setuid-root
+binaries and device nodes, kept as they are for the sandbox; no other host user must be able to
+reach them through the store (`ROOT` itself may be world-accessible).
 
 Everything under the two -tmp directories is temporary. Several processes may use one store at
 once: a build in `result-tmp/ID` belongs to whoever holds the lock of step ID, a cache copy
@@ -47,6 +52,8 @@ CACHE_TMP = "cache-tmp"
 STATE = "state"
 LOCK = "lock"
 OWNER = "owner"
+# The mode of the layout's directories (see above).
+PRIVATE = 0o700
 
 # The Debian package providing each tool a store runs.
 PACKAGES = {"btrfs": "btrfs-progs", "rsync": "rsync", "cp": "coreutils"}
@@ -179,11 +186,12 @@ class DirectoryStore(ABC):
     """
 
     def __init__(self, root: Path) -> None:
-        """Create the layout under `root` (and `root` itself) if missing, and claim a token
-        for this process's cache copies."""
+        """Create the layout under `root` (and `root` itself) if missing, make it private, and
+        claim a token for this process's cache copies."""
         self.root = root
         for name in (RESULT, RESULT_TMP, CACHE, CACHE_TMP, STATE):
-            (root / name).mkdir(parents=True, exist_ok=True)
+            (root / name).mkdir(mode=PRIVATE, parents=True, exist_ok=True)
+            os.chmod(root / name, PRIVATE)
         self._caches: dict[str, _Cache] = {}
         self._copies = itertools.count()
         self._step_locks = LockDir(root / STATE / LOCK / "step")

@@ -14,6 +14,8 @@ Layout under ROOT, besides the directory stores' (`common.py`):
     ROOT/result-tmp/ID/  a build in progress (the `tmpdir` given to `fn`)
     ROOT/layer-tmp/ID/   that build's overlayfs upper and work directories
 
+`layer`, `layer-tmp` and `view` are private (0700) like the directory stores' own.
+
 **Build.** On base B, `tmpdir` gets a copy of B's result directory except `rootfs`, and
 `tmpdir/rootfs` is an overlay mount: lower directories B's layer and those beneath it (newest
 first), upper and work directories fresh in `layer-tmp/ID`. With no base there is no mount:
@@ -60,6 +62,7 @@ from pipeline.obuilder.protocols import BuildError
 from pipeline.obuilder.stores.common import (
     DELETED,
     LOCK,
+    PRIVATE,
     RESULT,
     RESULT_TMP,
     STATE,
@@ -110,7 +113,8 @@ class OverlayfsStore(DirectoryStore):
                 f"-o size=10g tmpfs {root})")
         super().__init__(root)
         for name in (LAYER, LAYER_TMP, VIEW):
-            (root / name).mkdir(exist_ok=True)
+            (root / name).mkdir(mode=PRIVATE, exist_ok=True)
+            os.chmod(root / name, PRIVATE)
         self._layers = root / LAYER
         self._page_size = os.sysconf("SC_PAGE_SIZE")
         # Serialises mounting views in this process (the view-mount locks do across processes).
