@@ -13,6 +13,11 @@ A spec is an s-expression (DESIGN.md §4)::
 `SpecError` names a line and column) and to decode strings with OCaml's escapes, as OBuilder does
 through sexplib. The values are frozen dataclasses compared by content; `to_sexp` prints them in a
 canonical form and `to_dockerfile` converts them the way OBuilder's `Obuilder_spec.Docker` does.
+
+Whatever the text, `parse` returns a Spec or raises `SpecError`. Lists nest at most `MAX_NESTING`
+deep and stages at most `MAX_BUILD_DEPTH` deep, so that reading, comparing, hashing, printing and
+building a spec stay far below Python's recursion limit; text with lone surrogates is refused.
+`decode` turns a file's bytes into text, locating the first byte that is not UTF-8.
 """
 
 from __future__ import annotations
@@ -143,10 +148,17 @@ class Spec:
 class SpecError(BuildError):
     """A spec that cannot be read or is invalid; `line` and `column` (1-based) locate the problem.
 
-    `str(err)` is "LINE:COL: message", prefixed by "FILENAME:" when `filename` is set.
+    `str(err)` is "LINE:COL: message", prefixed by "FILENAME:" when `filename` is set. An error
+    about a whole file (one that cannot be opened) has no line and column: "FILENAME: message".
     """
 
-    def __init__(self, message: str, line: int, column: int, filename: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        line: int | None = None,
+        column: int | None = None,
+        filename: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.line = line
@@ -154,8 +166,10 @@ class SpecError(BuildError):
         self.filename = filename
 
     def __str__(self) -> str:
-        where = f"{self.line}:{self.column}: {self.message}"
-        return f"{self.filename}:{where}" if self.filename else where
+        where = "" if self.line is None else f"{self.line}:{self.column}:"
+        if self.filename:
+            where = f"{self.filename}:{where}"
+        return f"{where} {self.message}" if where else self.message
 
 
 # --- Reading s-expressions with positions ---------------------------------------------------------
@@ -179,6 +193,17 @@ class _List:
 
 
 _Node = _Atom | _List
+
+# How deeply lists may nest. The deepest valid spec, MAX_BUILD_DEPTH stages nested, needs 2
+# levels per stage and 5 for its deepest op, `(run (cache (ID (target PATH))))`; the reader
+# recurses once per level, so the limit also keeps it far below Python's recursion limit.
+MAX_NESTING = 200
+# How deeply `(build NAME SPEC)` stages may nest. Reading, comparing, hashing, printing and
+# building a spec recurse into its child stages, several Python frames per stage: a bound keeps
+# every one of them far below Python's recursion limit, where making each iterative would not.
+MAX_BUILD_DEPTH = 64
+# Python strings may hold lone surrogates, which are not Unicode text and cannot be encoded.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 _SIMPLE_ESCAPES = {
     "n": b"\n", "t": b"\t", "b": b"\b", "r": b"\r",
@@ -219,14 +244,22 @@ class _Reader(sexpdata.Parser):
 
     def read(self) -> list[_Node]:
         """All the top-level nodes of the text."""
-        end, nodes = self.parse_sexp(0)
+        surrogate = _SURROGATE.search(self.string)
+        if surrogate:
+            raise self.error(
+                surrogate.start(),
+                f"invalid character U+{ord(surrogate.group()):04X} (a lone surrogate);"
+                " a spec must be Unicode text",
+            )
+        end, nodes = self.parse_sexp(0, 0)
         if end < len(self.string):
             # parse_sexp stops early only at a `)` that no `(` opened.
             raise self.error(end, "unexpected `)`")
         return nodes
 
-    def parse_sexp(self, i: int) -> tuple[int, list[_Node]]:
-        """The nodes from `i` up to an unmatched `)` or the end; returns where it stopped."""
+    def parse_sexp(self, i: int, depth: int) -> tuple[int, list[_Node]]:
+        """The nodes from `i`, inside `depth` lists, up to an unmatched `)` or the end; returns
+        where it stopped."""
         text = self.string
         nodes: list[_Node] = []
         while i < len(text):
@@ -237,7 +270,11 @@ class _Reader(sexpdata.Parser):
                 newline = text.find("\n", i)
                 i = len(text) if newline < 0 else newline + 1
             elif c == "(":
-                end, items = self.parse_sexp(i + 1)
+                if depth == MAX_NESTING:
+                    raise self.error(
+                        i, f"nesting deeper than {MAX_NESTING} levels; a spec needs far fewer"
+                    )
+                end, items = self.parse_sexp(i + 1, depth + 1)
                 if end >= len(text):
                     raise self.error(i, "`(` is never closed; expected `)`")
                 nodes.append(_List(tuple(items), *self.position(i), *self.position(end)))
@@ -475,8 +512,9 @@ def _op(node: _Node, scope: frozenset[str]) -> Op:
     return reader(node, scope)
 
 
-def _spec(node: _Node, scope: frozenset[str]) -> Spec:
-    """The stage `node`; `scope` holds the stages its copies may name besides its own children."""
+def _spec(node: _Node, scope: frozenset[str], depth: int = 0) -> Spec:
+    """The stage `node`, nested in `depth` stages; `scope` holds the stages its copies may name
+    besides its own children."""
     if not isinstance(node, _List):
         raise _fail(node, "expected a spec ((build NAME SPEC)... (from IMAGE) OP...)")
     items = list(node.items)
@@ -484,13 +522,19 @@ def _spec(node: _Node, scope: frozenset[str]) -> Spec:
     while items and _head(items[0]) == "build":
         build = items.pop(0)
         assert isinstance(build, _List)
+        if depth == MAX_BUILD_DEPTH:
+            raise _fail(
+                build,
+                f"builds nested deeper than {MAX_BUILD_DEPTH} levels;"
+                " use fewer levels of (build NAME SPEC)",
+            )
         if len(build.items) != 3 or isinstance(build.items[1], _List):
             raise _fail(build, "expected (build NAME SPEC)")
         name = build.items[1].text
         earlier = frozenset(child for child, _ in children)
         if name in earlier:
             raise _fail(build.items[1], f"duplicate build `{name}`")
-        children.append((name, _spec(build.items[2], scope | earlier)))
+        children.append((name, _spec(build.items[2], scope | earlier, depth + 1)))
     if not items:
         raise SpecError("expected (from IMAGE)", node.end_line, node.end_column)
     first = items.pop(0)
@@ -504,6 +548,24 @@ def _spec(node: _Node, scope: frozenset[str]) -> Spec:
     return Spec(
         child_builds=tuple(children), from_=image, ops=tuple(_op(item, scope) for item in items)
     )
+
+
+def decode(data: bytes, *, filename: str) -> str:
+    """The text of the spec file `filename`, whose content is `data`; raises `SpecError` at the
+    first byte that is not UTF-8."""
+    try:
+        return data.decode()
+    except UnicodeDecodeError as err:
+        before = data[: err.start].decode()
+        line = before.count("\n") + 1
+        column = len(before) - before.rfind("\n")
+        raise SpecError(
+            f"invalid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start});"
+            " save the spec as UTF-8",
+            line,
+            column,
+            filename,
+        ) from None
 
 
 def parse(text: str, *, filename: str | None = None) -> Spec:
