@@ -386,13 +386,46 @@ def _required(fields: dict[str, _List], node: _List, op: str, name: str, form: s
     return fields[name]
 
 
-def _unknown_build(name: str, scope: frozenset[str]) -> str:
+class _Scope:
+    """The stages a copy may name: for each enclosing stage, its first `count` children.
+
+    The children of a stage share one dict of their positions, so that the scope of each child
+    costs O(depth) rather than a copy of every name: a stage with thousands of children reads
+    in linear time, not quadratic.
+    """
+
+    def __init__(self, levels: tuple[tuple[dict[str, int], int], ...] = ()) -> None:
+        self.levels = levels
+
+    def inner(self, positions: dict[str, int], count: int) -> _Scope:
+        """This scope and the children whose `positions` (from 0) are below `count`."""
+        return _Scope((*self.levels, (positions, count)))
+
+    def __contains__(self, name: str) -> bool:
+        return any(positions.get(name, count) < count for positions, count in self.levels)
+
+    def names(self) -> list[str]:
+        """The names in scope, sorted."""
+        return sorted(
+            {name for names, count in self.levels for name, at in names.items() if at < count}
+        )
+
+
+# How many names an unknown build's error lists.
+_NAMES_SHOWN = 10
+
+
+def _unknown_build(name: str, scope: _Scope) -> str:
     message = f"unknown build `{name}`"
-    close = difflib.get_close_matches(name, sorted(scope), n=1)
+    names = scope.names()
+    close = difflib.get_close_matches(name, names, n=1)
     if close:
         return f"{message}; did you mean `{close[0]}`?"
-    if scope:
-        return f"{message}; builds in scope: {', '.join(sorted(scope))}"
+    if len(names) > _NAMES_SHOWN:
+        more = len(names) - _NAMES_SHOWN
+        return f"{message}; builds in scope: {', '.join(names[:_NAMES_SHOWN])} and {more} more"
+    if names:
+        return f"{message}; builds in scope: {', '.join(names)}"
     return f"{message}; no build is in scope here"
 
 
@@ -411,7 +444,7 @@ def _id(field: _List, name: str) -> int:
     return int(text)
 
 
-def _user(node: _List, scope: frozenset[str]) -> User:
+def _user(node: _List, scope: _Scope) -> User:
     fields = _fields(node, "user", ("gid", "name", "uid"))
     if fields.keys() == {"name"}:
         return UserName(_atoms(fields["name"], "(name NAME)", exactly=1)[0])
@@ -420,7 +453,7 @@ def _user(node: _List, scope: frozenset[str]) -> User:
     raise _fail(node, "expected (user (uid N) (gid N)) or (user (name NAME))")
 
 
-def _env(node: _List, scope: frozenset[str]) -> Env:
+def _env(node: _List, scope: _Scope) -> Env:
     name, value = _atoms(node, "(env NAME VALUE)", exactly=2)
     if not name or "=" in name:
         raise _fail(
@@ -445,7 +478,7 @@ def _mounts(
     return tuple(mounts)
 
 
-def _run(node: _List, scope: frozenset[str]) -> Run:
+def _run(node: _List, scope: _Scope) -> Run:
     fields = _fields(node, "run", ("cache", "network", "secrets", "shell"))
     shell = _required(fields, node, "run", "shell", "(shell CMD)")
     network = fields.get("network")
@@ -457,7 +490,7 @@ def _run(node: _List, scope: frozenset[str]) -> Run:
     )
 
 
-def _source(field: _List, scope: frozenset[str]) -> Literal["context"] | Build:
+def _source(field: _List, scope: _Scope) -> Literal["context"] | Build:
     """The `(from context)` or `(from (build NAME))` of a copy; NAME must be in scope."""
     form = "(from context) or (from (build NAME))"
     args = field.items[1:]
@@ -476,7 +509,7 @@ def _source(field: _List, scope: frozenset[str]) -> Literal["context"] | Build:
     return Build(name.text)
 
 
-def _copy(node: _List, scope: frozenset[str]) -> Copy:
+def _copy(node: _List, scope: _Scope) -> Copy:
     fields = _fields(node, "copy", ("dst", "exclude", "from", "src"))
     src = _required(fields, node, "copy", "src", "(src PATH...)")
     dst = _required(fields, node, "copy", "dst", "(dst PATH)")
@@ -489,7 +522,7 @@ def _copy(node: _List, scope: frozenset[str]) -> Copy:
     )
 
 
-_OP_READERS: dict[str, Callable[[_List, frozenset[str]], Op]] = {
+_OP_READERS: dict[str, Callable[[_List, _Scope], Op]] = {
     "comment": lambda node, _: Comment(_atoms(node, "(comment TEXT)", exactly=1)[0]),
     "copy": _copy,
     "env": _env,
@@ -501,7 +534,7 @@ _OP_READERS: dict[str, Callable[[_List, frozenset[str]], Op]] = {
 _OP_NAMES = ", ".join(_OP_READERS)
 
 
-def _op(node: _Node, scope: frozenset[str]) -> Op:
+def _op(node: _Node, scope: _Scope) -> Op:
     name = _head(node)
     if name is None:
         raise _fail(node, f"expected an op (NAME ...); NAME is one of {_OP_NAMES}")
@@ -512,13 +545,14 @@ def _op(node: _Node, scope: frozenset[str]) -> Op:
     return reader(node, scope)
 
 
-def _spec(node: _Node, scope: frozenset[str], depth: int = 0) -> Spec:
+def _spec(node: _Node, scope: _Scope, depth: int = 0) -> Spec:
     """The stage `node`, nested in `depth` stages; `scope` holds the stages its copies may name
     besides its own children."""
     if not isinstance(node, _List):
         raise _fail(node, "expected a spec ((build NAME SPEC)... (from IMAGE) OP...)")
     items = list(node.items)
     children: list[tuple[str, Spec]] = []
+    positions: dict[str, int] = {}
     while items and _head(items[0]) == "build":
         build = items.pop(0)
         assert isinstance(build, _List)
@@ -531,10 +565,11 @@ def _spec(node: _Node, scope: frozenset[str], depth: int = 0) -> Spec:
         if len(build.items) != 3 or isinstance(build.items[1], _List):
             raise _fail(build, "expected (build NAME SPEC)")
         name = build.items[1].text
-        earlier = frozenset(child for child, _ in children)
-        if name in earlier:
+        if name in positions:
             raise _fail(build.items[1], f"duplicate build `{name}`")
-        children.append((name, _spec(build.items[2], scope | earlier, depth + 1)))
+        positions[name] = len(children)
+        child_scope = scope.inner(positions, len(children))
+        children.append((name, _spec(build.items[2], child_scope, depth + 1)))
     if not items:
         raise SpecError("expected (from IMAGE)", node.end_line, node.end_column)
     first = items.pop(0)
@@ -544,7 +579,7 @@ def _spec(node: _Node, scope: frozenset[str], depth: int = 0) -> Spec:
         raise _fail(first, "expected (build NAME SPEC) or (from IMAGE)")
     assert isinstance(first, _List)
     (image,) = _atoms(first, "(from IMAGE)", exactly=1)
-    scope = scope | {child for child, _ in children}
+    scope = scope.inner(positions, len(children))
     return Spec(
         child_builds=tuple(children), from_=image, ops=tuple(_op(item, scope) for item in items)
     )
@@ -577,7 +612,7 @@ def parse(text: str, *, filename: str | None = None) -> Spec:
             raise reader.error(len(text), "expected a spec ((from IMAGE) OP...); got nothing")
         if len(nodes) > 1:
             raise _fail(nodes[1], "unexpected text after the spec; expected the end of the input")
-        return _spec(nodes[0], frozenset())
+        return _spec(nodes[0], _Scope())
     except SpecError as err:
         err.filename = filename
         raise
