@@ -276,6 +276,21 @@ def test_copy_may_name_earlier_siblings_and_enclosing_stages() -> None:
             "; \ud83d\ude00 as two surrogates\n((from img))",
             "1:3: invalid character U+D83D (a lone surrogate); a spec must be Unicode text",
         ),
+        # Messages quote names from the spec with invisible characters escaped, cut short.
+        (
+            "((from img) (\x1b[2J\x00run))",
+            "1:14: unknown op `\\x1b[2J\\x00run`; expected one of"
+            " comment, copy, env, run, shell, user, workdir",
+        ),
+        (
+            f"((build {'b' * 200} ((from img)))\n"
+            " (from img) (copy (from (build x)) (src a) (dst b)))",
+            f"2:32: unknown build `x`; builds in scope: {'b' * 60}…",
+        ),
+        (
+            "\ufeff((from img))",
+            "1:1: the text starts with a byte order mark (U+FEFF); save the spec without one",
+        ),
         # UTF-8 for U+D800 spelt with escapes.
         ('((from "\\237\\160\\128"))', "1:8: the string's escapes do not form valid UTF-8"),
     ],

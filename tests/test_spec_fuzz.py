@@ -267,7 +267,8 @@ def check(text: str) -> str:
     except SpecError as err:
         assert err.line is not None and err.column is not None, "a parse error has a position"
         assert 1 <= err.line <= text.count("\n") + 1 and err.column >= 1, (err.line, err.column)
-        str(err).encode()
+        # One line that cannot drive the terminal showing it, however long the names in it.
+        assert str(err).isprintable() and len(str(err)) < 1000, str(err)
         return err.message
     printed = to_sexp(spec)
     again = parse(printed)

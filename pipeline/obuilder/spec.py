@@ -16,7 +16,9 @@ canonical form and `to_dockerfile` converts them the way OBuilder's `Obuilder_sp
 
 Whatever the text, `parse` returns a Spec or raises `SpecError`. Lists nest at most `MAX_NESTING`
 deep and stages at most `MAX_BUILD_DEPTH` deep, so that reading, comparing, hashing, printing and
-building a spec stay far below Python's recursion limit; text with lone surrogates is refused.
+building a spec stay far below Python's recursion limit; text with lone surrogates or a leading
+byte order mark is refused. Messages quote names from the spec cut short and with invisible
+characters escaped, so that an error is one line that cannot drive the terminal showing it.
 `decode` turns a file's bytes into text, locating the first byte that is not UTF-8.
 """
 
@@ -244,6 +246,11 @@ class _Reader(sexpdata.Parser):
 
     def read(self) -> list[_Node]:
         """All the top-level nodes of the text."""
+        if self.string.startswith("\ufeff"):
+            # Invisible, it would read as an atom before the spec.
+            raise self.error(
+                0, "the text starts with a byte order mark (U+FEFF); save the spec without one"
+            )
         surrogate = _SURROGATE.search(self.string)
         if surrogate:
             raise self.error(
@@ -343,6 +350,18 @@ def _fail(node: _Node, message: str) -> SpecError:
     return SpecError(message, node.line, node.column)
 
 
+# How many characters of a name from the spec an error message quotes.
+_SHOWN_LENGTH = 60
+
+
+def _shown(text: str) -> str:
+    """`text` as an error message quotes it: cut short, so that the message stays one readable
+    line, and with invisible characters escaped, so that it cannot drive the terminal."""
+    if len(text) > _SHOWN_LENGTH:
+        text = text[:_SHOWN_LENGTH] + "…"
+    return "".join(ch if ch.isprintable() else _escape_char(ch) for ch in text)
+
+
 def _head(node: _Node) -> str | None:
     """The name of a `(name ...)` form, or None if `node` is not one."""
     if isinstance(node, _List) and node.items and isinstance(node.items[0], _Atom):
@@ -373,9 +392,9 @@ def _fields(node: _List, op: str, allowed: tuple[str, ...]) -> dict[str, _List]:
             raise _fail(item, f"expected a field (NAME ...) in {op}; {expected}")
         assert isinstance(item, _List)
         if name not in allowed:
-            raise _fail(item.items[0], f"unknown field `{name}` in {op}; {expected}")
+            raise _fail(item.items[0], f"unknown field `{_shown(name)}` in {op}; {expected}")
         if name in fields:
-            raise _fail(item.items[0], f"duplicate field `{name}` in {op}")
+            raise _fail(item.items[0], f"duplicate field `{_shown(name)}` in {op}")
         fields[name] = item
     return fields
 
@@ -416,16 +435,16 @@ _NAMES_SHOWN = 10
 
 
 def _unknown_build(name: str, scope: _Scope) -> str:
-    message = f"unknown build `{name}`"
+    message = f"unknown build `{_shown(name)}`"
     names = scope.names()
     close = difflib.get_close_matches(name, names, n=1)
     if close:
-        return f"{message}; did you mean `{close[0]}`?"
+        return f"{message}; did you mean `{_shown(close[0])}`?"
+    shown = ", ".join(_shown(other) for other in names[:_NAMES_SHOWN])
     if len(names) > _NAMES_SHOWN:
-        more = len(names) - _NAMES_SHOWN
-        return f"{message}; builds in scope: {', '.join(names[:_NAMES_SHOWN])} and {more} more"
+        return f"{message}; builds in scope: {shown} and {len(names) - _NAMES_SHOWN} more"
     if names:
-        return f"{message}; builds in scope: {', '.join(names)}"
+        return f"{message}; builds in scope: {shown}"
     return f"{message}; no build is in scope here"
 
 
@@ -439,7 +458,8 @@ def _id(field: _List, name: str) -> int:
     # The length check keeps int() away from absurdly long digit strings.
     if not (text.isascii() and text.isdigit() and len(text) <= 10 and int(text) < _ID_LIMIT):
         raise _fail(
-            field.items[1], f"{name}: expected a number from 0 to {_ID_LIMIT - 1}, got `{text}`"
+            field.items[1],
+            f"{name}: expected a number from 0 to {_ID_LIMIT - 1}, got `{_shown(text)}`",
         )
     return int(text)
 
@@ -457,7 +477,8 @@ def _env(node: _List, scope: _Scope) -> Env:
     name, value = _atoms(node, "(env NAME VALUE)", exactly=2)
     if not name or "=" in name:
         raise _fail(
-            node.items[1], f"env: invalid variable name `{name}`; it must be non-empty, without `=`"
+            node.items[1],
+            f"env: invalid variable name `{_shown(name)}`; it must be non-empty, without `=`",
         )
     return Env(name, value)
 
@@ -541,7 +562,7 @@ def _op(node: _Node, scope: _Scope) -> Op:
     assert isinstance(node, _List)
     reader = _OP_READERS.get(name)
     if reader is None:
-        raise _fail(node.items[0], f"unknown op `{name}`; expected one of {_OP_NAMES}")
+        raise _fail(node.items[0], f"unknown op `{_shown(name)}`; expected one of {_OP_NAMES}")
     return reader(node, scope)
 
 
@@ -566,7 +587,7 @@ def _spec(node: _Node, scope: _Scope, depth: int = 0) -> Spec:
             raise _fail(build, "expected (build NAME SPEC)")
         name = build.items[1].text
         if name in positions:
-            raise _fail(build.items[1], f"duplicate build `{name}`")
+            raise _fail(build.items[1], f"duplicate build `{_shown(name)}`")
         positions[name] = len(children)
         child_scope = scope.inner(positions, len(children))
         children.append((name, _spec(build.items[2], child_scope, depth + 1)))
@@ -790,7 +811,8 @@ def _docker_quote(value: str, escape: str) -> str:
 def _mount_uid(user: User) -> int:
     if isinstance(user, UserName):
         raise BuildError(
-            f"BuildKit mounts need a numeric user, not `{user.name}`: use (user (uid N) (gid N))"
+            f"BuildKit mounts need a numeric user, not `{_shown(user.name)}`:"
+            " use (user (uid N) (gid N))"
         )
     return user.uid
 
