@@ -49,7 +49,7 @@ VALID_ESCAPES = [
     "\\n", "\\t", "\\r", "\\b", "\\\\", '\\"', "\\'", "\\ ", "\\065", "\\x41", "\\o101",
     "\\195\\169", "\\xe2\\x82\\xac", "\\\n   ", "\\\r\n\t", "\\q", "\\d", "\\12x", "\\x4",
 ]
-# Escapes that are illegal, or spell bytes that are not UTF-8 (a surrogate, a lone lead byte).
+# Escapes that are illegal, unknown (kept as written) or spell bytes that are not UTF-8.
 ODD_ESCAPES = [
     "\\256", "\\999", "\\xff", "\\xZZ", "\\o777", "\\o400", "\\u{D800}", "\\ud800", "\\",
     "\\237\\160\\128", "\\xed\\xb0\\x80", "\\195", "\\xc3", "\\x80", "\\000",
@@ -117,6 +117,7 @@ def form(rng: random.Random, *items: str) -> str:
 
 
 def user(rng: random.Random) -> str:
+    """`(user (uid N) (gid N))`, fields in either order, or `(user (name NAME))`."""
     if rng.random() < 0.3:
         return form(rng, "user", form(rng, "name", atom(rng)))
     fields = [
@@ -128,11 +129,13 @@ def user(rng: random.Random) -> str:
 
 
 def mounts(rng: random.Random, kind: str) -> str:
+    """A `cache` or `secrets` field: `(KIND (ID (target PATH))...)`."""
     ids = (form(rng, atom(rng), form(rng, "target", atom(rng))) for _ in range(rng.randint(0, 2)))
     return form(rng, kind, *ids)
 
 
 def run(rng: random.Random) -> str:
+    """A `run` op: its shell and, in any order, some of its optional fields."""
     fields = [form(rng, "shell", atom(rng))]
     if rng.random() < 0.3:
         fields.append(mounts(rng, "cache"))
@@ -145,6 +148,7 @@ def run(rng: random.Random) -> str:
 
 
 def copy(rng: random.Random, scope: list[str]) -> str:
+    """A `copy` op, fields in any order; it copies from a stage only from `scope`."""
     fields = [
         form(rng, "src", *(atom(rng) for _ in range(rng.randint(1, 3)))),
         form(rng, "dst", atom(rng)),
