@@ -142,6 +142,21 @@ def test_malformed_spec_names_line_and_column(tmp_path: Path) -> None:
     assert f"{spec}:2:" in result.stderr and "unknown field `netwrk` in run" in result.stderr
 
 
+def test_unreadable_spec_files_are_one_line_errors(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.spec"
+    latin1 = tmp_path / "latin1.spec"
+    latin1.write_bytes(b'((from busybox)\n (comment "caf\xe9"))\n')
+    for path, error in [
+        (missing, f"{missing}: No such file or directory"),
+        (tmp_path, f"{tmp_path}: Is a directory"),
+        (latin1, f"{latin1}:2:15: invalid UTF-8 (byte 0xe9 at offset 30); save the spec as UTF-8"),
+    ]:
+        for command in ("fmt", "dockerfile"):
+            result = obuilder(command, "-f", path)
+            assert (result.returncode, result.stdout) == (1, "")
+            assert result.stderr == f"pipeline obuilder: {error}\n"
+
+
 def test_store_upkeep_commands(
     project: tuple[Path, Path], busybox_images: Path, tmp_path: Path,
 ) -> None:

@@ -18,6 +18,8 @@ from golden import assert_golden
 
 from pipeline.obuilder.protocols import BuildError
 from pipeline.obuilder.spec import (
+    MAX_BUILD_DEPTH,
+    MAX_NESTING,
     ROOT,
     Build,
     CacheMount,
@@ -35,6 +37,7 @@ from pipeline.obuilder.spec import (
     UserName,
     Workdir,
     contexts,
+    decode,
     parse,
     to_dockerfile,
     to_sexp,
@@ -260,6 +263,36 @@ def test_copy_may_name_earlier_siblings_and_enclosing_stages() -> None:
         ('((from img) (comment "\\300"))', "1:23: illegal escape `\\300`; expected \\000 to \\255"),
         ('((from img) (comment "\\xff"))', "1:22: the string's escapes do not form valid UTF-8"),
         ("img", "1:1: expected a spec ((build NAME SPEC)... (from IMAGE) OP...)"),
+        # A str can hold lone surrogates, which are not Unicode text and cannot be printed.
+        (
+            '((from img)\n (comment "a\ud800"))',
+            "2:13: invalid character U+D800 (a lone surrogate); a spec must be Unicode text",
+        ),
+        (
+            "((from \udcff))",
+            "1:8: invalid character U+DCFF (a lone surrogate); a spec must be Unicode text",
+        ),
+        (
+            "; \ud83d\ude00 as two surrogates\n((from img))",
+            "1:3: invalid character U+D83D (a lone surrogate); a spec must be Unicode text",
+        ),
+        # Messages quote names from the spec with invisible characters escaped, cut short.
+        (
+            "((from img) (\x1b[2J\x00run))",
+            "1:14: unknown op `\\x1b[2J\\x00run`; expected one of"
+            " comment, copy, env, run, shell, user, workdir",
+        ),
+        (
+            f"((build {'b' * 200} ((from img)))\n"
+            " (from img) (copy (from (build x)) (src a) (dst b)))",
+            f"2:32: unknown build `x`; builds in scope: {'b' * 60}…",
+        ),
+        (
+            "\ufeff((from img))",
+            "1:1: the text starts with a byte order mark (U+FEFF); save the spec without one",
+        ),
+        # UTF-8 for U+D800 spelt with escapes.
+        ('((from "\\237\\160\\128"))', "1:8: the string's escapes do not form valid UTF-8"),
     ],
 )
 def test_errors_say_where_and_what_was_expected(text: str, message: str) -> None:
@@ -271,11 +304,101 @@ def test_errors_say_where_and_what_was_expected(text: str, message: str) -> None
     assert isinstance(caught.value, BuildError)
 
 
+def test_nesting_is_limited_by_the_reader() -> None:
+    allowed = "(" * MAX_NESTING + ")" * MAX_NESTING
+    with pytest.raises(SpecError) as caught:
+        parse(allowed)
+    assert str(caught.value) == "1:2: expected (build NAME SPEC) or (from IMAGE)"
+    too_deep = MAX_NESTING + 1
+    for text, where in [
+        ("(" * too_deep + ")" * too_deep, f"1:{too_deep}"),
+        ("(" * 100_000, f"1:{too_deep}"),
+        ("\n(" * 5000, f"{too_deep + 1}:1"),
+    ]:
+        with pytest.raises(SpecError) as caught:
+            parse(text)
+        assert str(caught.value) == (
+            f"{where}: nesting deeper than {MAX_NESTING} levels; a spec needs far fewer"
+        )
+
+
+def nested_builds(depth: int) -> str:
+    """A spec whose first stage has a child stage, which has one, ... `depth` levels deep."""
+    text = "((from img) (run (shell x)))"
+    for level in range(depth):
+        copy = f"(copy (from (build s{level})) (src a) (dst b))"
+        text = f"((build s{level} {text}) (from img) {copy})"
+    return text
+
+
+def test_nested_builds_are_limited_and_work_up_to_the_limit() -> None:
+    deepest = parse(nested_builds(MAX_BUILD_DEPTH))
+    # Comparing, hashing and printing recurse into child stages: all must cope with the limit.
+    assert deepest == parse(nested_builds(MAX_BUILD_DEPTH))
+    assert hash(deepest) == hash(parse(nested_builds(MAX_BUILD_DEPTH)))
+    assert parse(to_sexp(deepest)) == deepest
+    assert to_dockerfile(deepest, buildkit=True).count("FROM img") == MAX_BUILD_DEPTH + 1
+
+    text = nested_builds(MAX_BUILD_DEPTH + 1)
+    with pytest.raises(SpecError) as caught:
+        parse(text)
+    assert str(caught.value) == (
+        f"1:{text.index('(build s0 ') + 1}: builds nested deeper than {MAX_BUILD_DEPTH} levels;"
+        " use fewer levels of (build NAME SPEC)"
+    )
+
+
+def test_a_stage_may_have_thousands_of_children() -> None:
+    # Each child's scope is shared, not copied: with a copy each, 20,000 children took 90 s.
+    builds = "".join(f"(build b{i:04} ((from img)))" for i in range(5000))
+    spec = parse(f"({builds} (from img) (copy (from (build b4999)) (src x) (dst y)))")
+    assert len(spec.child_builds) == 5000
+    assert spec.ops == (Copy(from_=Build("b4999"), src=("x",), dst="y"),)
+    with pytest.raises(SpecError) as caught:
+        parse(f"({builds} (from img) (copy (from (build zzz)) (src x) (dst y)))")
+    assert caught.value.message == (
+        "unknown build `zzz`; builds in scope: b0000, b0001, b0002, b0003, b0004, b0005, b0006,"
+        " b0007, b0008, b0009 and 4990 more"
+    )
+
+
 def test_error_names_the_file() -> None:
     with pytest.raises(SpecError) as caught:
         parse("((from img)\n (wrkdir /))", filename="build.spec")
     assert str(caught.value).startswith("build.spec:2:3: unknown op `wrkdir`")
     assert caught.value.message.startswith("unknown op `wrkdir`")
+
+
+def test_an_error_about_a_whole_file_has_no_position() -> None:
+    err = SpecError("No such file or directory", filename="build.spec")
+    assert str(err) == "build.spec: No such file or directory"
+    assert (err.line, err.column) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            b'((from img)\n (comment "caf\xe9"))',
+            "x.spec:2:15: invalid UTF-8 (byte 0xe9 at offset 26)",
+        ),
+        (b"\xff", "x.spec:1:1: invalid UTF-8 (byte 0xff at offset 0)"),
+        # A UTF-8 surrogate: no valid UTF-8 encodes one.
+        (b"((from \xed\xa0\x80))", "x.spec:1:8: invalid UTF-8 (byte 0xed at offset 7)"),
+        (
+            "((from é) ".encode() + b"\xe2\x82",
+            "x.spec:1:11: invalid UTF-8 (byte 0xe2 at offset 11)",
+        ),
+    ],
+)
+def test_decode_locates_bytes_that_are_not_utf8(data: bytes, message: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        decode(data, filename="x.spec")
+    assert str(caught.value) == message + "; save the spec as UTF-8"
+
+
+def test_decode_reads_utf8() -> None:
+    assert decode("((from café))".encode(), filename="x.spec") == "((from café))"
 
 
 # --- The canonical printer ------------------------------------------------------------------------

@@ -166,10 +166,10 @@ def _read_spec(options: argparse.Namespace) -> Any:
 
     path: Path = options.file
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as exc:
-        raise spec.SpecError(f"{path}: {exc.strerror}") from None
-    return spec.parse(text, filename=str(path))
+        raise spec.SpecError(f"{exc.strerror}", filename=str(path)) from None
+    return spec.parse(spec.decode(data, filename=str(path)), filename=str(path))
 
 
 def _convert(options: argparse.Namespace) -> int:

@@ -13,6 +13,13 @@ A spec is an s-expression (DESIGN.md §4)::
 `SpecError` names a line and column) and to decode strings with OCaml's escapes, as OBuilder does
 through sexplib. The values are frozen dataclasses compared by content; `to_sexp` prints them in a
 canonical form and `to_dockerfile` converts them the way OBuilder's `Obuilder_spec.Docker` does.
+
+Whatever the text, `parse` returns a Spec or raises `SpecError`. Lists nest at most `MAX_NESTING`
+deep and stages at most `MAX_BUILD_DEPTH` deep, so that reading, comparing, hashing, printing and
+building a spec stay far below Python's recursion limit; text with lone surrogates or a leading
+byte order mark is refused. Messages quote names from the spec cut short and with invisible
+characters escaped, so that an error is one line that cannot drive the terminal showing it.
+`decode` turns a file's bytes into text, locating the first byte that is not UTF-8.
 """
 
 from __future__ import annotations
@@ -143,10 +150,17 @@ class Spec:
 class SpecError(BuildError):
     """A spec that cannot be read or is invalid; `line` and `column` (1-based) locate the problem.
 
-    `str(err)` is "LINE:COL: message", prefixed by "FILENAME:" when `filename` is set.
+    `str(err)` is "LINE:COL: message", prefixed by "FILENAME:" when `filename` is set. An error
+    about a whole file (one that cannot be opened) has no line and column: "FILENAME: message".
     """
 
-    def __init__(self, message: str, line: int, column: int, filename: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        line: int | None = None,
+        column: int | None = None,
+        filename: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.line = line
@@ -154,8 +168,10 @@ class SpecError(BuildError):
         self.filename = filename
 
     def __str__(self) -> str:
-        where = f"{self.line}:{self.column}: {self.message}"
-        return f"{self.filename}:{where}" if self.filename else where
+        where = "" if self.line is None else f"{self.line}:{self.column}:"
+        if self.filename:
+            where = f"{self.filename}:{where}"
+        return f"{where} {self.message}" if where else self.message
 
 
 # --- Reading s-expressions with positions ---------------------------------------------------------
@@ -179,6 +195,17 @@ class _List:
 
 
 _Node = _Atom | _List
+
+# How deeply lists may nest. The deepest valid spec, MAX_BUILD_DEPTH stages nested, needs 2
+# levels per stage and 5 for its deepest op, `(run (cache (ID (target PATH))))`; the reader
+# recurses once per level, so the limit also keeps it far below Python's recursion limit.
+MAX_NESTING = 200
+# How deeply `(build NAME SPEC)` stages may nest. Reading, comparing, hashing, printing and
+# building a spec recurse into its child stages, several Python frames per stage: a bound keeps
+# every one of them far below Python's recursion limit, where making each iterative would not.
+MAX_BUILD_DEPTH = 64
+# Python strings may hold lone surrogates, which are not Unicode text and cannot be encoded.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 _SIMPLE_ESCAPES = {
     "n": b"\n", "t": b"\t", "b": b"\b", "r": b"\r",
@@ -219,14 +246,27 @@ class _Reader(sexpdata.Parser):
 
     def read(self) -> list[_Node]:
         """All the top-level nodes of the text."""
-        end, nodes = self.parse_sexp(0)
+        if self.string.startswith("\ufeff"):
+            # Invisible, it would read as an atom before the spec.
+            raise self.error(
+                0, "the text starts with a byte order mark (U+FEFF); save the spec without one"
+            )
+        surrogate = _SURROGATE.search(self.string)
+        if surrogate:
+            raise self.error(
+                surrogate.start(),
+                f"invalid character U+{ord(surrogate.group()):04X} (a lone surrogate);"
+                " a spec must be Unicode text",
+            )
+        end, nodes = self.parse_sexp(0, 0)
         if end < len(self.string):
             # parse_sexp stops early only at a `)` that no `(` opened.
             raise self.error(end, "unexpected `)`")
         return nodes
 
-    def parse_sexp(self, i: int) -> tuple[int, list[_Node]]:
-        """The nodes from `i` up to an unmatched `)` or the end; returns where it stopped."""
+    def parse_sexp(self, i: int, depth: int) -> tuple[int, list[_Node]]:
+        """The nodes from `i`, inside `depth` lists, up to an unmatched `)` or the end; returns
+        where it stopped."""
         text = self.string
         nodes: list[_Node] = []
         while i < len(text):
@@ -237,7 +277,11 @@ class _Reader(sexpdata.Parser):
                 newline = text.find("\n", i)
                 i = len(text) if newline < 0 else newline + 1
             elif c == "(":
-                end, items = self.parse_sexp(i + 1)
+                if depth == MAX_NESTING:
+                    raise self.error(
+                        i, f"nesting deeper than {MAX_NESTING} levels; a spec needs far fewer"
+                    )
+                end, items = self.parse_sexp(i + 1, depth + 1)
                 if end >= len(text):
                     raise self.error(i, "`(` is never closed; expected `)`")
                 nodes.append(_List(tuple(items), *self.position(i), *self.position(end)))
@@ -306,6 +350,18 @@ def _fail(node: _Node, message: str) -> SpecError:
     return SpecError(message, node.line, node.column)
 
 
+# How many characters of a name from the spec an error message quotes.
+_SHOWN_LENGTH = 60
+
+
+def _shown(text: str) -> str:
+    """`text` as an error message quotes it: cut short, so that the message stays one readable
+    line, and with invisible characters escaped, so that it cannot drive the terminal."""
+    if len(text) > _SHOWN_LENGTH:
+        text = text[:_SHOWN_LENGTH] + "…"
+    return "".join(ch if ch.isprintable() else _escape_char(ch) for ch in text)
+
+
 def _head(node: _Node) -> str | None:
     """The name of a `(name ...)` form, or None if `node` is not one."""
     if isinstance(node, _List) and node.items and isinstance(node.items[0], _Atom):
@@ -336,9 +392,9 @@ def _fields(node: _List, op: str, allowed: tuple[str, ...]) -> dict[str, _List]:
             raise _fail(item, f"expected a field (NAME ...) in {op}; {expected}")
         assert isinstance(item, _List)
         if name not in allowed:
-            raise _fail(item.items[0], f"unknown field `{name}` in {op}; {expected}")
+            raise _fail(item.items[0], f"unknown field `{_shown(name)}` in {op}; {expected}")
         if name in fields:
-            raise _fail(item.items[0], f"duplicate field `{name}` in {op}")
+            raise _fail(item.items[0], f"duplicate field `{_shown(name)}` in {op}")
         fields[name] = item
     return fields
 
@@ -349,13 +405,46 @@ def _required(fields: dict[str, _List], node: _List, op: str, name: str, form: s
     return fields[name]
 
 
-def _unknown_build(name: str, scope: frozenset[str]) -> str:
-    message = f"unknown build `{name}`"
-    close = difflib.get_close_matches(name, sorted(scope), n=1)
+class _Scope:
+    """The stages a copy may name: for each enclosing stage, its first `count` children.
+
+    The children of a stage share one dict of their positions, so that the scope of each child
+    costs O(depth) rather than a copy of every name: a stage with thousands of children reads
+    in linear time, not quadratic.
+    """
+
+    def __init__(self, levels: tuple[tuple[dict[str, int], int], ...] = ()) -> None:
+        self.levels = levels
+
+    def inner(self, positions: dict[str, int], count: int) -> _Scope:
+        """This scope and the children whose `positions` (from 0) are below `count`."""
+        return _Scope((*self.levels, (positions, count)))
+
+    def __contains__(self, name: str) -> bool:
+        return any(positions.get(name, count) < count for positions, count in self.levels)
+
+    def names(self) -> list[str]:
+        """The names in scope, sorted."""
+        return sorted(
+            {name for names, count in self.levels for name, at in names.items() if at < count}
+        )
+
+
+# How many names an unknown build's error lists.
+_NAMES_SHOWN = 10
+
+
+def _unknown_build(name: str, scope: _Scope) -> str:
+    message = f"unknown build `{_shown(name)}`"
+    names = scope.names()
+    close = difflib.get_close_matches(name, names, n=1)
     if close:
-        return f"{message}; did you mean `{close[0]}`?"
-    if scope:
-        return f"{message}; builds in scope: {', '.join(sorted(scope))}"
+        return f"{message}; did you mean `{_shown(close[0])}`?"
+    shown = ", ".join(_shown(other) for other in names[:_NAMES_SHOWN])
+    if len(names) > _NAMES_SHOWN:
+        return f"{message}; builds in scope: {shown} and {len(names) - _NAMES_SHOWN} more"
+    if names:
+        return f"{message}; builds in scope: {shown}"
     return f"{message}; no build is in scope here"
 
 
@@ -369,12 +458,13 @@ def _id(field: _List, name: str) -> int:
     # The length check keeps int() away from absurdly long digit strings.
     if not (text.isascii() and text.isdigit() and len(text) <= 10 and int(text) < _ID_LIMIT):
         raise _fail(
-            field.items[1], f"{name}: expected a number from 0 to {_ID_LIMIT - 1}, got `{text}`"
+            field.items[1],
+            f"{name}: expected a number from 0 to {_ID_LIMIT - 1}, got `{_shown(text)}`",
         )
     return int(text)
 
 
-def _user(node: _List, scope: frozenset[str]) -> User:
+def _user(node: _List, scope: _Scope) -> User:
     fields = _fields(node, "user", ("gid", "name", "uid"))
     if fields.keys() == {"name"}:
         return UserName(_atoms(fields["name"], "(name NAME)", exactly=1)[0])
@@ -383,11 +473,12 @@ def _user(node: _List, scope: frozenset[str]) -> User:
     raise _fail(node, "expected (user (uid N) (gid N)) or (user (name NAME))")
 
 
-def _env(node: _List, scope: frozenset[str]) -> Env:
+def _env(node: _List, scope: _Scope) -> Env:
     name, value = _atoms(node, "(env NAME VALUE)", exactly=2)
     if not name or "=" in name:
         raise _fail(
-            node.items[1], f"env: invalid variable name `{name}`; it must be non-empty, without `=`"
+            node.items[1],
+            f"env: invalid variable name `{_shown(name)}`; it must be non-empty, without `=`",
         )
     return Env(name, value)
 
@@ -408,7 +499,7 @@ def _mounts(
     return tuple(mounts)
 
 
-def _run(node: _List, scope: frozenset[str]) -> Run:
+def _run(node: _List, scope: _Scope) -> Run:
     fields = _fields(node, "run", ("cache", "network", "secrets", "shell"))
     shell = _required(fields, node, "run", "shell", "(shell CMD)")
     network = fields.get("network")
@@ -420,7 +511,7 @@ def _run(node: _List, scope: frozenset[str]) -> Run:
     )
 
 
-def _source(field: _List, scope: frozenset[str]) -> Literal["context"] | Build:
+def _source(field: _List, scope: _Scope) -> Literal["context"] | Build:
     """The `(from context)` or `(from (build NAME))` of a copy; NAME must be in scope."""
     form = "(from context) or (from (build NAME))"
     args = field.items[1:]
@@ -439,7 +530,7 @@ def _source(field: _List, scope: frozenset[str]) -> Literal["context"] | Build:
     return Build(name.text)
 
 
-def _copy(node: _List, scope: frozenset[str]) -> Copy:
+def _copy(node: _List, scope: _Scope) -> Copy:
     fields = _fields(node, "copy", ("dst", "exclude", "from", "src"))
     src = _required(fields, node, "copy", "src", "(src PATH...)")
     dst = _required(fields, node, "copy", "dst", "(dst PATH)")
@@ -452,7 +543,7 @@ def _copy(node: _List, scope: frozenset[str]) -> Copy:
     )
 
 
-_OP_READERS: dict[str, Callable[[_List, frozenset[str]], Op]] = {
+_OP_READERS: dict[str, Callable[[_List, _Scope], Op]] = {
     "comment": lambda node, _: Comment(_atoms(node, "(comment TEXT)", exactly=1)[0]),
     "copy": _copy,
     "env": _env,
@@ -464,33 +555,42 @@ _OP_READERS: dict[str, Callable[[_List, frozenset[str]], Op]] = {
 _OP_NAMES = ", ".join(_OP_READERS)
 
 
-def _op(node: _Node, scope: frozenset[str]) -> Op:
+def _op(node: _Node, scope: _Scope) -> Op:
     name = _head(node)
     if name is None:
         raise _fail(node, f"expected an op (NAME ...); NAME is one of {_OP_NAMES}")
     assert isinstance(node, _List)
     reader = _OP_READERS.get(name)
     if reader is None:
-        raise _fail(node.items[0], f"unknown op `{name}`; expected one of {_OP_NAMES}")
+        raise _fail(node.items[0], f"unknown op `{_shown(name)}`; expected one of {_OP_NAMES}")
     return reader(node, scope)
 
 
-def _spec(node: _Node, scope: frozenset[str]) -> Spec:
-    """The stage `node`; `scope` holds the stages its copies may name besides its own children."""
+def _spec(node: _Node, scope: _Scope, depth: int = 0) -> Spec:
+    """The stage `node`, nested in `depth` stages; `scope` holds the stages its copies may name
+    besides its own children."""
     if not isinstance(node, _List):
         raise _fail(node, "expected a spec ((build NAME SPEC)... (from IMAGE) OP...)")
     items = list(node.items)
     children: list[tuple[str, Spec]] = []
+    positions: dict[str, int] = {}
     while items and _head(items[0]) == "build":
         build = items.pop(0)
         assert isinstance(build, _List)
+        if depth == MAX_BUILD_DEPTH:
+            raise _fail(
+                build,
+                f"builds nested deeper than {MAX_BUILD_DEPTH} levels;"
+                " use fewer levels of (build NAME SPEC)",
+            )
         if len(build.items) != 3 or isinstance(build.items[1], _List):
             raise _fail(build, "expected (build NAME SPEC)")
         name = build.items[1].text
-        earlier = frozenset(child for child, _ in children)
-        if name in earlier:
-            raise _fail(build.items[1], f"duplicate build `{name}`")
-        children.append((name, _spec(build.items[2], scope | earlier)))
+        if name in positions:
+            raise _fail(build.items[1], f"duplicate build `{_shown(name)}`")
+        positions[name] = len(children)
+        child_scope = scope.inner(positions, len(children))
+        children.append((name, _spec(build.items[2], child_scope, depth + 1)))
     if not items:
         raise SpecError("expected (from IMAGE)", node.end_line, node.end_column)
     first = items.pop(0)
@@ -500,10 +600,28 @@ def _spec(node: _Node, scope: frozenset[str]) -> Spec:
         raise _fail(first, "expected (build NAME SPEC) or (from IMAGE)")
     assert isinstance(first, _List)
     (image,) = _atoms(first, "(from IMAGE)", exactly=1)
-    scope = scope | {child for child, _ in children}
+    scope = scope.inner(positions, len(children))
     return Spec(
         child_builds=tuple(children), from_=image, ops=tuple(_op(item, scope) for item in items)
     )
+
+
+def decode(data: bytes, *, filename: str) -> str:
+    """The text of the spec file `filename`, whose content is `data`; raises `SpecError` at the
+    first byte that is not UTF-8."""
+    try:
+        return data.decode()
+    except UnicodeDecodeError as err:
+        before = data[: err.start].decode()
+        line = before.count("\n") + 1
+        column = len(before) - before.rfind("\n")
+        raise SpecError(
+            f"invalid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start});"
+            " save the spec as UTF-8",
+            line,
+            column,
+            filename,
+        ) from None
 
 
 def parse(text: str, *, filename: str | None = None) -> Spec:
@@ -515,7 +633,7 @@ def parse(text: str, *, filename: str | None = None) -> Spec:
             raise reader.error(len(text), "expected a spec ((from IMAGE) OP...); got nothing")
         if len(nodes) > 1:
             raise _fail(nodes[1], "unexpected text after the spec; expected the end of the input")
-        return _spec(nodes[0], frozenset())
+        return _spec(nodes[0], _Scope())
     except SpecError as err:
         err.filename = filename
         raise
@@ -693,7 +811,8 @@ def _docker_quote(value: str, escape: str) -> str:
 def _mount_uid(user: User) -> int:
     if isinstance(user, UserName):
         raise BuildError(
-            f"BuildKit mounts need a numeric user, not `{user.name}`: use (user (uid N) (gid N))"
+            f"BuildKit mounts need a numeric user, not `{_shown(user.name)}`:"
+            " use (user (uid N) (gid N))"
         )
     return user.uid
 
