@@ -29,8 +29,15 @@ T = TypeVar("T")
 
 # `children` is kept by triggers, so no code path can forget it. A row is always removed after
 # its children's rows (see `DbStore.delete`).
+# A rollback journal, not WAL: WAL keeps its index in a memory-mapped `-shm` file, and a write to
+# a mapped page that the filesystem cannot back (a full disk; on btrfs, any page, as it copies on
+# write) kills the process with SIGBUS. A rollback journal fails with "database or disk is full".
+# A database left in WAL mode is converted with the lock held exclusively, in which mode SQLite
+# keeps the WAL index in memory, not in `-shm`.
 _SCHEMA = """
-PRAGMA journal_mode = WAL;
+PRAGMA locking_mode = EXCLUSIVE;
+PRAGMA journal_mode = DELETE;
+PRAGMA locking_mode = NORMAL;
 CREATE TABLE IF NOT EXISTS results (
     id       TEXT PRIMARY KEY,
     created  REAL NOT NULL,
