@@ -44,7 +44,8 @@ class XfsStore(DirectoryStore):
 
 def _require_reflink(directory: Path) -> None:
     """Clone a small file in `directory`; raise BuildError if the filesystem cannot (saying
-    how to make one that can) or if `directory` is not writable."""
+    how to make one that can) or if `directory` is not writable. A full filesystem, where no
+    file can be written, passes."""
     source, clone = directory / ".reflink-probe", directory / ".reflink-probe.clone"
     try:
         with open(source, "w+b") as src, open(clone, "wb") as dst:
@@ -53,6 +54,10 @@ def _require_reflink(directory: Path) -> None:
             src.flush()
             fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # A full store cannot be probed, but must open for `prune` and `delete` to free
+            # space; it was probed when it was not full, and builds refuse to start on it.
+            return
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.EXDEV, errno.ENOTTY):
             raise BuildError(f"cannot write in {directory}: {exc.strerror}") from None
         raise BuildError(
