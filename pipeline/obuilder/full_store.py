@@ -50,8 +50,10 @@ def is_disk_full(exc: BaseException) -> bool:
             return False
         if isinstance(current, OSError) and current.errno in _FULL_ERRNOS:
             return True
-        if (isinstance(current, sqlite3.Error)
-                and getattr(current, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL):
+        # Errors raised by the sqlite3 module itself, not by SQLite, have no code.
+        code = getattr(current, "sqlite_errorcode", None)
+        if isinstance(current, sqlite3.Error) and code is not None and (
+                code & 0xFF == sqlite3.SQLITE_FULL):
             return True
         seen.add(id(current))
         current = current.__cause__ or current.__context__
