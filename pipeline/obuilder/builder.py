@@ -26,6 +26,11 @@ written to a private temporary directory outside the rootfs (on tmpfs where ther
 mounted read-only; they are not part of the step id, so a build that joins a step already
 running shares the result made with the first build's secret values.
 
+A build refuses to start on a full store (see `full_store`), and one that runs out of space (a
+write, a store tool, the result table) fails with `StoreFull`: one line naming the store, its free
+space and what to run to free some. A step whose command fails while the store is full gets that
+line as a hint, the space being measured before the store discards the step.
+
 The output of a build, written to its `log` as it happens, is for each step a header
 (`WORKDIR: OP`), the step's output, then `---> using "<id>" from cache` or
 `---> saved as "<id>"`.
@@ -39,14 +44,15 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Awaitable, Callable, Mapping
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, BinaryIO
 
 from pipeline.obuilder import spec as S
+from pipeline.obuilder.full_store import is_disk_full, reporting_full, space_problem
 from pipeline.obuilder.manifest import manifest
 from pipeline.obuilder.protocols import (
     BuildError,
@@ -160,10 +166,22 @@ class Builder:
         secret ids to values for `(run (secrets ...))`. Child stages are built first, in order.
         Raises BuildError naming the step on its failure (a failed step is never saved, so
         building again retries it), for a missing secret, an unknown `(user (name ...))`, an
-        unsupported network, or a `copy` source breaking the manifest rules. Cancelling the
-        calling task stops the current step unless another build is waiting for it too.
+        unsupported network, or a `copy` source breaking the manifest rules; StoreFull if the
+        store is full (see `full_store`) or runs out of space. Cancelling the calling task stops
+        the current step unless another build is waiting for it too.
         """
-        return await self._build(spec, context, log, secrets, {})
+        async with self._space_guard():
+            return await self._build(spec, context, log, secrets, {})
+
+    @asynccontextmanager
+    async def _space_guard(self) -> AsyncIterator[None]:
+        """Refuse to start if the store is full; make a full-disk failure inside StoreFull, the
+        one message saying which store is full and how to free space."""
+        problem = await space_problem(self.store)
+        if problem is not None:
+            raise problem
+        async with reporting_full(lambda: self.store):
+            yield
 
     async def _build(self, spec: S.Spec, context: Path, log: Callable[[bytes], None],
                      secrets: Mapping[str, bytes], stages: Mapping[str, str]) -> str:
@@ -184,8 +202,10 @@ class Builder:
     async def fetch_base(self, image: str, *, log: Callable[[bytes], None]) -> str:
         """Make sure the result of `(from image)` is in the store, fetching the image if it is
         not, and return its id; `log` gets the step's header, output and outcome. Raises
-        BuildError naming the step if the fetcher fails (nothing is saved then)."""
-        id, _ = await self._from(image, log)
+        BuildError naming the step if the fetcher fails (nothing is saved then), StoreFull as
+        `build` does."""
+        async with self._space_guard():
+            id, _ = await self._from(image, log)
         return id
 
     async def _from(self, image: str, log: Callable[[bytes], None]) -> tuple[str, dict[str, str]]:
@@ -300,7 +320,8 @@ class Builder:
 
     def _start(self, id: str, base: str | None, header: str, work: Work) -> _Step:
         live = _LiveLog()
-        task = asyncio.create_task(self._load_or_build(id, base, header, live, work))
+        task = asyncio.create_task(
+            self._load_or_build(id, base, header, live, self._with_space_hint(work)))
         step = _Step(task=task, log=live)
         self._running[id] = step
 
@@ -311,6 +332,22 @@ class Builder:
 
         task.add_done_callback(finished)
         return step
+
+    def _with_space_hint(self, work: Work) -> Work:
+        """`work`, whose failure also says that the store is full if it is then (a command that
+        fails for lack of space only says that it failed). Checked before the store discards
+        the step, which gives its space back."""
+
+        async def hinted(tmp: Path, log: Log) -> None:
+            try:
+                await work(tmp, log)
+            except BuildError as exc:
+                problem = None if is_disk_full(exc) else await space_problem(self.store)
+                if problem is None:
+                    raise
+                raise BuildError(f"{exc}; {problem}") from exc
+
+        return hinted
 
     async def _load_or_build(self, id: str, base: str | None, header: str, live: _LiveLog,
                              work: Work) -> bool:

@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     dockerfile.add_argument("--escape", choices=("unix", "windows"), default="unix",
                             help="the escape character convention (default: unix)")
 
-    for name, text in (("healthcheck", "check that the store and runc work"),
+    for name, text in (("healthcheck", "check that runc works and that the store works and is "
+                        "not full (full: less than 1 %% of its filesystem or 100 MiB free, "
+                        "whichever is larger; builds refuse to start then)"),
                        ("clean", "remove what crashed processes left (containers, builds, mounts)"),
                        ("df", "show the store's disk usage")):
         _store_option(commands.add_parser(name, help=text))
@@ -153,12 +155,21 @@ def main(argv: Sequence[str]) -> int:
             print("pipeline obuilder: must run as root (runc and the stores need it)",
                   file=sys.stderr)
             return EXIT_FAILED
-        return asyncio.run(_COMMANDS[options.command](options))
+        return asyncio.run(_store_command(options))
     except BuildError as exc:
         print(f"pipeline obuilder: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+
+
+async def _store_command(options: argparse.Namespace) -> int:
+    """Run a command on a store; a full disk becomes one message saying how to free space."""
+    from pipeline.obuilder.full_store import reporting_full
+    from pipeline.obuilder.stores import open_store
+
+    async with reporting_full(lambda: open_store(options.store, rsync_mode=options.rsync_mode)):
+        return await _COMMANDS[options.command](options)
 
 
 def _read_spec(options: argparse.Namespace) -> Any:
@@ -277,7 +288,12 @@ async def _pull_image(image: str, builder: Any, fetcher: Any) -> int:
 
 
 async def _healthcheck(options: argparse.Namespace) -> int:
+    from pipeline.obuilder.full_store import space_problem
+
     async with _opened_store(options) as store:
+        problem = await space_problem(store)
+        if problem is not None:
+            raise problem
         usage = await store.df()
     print(f"store {options.store}: ok ({usage.free // 2**20} MiB free)")
     from pipeline.obuilder.sandboxes.runc import check_runc

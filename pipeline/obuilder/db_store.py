@@ -7,13 +7,17 @@ nothing of it; the builder talks to a `DbStore` wrapping one.
 
 Several processes may share the table, as they share the store: a writer waits up to
 `BUSY_TIMEOUT` seconds for another's transaction, and the store's step locks (`Store.lock`)
-keep a build, a deletion and start-up cleaning of one result from crossing each other.
+keep a build, a deletion and start-up cleaning of one result from crossing each other. The
+table uses a rollback journal, never WAL (see `_SCHEMA`), and `ROOT/state/db-reserve` keeps room
+for recording deletions on a full disk (see `RESERVE_BYTES`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -36,10 +40,22 @@ BUSY_TIMEOUT = 600.0
 """Seconds a transaction waits for another process's to finish before failing. Transactions
 here are single statements, so any wait is short unless a process is stopped holding one."""
 
+RESERVE_BYTES = 2**20
+"""The size of `ROOT/state/db-reserve`, space kept so that deleting results can be recorded
+on a full disk (the table's journal needs some), released when that write finds no room and
+made again at the next start-up with room for it."""
+
 # `children` is kept by triggers, so no code path can forget it. A row is always removed after
 # its children's rows (see `DbStore.delete`).
+# A rollback journal, not WAL: WAL keeps its index in a memory-mapped `-shm` file, and a write to
+# a mapped page that the filesystem cannot back (a full disk; on btrfs, any page, as it copies on
+# write) kills the process with SIGBUS. A rollback journal fails with "database or disk is full".
+# A database left in WAL mode is converted with the lock held exclusively, in which mode SQLite
+# keeps the WAL index in memory, not in `-shm`.
 _SCHEMA = """
-PRAGMA journal_mode = WAL;
+PRAGMA locking_mode = EXCLUSIVE;
+PRAGMA journal_mode = DELETE;
+PRAGMA locking_mode = NORMAL;
 CREATE TABLE IF NOT EXISTS results (
     id       TEXT PRIMARY KEY,
     created  REAL NOT NULL,
@@ -123,6 +139,7 @@ class DbStore:
         self._db = sqlite3.connect(store.root / STATE / "db.sqlite", check_same_thread=False,
                                    timeout=BUSY_TIMEOUT)
         self._db.executescript(_SCHEMA)
+        self._reserve = store.root / STATE / "db-reserve"
         self._lock = threading.Lock()
         # Bases of builds running in this process now (with how many builds use each), and
         # results being deleted by it now: prune leaves the former alone; a build on one of the
@@ -140,7 +157,9 @@ class DbStore:
         return await asyncio.to_thread(transaction)
 
     async def open(self) -> None:
-        """Start-up: make the store and its table consistent after a crash (see `clean`)."""
+        """Start-up: make the reserve if missing (see `RESERVE_BYTES`), and the store and its
+        table consistent after a crash (see `clean`)."""
+        await asyncio.to_thread(self._keep_reserve)
         await self.clean()
 
     async def clean(self) -> None:
@@ -209,7 +228,7 @@ class DbStore:
         removal fails; the results removed before that stay removed."""
         descendants = await self._sql(_descendants, id)
         if not descendants and await self.store.result(id) is None:
-            await self._sql(_remove, [id])
+            await self._forget_deleted(id)
             return []
         doomed = [*descendants, id]
         for victim in doomed:
@@ -223,7 +242,7 @@ class DbStore:
         self._deleting.add(id)
         try:
             await self.store.delete(id)
-            await self._sql(_remove, [id])
+            await self._forget_deleted(id)
         finally:
             self._deleting.discard(id)
             lock.release()
@@ -252,6 +271,35 @@ class DbStore:
             await self._delete_one(victim, lock)
             pruned.append(victim)
         return pruned
+
+    async def _forget_deleted(self, id: str) -> None:
+        """Remove the row of `id`, whose result is gone. On a full disk the write may need
+        space that the deletion did not free (a small result) or has not given back yet (btrfs
+        does a moment later): then the reserve is released, `df` waits for freed space to count
+        when the store looks full (see `BtrfsStore.df`), and the write is tried again."""
+        try:
+            await self._sql(_remove, [id])
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_FULL:
+                raise
+            self._reserve.unlink(missing_ok=True)
+            await self.store.df()
+            await self._sql(_remove, [id])
+
+    def _keep_reserve(self) -> None:
+        """Make the reserve (see `RESERVE_BYTES`) if it is missing and there is room for it."""
+        if self._reserve.exists():
+            return
+        fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # A full store: made at a later start-up, once there is room.
+            self._reserve.unlink()
+        finally:
+            os.close(fd)
 
     def log_file(self, id: str) -> Path:
         """See `Store.log_file`."""

@@ -22,6 +22,10 @@ class BuildError(Exception):
 class MissingTool(BuildError):
     """A system tool is missing; the message names the Debian package that provides it."""
 
+class StoreFull(BuildError):
+    """The store's filesystem is full: the message names the store, says how much is free and
+    what to run to free space (see `full_store.py`)."""
+
 @dataclass(frozen=True)
 class DiskUsage:
     """Space on the store's filesystem, in bytes."""

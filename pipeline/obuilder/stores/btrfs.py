@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.obuilder.full_store import min_free
+from pipeline.obuilder.protocols import DiskUsage
 from pipeline.obuilder.stores.common import DirectoryStore, require, require_filesystem, run
 
 # The inode number of the root directory of every btrfs subvolume.
@@ -37,3 +39,18 @@ class BtrfsStore(DirectoryStore):
             await run("btrfs", "subvolume", "delete", "--", path)
         else:
             await super()._remove(path)
+
+    async def df(self) -> DiskUsage:
+        """See `Store.df`. A deleted subvolume keeps its space until btrfs has cleaned it up in
+        the background and committed that, up to a minute later: when the store looks full
+        (see `full_store`), wait for that and look again, so that the space just freed by
+        `prune`, `delete` or a failed step counts."""
+        usage = await super().df()
+        if usage.free >= min_free(usage):
+            return usage
+        # A commit starts the cleaner, which `subvolume sync` waits for; the second commit
+        # releases the blocks the cleaner freed.
+        await run("btrfs", "filesystem", "sync", "--", self.root)
+        await run("btrfs", "subvolume", "sync", "--", self.root)
+        await run("btrfs", "filesystem", "sync", "--", self.root)
+        return await super().df()

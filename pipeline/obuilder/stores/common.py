@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import functools
 import itertools
 import os
@@ -69,7 +70,8 @@ async def run(*argv: str | Path) -> None:
     """Run a command to completion, its output discarded.
 
     Raises MissingTool if the program does not exist, BuildError (with the command's stderr) if
-    it exits non-zero. Cancelling the caller kills the command before the cancellation goes on.
+    it exits non-zero, raised from an OSError (ENOSPC or EDQUOT) if the stderr says the disk is
+    full. Cancelling the caller kills the command before the cancellation goes on.
     """
     args = [str(a) for a in argv]
     try:
@@ -88,7 +90,12 @@ async def run(*argv: str | Path) -> None:
         raise
     if process.returncode != 0:
         message = stderr.decode(errors="replace").strip().replace("\n", "; ")
-        raise BuildError(f"{' '.join(args)} failed (exit status {process.returncode}): {message}")
+        error = BuildError(f"{' '.join(args)} failed (exit status {process.returncode}): {message}")
+        # A full disk, as the tool reports it: the cause tells callers, who say which store is
+        # full and how to free space (see `full_store.is_disk_full`).
+        full = [OSError(code, os.strerror(code)) for code in (errno.ENOSPC, errno.EDQUOT)
+                if os.strerror(code) in message]
+        raise error from (full[0] if full else None)
 
 
 def _unescape_mount_point(text: str) -> str:

@@ -44,9 +44,9 @@ class XfsStore(DirectoryStore):
 
 def _require_reflink(directory: Path) -> None:
     """Clone a small file in `directory`; raise BuildError if the filesystem cannot (saying
-    how to make one that can) or if `directory` is not writable. The files are unnamed
-    (O_TMPFILE), so that processes opening the store at once do not meet, and a crash leaves
-    nothing behind."""
+    how to make one that can) or if `directory` is not writable. A full filesystem, where no
+    file can be written, passes. The files are unnamed (O_TMPFILE), so that processes opening
+    the store at once do not meet, and a crash leaves nothing behind."""
     try:
         with open(os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600), "w+b") as src, \
                 open(os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600), "wb") as dst:
@@ -55,6 +55,10 @@ def _require_reflink(directory: Path) -> None:
             src.flush()
             fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # A full store cannot be probed, but must open for `prune` and `delete` to free
+            # space; it was probed when it was not full, and builds refuse to start on it.
+            return
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.EXDEV, errno.ENOTTY):
             raise BuildError(f"cannot write in {directory}: {exc.strerror}") from None
         raise BuildError(
