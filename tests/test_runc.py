@@ -225,6 +225,23 @@ async def test_mount_points_follow_symlinks_only_inside_the_rootfs(
     assert (rootfs / "data").is_symlink()
 
 
+async def test_mount_points_the_command_moved_or_replaced_are_its_output(
+        sandbox: RuncSandbox, rootfs: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "y").write_text("precious\n")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    # The parent of the mount point, made for the run, is moved away and replaced by a link to
+    # the host: removing /x/y by its host path would follow it.
+    config = sh(f"mv /x /z && ln -s {victim} /x", mounts=[Mount(cache, "/x/y")])
+    await run(sandbox, config, rootfs)
+    assert sorted(p.name for p in victim.iterdir()) == ["y"]
+    assert (victim / "y").read_text() == "precious\n"
+    assert os.readlink(rootfs / "x") == str(victim)
+    assert (rootfs / "z" / "y").is_dir()
+
+
 async def test_stdin_is_fed_to_the_command(sandbox: RuncSandbox, rootfs: Path) -> None:
     assert await run(sandbox, sh("tr a-z A-Z"), rootfs, stdin=b"some input\n") == "SOME INPUT\n"
     # Without stdin the command reads an empty /dev/null rather than hanging.

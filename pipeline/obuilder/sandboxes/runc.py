@@ -9,6 +9,13 @@ a tmpfs /dev, /dev/shm, /dev/pts, /dev/mqueue, a read-only /sys; hostname `build
 The rootfs is a build result in the making, so the sandbox leaves nothing of its own in it: the
 mount points it has to create (for /etc/hosts, caches, secrets, ...) are removed after the run, and
 /etc/hosts and /etc/resolv.conf are bind-mounted over, never written.
+
+The rootfs is also hostile: the command may replace any directory with a symlink to a host path.
+Mount points are made and removed only through `confined` (descriptor-relative walks that never
+leave the rootfs): before the run a symlink on the way is followed as if the rootfs were `/`;
+after it nothing is followed, and an entry is removed only if it is still the very file or
+directory (same device and inode, in the same parent) that was made for the run; anything else
+is the command's output and stays.
 """
 
 from __future__ import annotations
@@ -19,13 +26,15 @@ import os
 import platform
 import shutil
 import signal
+import stat
 import tempfile
 import uuid
-from collections import deque
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from pipeline.obuilder import confined
 from pipeline.obuilder.protocols import BuildError, Log, MissingTool, SandboxConfig
 
 CAPABILITIES = (
@@ -96,70 +105,75 @@ def _needs_mount_point(destination: str) -> bool:
     return not (len(parts) > 2 and parts[1] in ("dev", "proc", "sys"))
 
 
-def _resolve(rootfs: Path, path: str) -> Path:
-    """The host path of `path` in `rootfs`, following symlinks as if `rootfs` were `/`.
+@dataclass(frozen=True)
+class _MountPoint:
+    """An entry made in the rootfs for a mount: its path relative to the rootfs (free of
+    symlinks when it was made), and the (st_dev, st_ino) of the entry and of its parent."""
 
-    A symlink in the rootfs can never lead outside it (an absolute target, or `..` at the top,
-    stays inside), so creating a mount point cannot touch the host. Raises BuildError on a
-    symlink loop.
-    """
-    pending = deque(PurePosixPath(path).parts)
-    current = PurePosixPath("/")
-    links = 0
-    while pending:
-        part = pending.popleft()
-        if part in ("/", "."):
-            continue
-        if part == "..":
-            current = current.parent
-            continue
-        host = rootfs / (current / part).relative_to("/")
-        if host.is_symlink():
-            links += 1
-            if links > 40:
-                raise BuildError(f"too many levels of symbolic links in {path} (in the rootfs)")
-            target = PurePosixPath(os.readlink(host))
-            if target.is_absolute():
-                current = PurePosixPath("/")
-            pending.extendleft(reversed(target.parts))
-            continue
-        current = current / part
-    return rootfs / current.relative_to("/")
+    path: str
+    identity: tuple[int, int]
+    parent: tuple[int, int]
 
 
-def _make_mount_point(rootfs: Path, destination: str, is_dir: bool, created: list[Path]) -> None:
-    """Create `destination` (and missing parents) in `rootfs` unless it exists, appending each
-    path created to `created` as soon as it exists, so that a failure half-way still lets the
-    caller remove them. Raises BuildError if a parent is not a directory."""
-    target = _resolve(rootfs, destination)
-    missing = []
-    path = target
-    while not os.path.lexists(path):
-        missing.append(path)
-        path = path.parent
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    return info.st_dev, info.st_ino
+
+
+def _make_mount_point(root_fd: int, destination: str, is_dir: bool,
+                      created: list[_MountPoint]) -> None:
+    """Create `destination` (and missing parents) in the rootfs `root_fd` unless it exists,
+    following symlinks as if the rootfs were `/`. Each entry made is appended to `created` as
+    soon as it exists, so that a failure half-way still lets the caller remove them. Raises
+    BuildError if a parent is not a directory or symlinks loop."""
     try:
-        for path in reversed(missing):
-            if path != target or is_dir:
-                path.mkdir()
+        parts = confined.resolve(root_fd, destination).split("/")
+        for depth, name in enumerate(parts):
+            if not name:
+                continue  # the destination is the root itself
+            parent = confined.open_dir(root_fd, "/".join(parts[:depth]), follow_in_root=False)
+            try:
+                if depth < len(parts) - 1 or is_dir:
+                    os.mkdir(name, dir_fd=parent)
+                else:
+                    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                     | os.O_CLOEXEC, 0o644, dir_fd=parent))
+            except FileExistsError:
+                continue
             else:
-                path.touch(mode=0o644, exist_ok=False)
-            created.append(path)
+                made = os.stat(name, dir_fd=parent, follow_symlinks=False)
+                created.append(_MountPoint("/".join(parts[:depth + 1]), _identity(made),
+                                           _identity(os.fstat(parent))))
+            finally:
+                os.close(parent)
     except OSError as exc:
         raise BuildError(f"cannot create mount point {destination} in the rootfs: "
                          f"{exc.strerror}") from None
 
 
-def _remove_mount_points(created: list[Path]) -> None:
-    """Remove what `_make_mount_point` created, deepest first. A directory the command has put
-    files into (a parent of a mount point, not covered by it) is its output and stays."""
-    for path in reversed(created):
+def _remove_mount_points(root_fd: int, created: list[_MountPoint]) -> None:
+    """Remove what `_make_mount_point` created, deepest first, without following any symlink.
+
+    An entry stays if the command replaced it or anything on its path (a different inode, a
+    symlink on the way) or put files into it (a parent of a mount point, not covered by it):
+    it is the command's output."""
+    for point in reversed(created):
+        parent_path, _, name = point.path.rpartition("/")
         try:
-            if path.is_dir() and not path.is_symlink():
-                path.rmdir()
-            else:
-                path.unlink()
+            parent = confined.open_dir(root_fd, parent_path, follow_in_root=False)
         except OSError:
             continue
+        try:
+            info = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            if _identity(os.fstat(parent)) != point.parent or _identity(info) != point.identity:
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                os.rmdir(name, dir_fd=parent)
+            else:
+                os.unlink(name, dir_fd=parent)
+        except OSError:
+            continue
+        finally:
+            os.close(parent)
 
 
 def _signal_name(number: int) -> str:
@@ -351,7 +365,8 @@ class RuncSandbox:
         """
         rootfs = rootfs.resolve()
         bundle = Path(tempfile.mkdtemp(prefix="bundle-", dir=self.state_dir))
-        created: list[Path] = []
+        root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        created: list[_MountPoint] = []
         try:
             hosts = bundle / "hosts"
             hosts.write_text(f"127.0.0.1 localhost {config.hostname}\n")
@@ -360,10 +375,11 @@ class RuncSandbox:
             for mount in spec["mounts"]:
                 if _needs_mount_point(mount["destination"]):
                     is_dir = mount["type"] != "bind" or Path(mount["source"]).is_dir()
-                    _make_mount_point(rootfs, mount["destination"], is_dir, created)
+                    _make_mount_point(root_fd, mount["destination"], is_dir, created)
             await self._run_bundle(bundle, log=log, stdin=stdin, cancelled=cancelled)
         finally:
-            _remove_mount_points(created)
+            _remove_mount_points(root_fd, created)
+            os.close(root_fd)
             shutil.rmtree(bundle, ignore_errors=True)
 
     async def _run_bundle(self, bundle: Path, *, log: Log, stdin: bytes | None,
