@@ -186,6 +186,29 @@ async def test_copy_onto_a_planted_symlink_replaces_it(
     assert (await rootfs(store, result) / "dst").read_text() == "copied\n"
 
 
+async def test_a_user_is_looked_up_in_the_rootfs_only(
+        builder: Builder, context: Path, victim: Path) -> None:
+    spec = f"""((from busybox)
+ (run (shell "mv /etc/passwd /etc/passwd.real && ln -s {victim}/passwd /etc/passwd"))
+ (user (name intruder)) (run (shell "id")))"""
+    with pytest.raises(BuildError, match=r"cannot look up user 'intruder': no /etc/passwd$"):
+        await build(builder, spec, context)
+    # A symlink within the rootfs is followed as the command would see it.
+    spec = """((from busybox)
+ (run (shell "mv /etc/passwd /etc/passwd.real && ln -s passwd.real /etc/passwd"))
+ (user (name opam)) (run (shell "id -u")))"""
+    _, output = await build(builder, spec, context)
+    assert "\n1000\n" in output
+
+
+async def test_a_fifo_as_etc_passwd_fails_the_step(builder: Builder, context: Path) -> None:
+    spec = """((from busybox)
+ (run (shell "rm /etc/passwd && mkfifo /etc/passwd"))
+ (user (name opam)) (run (shell "id")))"""
+    with pytest.raises(BuildError, match=r"'opam': /etc/passwd is not a regular file$"):
+        await build(builder, spec, context)
+
+
 # --- the confined walks ---------------------------------------------------------------------------
 
 

@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
@@ -44,6 +45,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, BinaryIO
 
+from pipeline.obuilder import confined
 from pipeline.obuilder import spec as S
 from pipeline.obuilder.manifest import manifest
 from pipeline.obuilder.protocols import (
@@ -350,22 +352,38 @@ def _user_key(user: S.User) -> dict[str, Any]:
 def _resolve_user(rootfs: Path, user: S.User) -> tuple[int, int]:
     """The uid and gid of `user`, looking a name up in the rootfs's /etc/passwd.
 
-    Raises BuildError if the name is not there, or if /etc or /etc/passwd is a symlink (which
-    would have to be resolved inside the rootfs, and no image needs).
+    The file is opened confined to the rootfs (symlinks resolved as if the rootfs were `/`), so
+    a step cannot make the builder read a host file. Raises BuildError if the name is not there,
+    or /etc/passwd is missing or not a regular file.
     """
     if isinstance(user, S.UserIds):
         return user.uid, user.gid
-    passwd = rootfs / "etc" / "passwd"
-    if (rootfs / "etc").is_symlink() or passwd.is_symlink():
-        raise BuildError(f"cannot look up user {user.name!r}: /etc/passwd is a symlink")
+    cannot = f"cannot look up user {user.name!r}"
+    root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        lines = passwd.read_text().splitlines()
+        parent, _, name = confined.resolve(root_fd, "/etc/passwd").rpartition("/")
+        directory = confined.open_dir(root_fd, parent, follow_in_root=False)
+        try:
+            # O_NONBLOCK: a FIFO planted there must not hang the builder.
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=directory)
+        finally:
+            os.close(directory)
     except FileNotFoundError:
-        raise BuildError(f"cannot look up user {user.name!r}: no /etc/passwd") from None
-    for line in lines:
-        fields = line.split(":")
-        if len(fields) >= 4 and fields[0] == user.name:
-            return int(fields[2]), int(fields[3])
+        raise BuildError(f"{cannot}: no /etc/passwd") from None
+    except OSError as exc:
+        raise BuildError(f"{cannot}: /etc/passwd: {exc.strerror}") from None
+    finally:
+        os.close(root_fd)
+    with open(fd, "rb") as passwd:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BuildError(f"{cannot}: /etc/passwd is not a regular file")
+        for line in passwd:
+            fields = line.decode(errors="replace").rstrip("\n").split(":")
+            if len(fields) >= 4 and fields[0] == user.name:
+                if not (fields[2].isdigit() and fields[3].isdigit()):
+                    raise BuildError(f"{cannot}: bad uid or gid in /etc/passwd")
+                return int(fields[2]), int(fields[3])
     raise BuildError(f"user {user.name!r} not found in /etc/passwd")
 
 
