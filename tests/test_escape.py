@@ -4,17 +4,24 @@ Each attack runs on every store kind (btrfs, overlayfs, xfs, rsync) with the rea
 The target is a victim directory on the host (under the test's tmp_path): after the build it
 must be exactly as before, entries, contents and metadata (ctime included, so a chmod, chown
 or link count change shows), whether the step succeeded or failed. Also here: the confined
-walks themselves.
+walks themselves, and secrets surviving nowhere when the builder is killed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
+import secrets
+import signal
+import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from obuilder_fixtures import HANG_GUARD
 from test_builder import build, make_store, rootfs
 
 from pipeline.obuilder import confined
@@ -259,3 +266,83 @@ def test_open_dir_never_leaves_the_tree(tree: int, victim: Path) -> None:
         assert info.value.errno == errno.ELOOP
     with pytest.raises(NotADirectoryError):
         confined.open_dir(tree, "/etc/passwd", follow_in_root=False)
+
+
+# --- secrets --------------------------------------------------------------------------------------
+
+
+async def test_a_secret_is_readable_by_the_step_user_only_at_its_target(
+        builder: Builder, store: DbStore, context: Path) -> None:
+    value = secrets.token_hex(16)
+    spec = """((from busybox) (user (uid 1000) (gid 1000))
+ (run (secrets (token (target /home/opam/token)))
+      (shell "stat -c '%a %u:%g' /home/opam/token; cat /home/opam/token; echo")))"""
+    result, output = await build(builder, spec, context, secrets={"token": value.encode()})
+    assert f"\n400 1000:1000\n{value}\n" in output
+    assert not (await rootfs(store, result) / "home" / "opam" / "token").exists()
+
+
+def files_holding(value: bytes, *tops: Path) -> list[Path]:
+    """The files under `tops` holding `value`, on the same file systems (loop-mounted images,
+    larger than any secret file, are left out)."""
+    found = []
+    for top in tops:
+        device = top.stat().st_dev
+        for directory, subdirectories, files in os.walk(top):
+            subdirectories[:] = [d for d in subdirectories
+                                 if _device(os.path.join(directory, d)) == device]
+            for name in files:
+                path = Path(directory, name)
+                try:
+                    info = path.lstat()
+                    small_file = info.st_size < (64 << 20) and stat.S_ISREG(info.st_mode)
+                    if small_file and value in path.read_bytes():
+                        found.append(path)
+                except OSError:
+                    continue  # another process's file, gone meanwhile
+    return found
+
+
+def _device(path: str) -> int | None:
+    try:
+        return os.lstat(path).st_dev
+    except OSError:
+        return None  # another process's file, gone meanwhile
+
+
+@pytest.mark.parametrize("kind", ["rsync", "btrfs"])
+async def test_a_killed_build_leaves_its_secrets_nowhere(
+        kind: str, request: pytest.FixtureRequest, tmp_path: Path, busybox_images: Path,
+        context: Path) -> None:
+    store = await make_store(kind, request, tmp_path)
+    value = f"secret-{secrets.token_hex(16)}".encode()
+    secret_file = tmp_path / "secret-input"
+    secret_file.write_bytes(value)
+    spec = tmp_path / "spec"
+    spec.write_text('((from busybox) (run (secrets (token (target /run/token)))'
+                    ' (shell "cat /run/token >/dev/null && echo started | tr a-z A-Z'
+                    ' && sleep 600")))')
+    process = await asyncio.create_subprocess_exec(
+        Path(sys.executable).parent / "pipeline", "obuilder", "build", "-f", str(spec),
+        str(context), "--store", f"{kind}:{store.root}", "--image-dir", str(busybox_images),
+        "--secret", f"token:{secret_file}",
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert process.stdout is not None
+    output = b""
+    async with asyncio.timeout(HANG_GUARD):
+        # The marker as printed by the step (its header holds it in lower case).
+        while b"STARTED" not in output:
+            chunk = await process.stdout.read(4096)
+            assert chunk, output.decode()
+            output += chunk
+    process.send_signal(signal.SIGKILL)
+    await process.wait()
+    secret_file.unlink()
+    state = store.root / "state" / "sandbox"
+    try:
+        assert files_holding(value, Path("/dev/shm"), Path("/tmp"), store.root, state) == []
+    finally:
+        # The builder's death does not stop the container: stop it here.
+        for container in os.listdir(state / "runc"):
+            subprocess.run(["runc", "--root", str(state / "runc"), "kill", "--all", container,
+                            "KILL"], check=False, capture_output=True)

@@ -20,9 +20,12 @@ A `run` step's caches are the store's named caches (`Store.cache`): each step wo
 copy, taken when the step starts and owned by the step's user if the cache is new. When two
 builds use the same cache at once, each starts from the version it saw and the copy released
 last replaces the cache (last writer wins); a failed step's changes are discarded. Secrets are
-written to a private temporary directory outside the rootfs (on tmpfs where there is one) and
-mounted read-only; they are not part of the step id, so a build that joins a step already
-running shares the result made with the first build's secret values.
+handed to the sandbox as values (`Secret`), never written to a file by the builder: the runc
+sandbox copies them to a tmpfs mounted in a private mount namespace that only runc and the
+container see, so they leave nothing behind even if the builder is killed (SIGKILL included),
+and mounts them read-only (mode 0400, owned by the step's user). They are not part of the step
+id, so a build that joins a step already running shares the result made with the first build's
+secret values.
 
 The output of a build, written to its `log` as it happens, is for each step a header
 (`WORKDIR: OP`), the step's output, then `---> using "<id>" from cache` or
@@ -37,7 +40,6 @@ import json
 import os
 import re
 import stat
-import tempfile
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -55,13 +57,11 @@ from pipeline.obuilder.protocols import (
     Mount,
     Sandbox,
     SandboxConfig,
+    Secret,
     Store,
 )
 
 _NO_SECRETS: Mapping[str, bytes] = MappingProxyType({})
-_SECRETS_TMP = "/dev/shm"
-"""Where secret files are written for the duration of a step: a tmpfs, so values never reach
-a disk (falls back to the default temporary directory where it does not exist)."""
 
 DIGEST = "digest"
 """The file of a `(from ...)` result holding the image's digest (when the fetcher gives one)."""
@@ -226,17 +226,11 @@ class Builder:
                           c.target)
                     for c in op.cache
                 ]
-                if op.secrets:
-                    directory = Path(stack.enter_context(tempfile.TemporaryDirectory(
-                        prefix="obuilder-secrets-",
-                        dir=_SECRETS_TMP if os.path.isdir(_SECRETS_TMP) else None)))
-                    for n, secret in enumerate(op.secrets):
-                        mounts.append(Mount(_write_secret(directory / str(n),
-                                                          secrets[secret.id], uid, gid),
-                                            secret.target, readonly=True))
                 config = SandboxConfig(argv=[*ctx.shell, op.shell], cwd=ctx.workdir, uid=uid,
                                        gid=gid, env=dict(env), mounts=mounts,
-                                       network="host" in op.network)
+                                       network="host" in op.network,
+                                       secrets=[Secret(secrets[s.id], s.target)
+                                                for s in op.secrets])
                 await self.sandbox.run(config, rootfs, log=step_log)
 
         await self._step(id, parent, _header(ctx, op), log, work)
@@ -385,12 +379,3 @@ def _resolve_user(rootfs: Path, user: S.User) -> tuple[int, int]:
                     raise BuildError(f"{cannot}: bad uid or gid in /etc/passwd")
                 return int(fields[2]), int(fields[3])
     raise BuildError(f"user {user.name!r} not found in /etc/passwd")
-
-
-def _write_secret(path: Path, value: bytes, uid: int, gid: int) -> Path:
-    """Write a secret readable only by the step's user."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
-    with os.fdopen(fd, "wb") as file:
-        file.write(value)
-    os.chown(path, uid, gid)
-    return path

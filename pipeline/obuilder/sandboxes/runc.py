@@ -16,6 +16,9 @@ leave the rootfs): before the run a symlink on the way is followed as if the roo
 after it nothing is followed, and an entry is removed only if it is still the very file or
 directory (same device and inode, in the same parent) that was made for the run; anything else
 is the command's output and stays.
+
+Secrets never exist as files on the host: runc is started through `secret_namespace`, in a
+private mount namespace where they are files on a tmpfs that disappears with the container.
 """
 
 from __future__ import annotations
@@ -27,15 +30,17 @@ import platform
 import shutil
 import signal
 import stat
+import sys
 import tempfile
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pipeline.obuilder import confined
 from pipeline.obuilder.protocols import BuildError, Log, MissingTool, SandboxConfig
+from pipeline.obuilder.sandboxes import secret_namespace
 
 CAPABILITIES = (
     "CAP_CHOWN",  # change file owners (package managers unpack files owned by other users)
@@ -275,17 +280,25 @@ class RuncSandbox:
         self._runc_root = state_dir / "runc"
         self._runc_root.mkdir(parents=True, exist_ok=True)
 
-    def oci_config(self, config: SandboxConfig, rootfs: Path, *, hosts: Path) -> dict[str, Any]:
+    def oci_config(self, config: SandboxConfig, rootfs: Path, *, hosts: Path,
+                   secrets_dir: Path | None = None) -> dict[str, Any]:
         """The OCI runtime `config.json` running `config` over `rootfs` (an absolute path), with
-        `hosts` bound read-only at /etc/hosts. Raises BuildError for a relative mount target."""
+        `hosts` bound read-only at /etc/hosts and secret number N bound read-only from
+        `secrets_dir/N` (required if there are secrets). Raises BuildError for a relative
+        mount target."""
         mounts = _system_mounts(hosts, config.network)
-        for mount in config.mounts:
-            if not mount.dst.startswith("/"):
-                raise BuildError(f"mount target {mount.dst!r} is not an absolute path")
+        binds = [(m.src, m.dst, m.readonly) for m in config.mounts]
+        if config.secrets:
+            if secrets_dir is None:
+                raise ValueError("secrets need a secrets_dir")
+            binds += [(secrets_dir / str(n), s.dst, True) for n, s in enumerate(config.secrets)]
+        for source, destination, readonly in binds:
+            if not destination.startswith("/"):
+                raise BuildError(f"mount target {destination!r} is not an absolute path")
             options = ["rbind", "rprivate", "nosuid", "nodev"]
-            if mount.readonly:
+            if readonly:
                 options.append("ro")
-            mounts.append(_mount(mount.dst, "bind", str(mount.src), options))
+            mounts.append(_mount(destination, "bind", str(source), options))
         namespaces = ["pid", "ipc", "uts", "mount"]
         if not config.network:
             namespaces.append("network")
@@ -367,31 +380,50 @@ class RuncSandbox:
         bundle = Path(tempfile.mkdtemp(prefix="bundle-", dir=self.state_dir))
         root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         created: list[_MountPoint] = []
+        # Anonymous memory files: they vanish with the processes holding them.
+        values = [os.memfd_create("obuilder-secret") for _ in config.secrets]
         try:
             hosts = bundle / "hosts"
             hosts.write_text(f"127.0.0.1 localhost {config.hostname}\n")
-            spec = self.oci_config(config, rootfs, hosts=hosts)
+            secrets_dir = bundle / "secrets"
+            spec = self.oci_config(config, rootfs, hosts=hosts, secrets_dir=secrets_dir)
             (bundle / "config.json").write_text(json.dumps(spec, indent=2) + "\n")
             for mount in spec["mounts"]:
                 if _needs_mount_point(mount["destination"]):
+                    # A secret's source exists only in secret_namespace's tmpfs: it is a file.
                     is_dir = mount["type"] != "bind" or Path(mount["source"]).is_dir()
                     _make_mount_point(root_fd, mount["destination"], is_dir, created)
-            await self._run_bundle(bundle, log=log, stdin=stdin, cancelled=cancelled)
+            launcher: list[str] = []
+            if config.secrets:
+                secrets_dir.mkdir(mode=0o700)
+                for fd, secret in zip(values, config.secrets, strict=True):
+                    os.write(fd, secret.value)
+                launcher = [sys.executable, "-I", secret_namespace.__file__,
+                            str(bundle / "runc.log"), str(secrets_dir), str(config.uid),
+                            str(config.gid), *map(str, values), "--"]
+            await self._run_bundle(bundle, log=log, stdin=stdin, cancelled=cancelled,
+                                   launcher=launcher, pass_fds=values)
         finally:
+            for fd in values:
+                os.close(fd)
             _remove_mount_points(root_fd, created)
             os.close(root_fd)
             shutil.rmtree(bundle, ignore_errors=True)
 
     async def _run_bundle(self, bundle: Path, *, log: Log, stdin: bytes | None,
-                          cancelled: asyncio.Event | None) -> None:
+                          cancelled: asyncio.Event | None, launcher: Sequence[str],
+                          pass_fds: Sequence[int]) -> None:
+        """`runc run` the bundle. A non-empty `launcher` is a command that ends by exec'ing
+        the runc command line appended to it (`secret_namespace`); it inherits `pass_fds`."""
         container_id = f"pipeline-{uuid.uuid4().hex[:16]}"
         runc_log = bundle / "runc.log"
         try:
             proc = await asyncio.create_subprocess_exec(
-                self._runc, "--root", str(self._runc_root), "--log", str(runc_log),
+                *launcher, self._runc, "--root", str(self._runc_root), "--log", str(runc_log),
                 "--log-format", "json", "run", "--bundle", str(bundle), container_id,
                 stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                pass_fds=pass_fds)
         except FileNotFoundError:
             raise MissingTool(_INSTALL_RUNC) from None
         finished = asyncio.ensure_future(self._communicate(proc, log, stdin))
