@@ -216,6 +216,15 @@ async def test_a_fifo_as_etc_passwd_fails_the_step(builder: Builder, context: Pa
         await build(builder, spec, context)
 
 
+async def test_a_malformed_uid_in_etc_passwd_is_one_line_of_error(
+        builder: Builder, context: Path) -> None:
+    spec = """((from busybox)
+ (run (shell "echo 'odd:x:²:0::/:/bin/sh' >> /etc/passwd"))
+ (user (name odd)) (run (shell "id")))"""
+    with pytest.raises(BuildError, match=r"'odd': bad uid or gid in /etc/passwd$"):
+        await build(builder, spec, context)
+
+
 # --- the confined walks ---------------------------------------------------------------------------
 
 

@@ -375,7 +375,7 @@ def _resolve_user(rootfs: Path, user: S.User) -> tuple[int, int]:
         for line in passwd:
             fields = line.decode(errors="replace").rstrip("\n").split(":")
             if len(fields) >= 4 and fields[0] == user.name:
-                if not (fields[2].isdigit() and fields[3].isdigit()):
+                if not (re.fullmatch("[0-9]+", fields[2]) and re.fullmatch("[0-9]+", fields[3])):
                     raise BuildError(f"{cannot}: bad uid or gid in /etc/passwd")
                 return int(fields[2]), int(fields[3])
     raise BuildError(f"user {user.name!r} not found in /etc/passwd")
