@@ -309,3 +309,16 @@ def test_pull_refreshes_a_registry_tag(project: tuple[Path, Path], busybox_rootf
     assert len([line for line in fresh.stdout.splitlines() if line.startswith("---> using")]) == 1
     unknown = obuilder("pull", f"{registry.host}/no-such-image:latest", *option)
     assert unknown.returncode == 1 and "no-such-image" in unknown.stderr
+
+
+def test_a_relative_store_path_works(project: tuple[Path, Path], busybox_images: Path,
+                                     tmp_path: Path) -> None:
+    spec, context = project
+    (tmp_path / "store").mkdir()
+    argv = [sys.executable, "-m", "pipeline", "obuilder", "build", "-f", str(spec),
+            str(context), "--store", "rsync:store", "--image-dir", str(busybox_images)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert "done: hello" in done.stdout.splitlines()
+    assert GOT.match(done.stdout.splitlines()[-1])

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 from obuilder_fixtures import HANG_GUARD, RecordingLog
 
-from pipeline.obuilder.protocols import BuildError, MissingTool, Mount, Sandbox, SandboxConfig
+from pipeline.obuilder.protocols import (
+    BuildError,
+    MissingTool,
+    Mount,
+    Sandbox,
+    SandboxConfig,
+    Secret,
+)
 from pipeline.obuilder.sandboxes.runc import SYNC_SYSCALLS, RuncSandbox
 
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
@@ -224,6 +231,34 @@ async def test_mount_points_follow_symlinks_only_inside_the_rootfs(
     assert not outside.exists()
     assert not (rootfs / outside.relative_to("/")).exists()
     assert (rootfs / "data").is_symlink()
+
+
+async def test_mount_points_the_command_moved_or_replaced_are_its_output(
+        sandbox: RuncSandbox, rootfs: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "y").write_text("precious\n")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    # The parent of the mount point, made for the run, is moved away and replaced by a link to
+    # the host: removing /x/y by its host path would follow it.
+    config = sh(f"mv /x /z && ln -s {victim} /x", mounts=[Mount(cache, "/x/y")])
+    await run(sandbox, config, rootfs)
+    assert sorted(p.name for p in victim.iterdir()) == ["y"]
+    assert (victim / "y").read_text() == "precious\n"
+    assert os.readlink(rootfs / "x") == str(victim)
+    assert (rootfs / "z" / "y").is_dir()
+
+
+async def test_secrets_are_files_of_the_user_that_exist_only_in_the_container(
+        sandbox: RuncSandbox, rootfs: Path) -> None:
+    config = sh("stat -c '%a %u:%g' /run/token; cat /run/token; ls /run; ls -a /proc/self/fd",
+                uid=1000, gid=1000, secrets=[Secret(b"s3cret\n", "/run/token")])
+    output = await run(sandbox, config, rootfs)
+    # Only the command's standard descriptors: the secrets' memory files are not passed on.
+    assert output == "400 1000:1000\ns3cret\ntoken\n.\n..\n0\n1\n2\n3\n"
+    assert not (rootfs / "run").exists()
+    assert_clean(sandbox)
 
 
 async def test_stdin_is_fed_to_the_command(sandbox: RuncSandbox, rootfs: Path) -> None:

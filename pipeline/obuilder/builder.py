@@ -22,9 +22,12 @@ A `run` step's caches are the store's named caches (`Store.cache`): each step wo
 copy, taken when the step starts and owned by the step's user if the cache is new. When two
 builds use the same cache at once, each starts from the version it saw and the copy released
 last replaces the cache (last writer wins); a failed step's changes are discarded. Secrets are
-written to a private temporary directory outside the rootfs (on tmpfs where there is one) and
-mounted read-only; they are not part of the step id, so a build that joins a step already
-running shares the result made with the first build's secret values.
+handed to the sandbox as values (`Secret`), never written to a file by the builder: the runc
+sandbox copies them to a tmpfs mounted in a private mount namespace that only runc and the
+container see, so they leave nothing behind even if the builder is killed (SIGKILL included),
+and mounts them read-only (mode 0400, owned by the step's user). They are not part of the step
+id, so a build that joins a step already running shares the result made with the first build's
+secret values.
 
 A build refuses to start on a full store (see `full_store`), and one that runs out of space (a
 write, a store tool, the result table) fails with `StoreFull`: one line naming the store, its free
@@ -43,7 +46,7 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -51,6 +54,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, BinaryIO
 
+from pipeline.obuilder import confined
 from pipeline.obuilder import spec as S
 from pipeline.obuilder.full_store import is_disk_full, reporting_full, space_problem
 from pipeline.obuilder.manifest import manifest
@@ -61,13 +65,11 @@ from pipeline.obuilder.protocols import (
     Mount,
     Sandbox,
     SandboxConfig,
+    Secret,
     Store,
 )
 
 _NO_SECRETS: Mapping[str, bytes] = MappingProxyType({})
-_SECRETS_TMP = "/dev/shm"
-"""Where secret files are written for the duration of a step: a tmpfs, so values never reach
-a disk (falls back to the default temporary directory where it does not exist)."""
 
 DIGEST = "digest"
 """The file of a `(from ...)` result holding the image's digest (when the fetcher gives one)."""
@@ -246,17 +248,11 @@ class Builder:
                           c.target)
                     for c in op.cache
                 ]
-                if op.secrets:
-                    directory = Path(stack.enter_context(tempfile.TemporaryDirectory(
-                        prefix="obuilder-secrets-",
-                        dir=_SECRETS_TMP if os.path.isdir(_SECRETS_TMP) else None)))
-                    for n, secret in enumerate(op.secrets):
-                        mounts.append(Mount(_write_secret(directory / str(n),
-                                                          secrets[secret.id], uid, gid),
-                                            secret.target, readonly=True))
                 config = SandboxConfig(argv=[*ctx.shell, op.shell], cwd=ctx.workdir, uid=uid,
                                        gid=gid, env=dict(env), mounts=mounts,
-                                       network="host" in op.network)
+                                       network="host" in op.network,
+                                       secrets=[Secret(secrets[s.id], s.target)
+                                                for s in op.secrets])
                 await self.sandbox.run(config, rootfs, log=step_log)
 
         await self._step(id, parent, _header(ctx, op), log, work)
@@ -407,29 +403,36 @@ def _user_key(user: S.User) -> dict[str, Any]:
 def _resolve_user(rootfs: Path, user: S.User) -> tuple[int, int]:
     """The uid and gid of `user`, looking a name up in the rootfs's /etc/passwd.
 
-    Raises BuildError if the name is not there, or if /etc or /etc/passwd is a symlink (which
-    would have to be resolved inside the rootfs, and no image needs).
+    The file is opened confined to the rootfs (symlinks resolved as if the rootfs were `/`), so
+    a step cannot make the builder read a host file. Raises BuildError if the name is not there,
+    or /etc/passwd is missing or not a regular file.
     """
     if isinstance(user, S.UserIds):
         return user.uid, user.gid
-    passwd = rootfs / "etc" / "passwd"
-    if (rootfs / "etc").is_symlink() or passwd.is_symlink():
-        raise BuildError(f"cannot look up user {user.name!r}: /etc/passwd is a symlink")
+    cannot = f"cannot look up user {user.name!r}"
+    root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        lines = passwd.read_text().splitlines()
+        parent, _, name = confined.resolve(root_fd, "/etc/passwd").rpartition("/")
+        directory = confined.open_dir(root_fd, parent, follow_in_root=False)
+        try:
+            # O_NONBLOCK: a FIFO planted there must not hang the builder.
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=directory)
+        finally:
+            os.close(directory)
     except FileNotFoundError:
-        raise BuildError(f"cannot look up user {user.name!r}: no /etc/passwd") from None
-    for line in lines:
-        fields = line.split(":")
-        if len(fields) >= 4 and fields[0] == user.name:
-            return int(fields[2]), int(fields[3])
+        raise BuildError(f"{cannot}: no /etc/passwd") from None
+    except OSError as exc:
+        raise BuildError(f"{cannot}: /etc/passwd: {exc.strerror}") from None
+    finally:
+        os.close(root_fd)
+    with open(fd, "rb") as passwd:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BuildError(f"{cannot}: /etc/passwd is not a regular file")
+        for line in passwd:
+            fields = line.decode(errors="replace").rstrip("\n").split(":")
+            if len(fields) >= 4 and fields[0] == user.name:
+                if not (re.fullmatch("[0-9]+", fields[2]) and re.fullmatch("[0-9]+", fields[3])):
+                    raise BuildError(f"{cannot}: bad uid or gid in /etc/passwd")
+                return int(fields[2]), int(fields[3])
     raise BuildError(f"user {user.name!r} not found in /etc/passwd")
-
-
-def _write_secret(path: Path, value: bytes, uid: int, gid: int) -> Path:
-    """Write a secret readable only by the step's user."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
-    with os.fdopen(fd, "wb") as file:
-        file.write(value)
-    os.chown(path, uid, gid)
-    return path

@@ -1,15 +1,26 @@
-"""Opening directories inside a tree that hostile code wrote (a rootfs), without leaving it.
+"""Host-side path operations confined to a directory tree that hostile code wrote (a rootfs).
 
-A path inside a rootfs must never be resolved by the host's kernel as a plain path: any of its
-components may be a symlink the image or a build planted (`etc -> /etc`), and the host would
-follow it out of the rootfs. These functions walk such a path one component at a time from a
-descriptor of the root, opening each with `O_NOFOLLOW | O_DIRECTORY`, so a symlink or a
-non-directory anywhere on the way is an error instead of a way out; act on what they return
-through the descriptor (`os.fchown`, `os.fchmod`, `os.utime(fd)`, `dir_fd=` arguments).
+Every entry of a rootfs may have been made by an untrusted image or command: any component of a
+path in it may be a symlink, absolute or climbing with `..`, pointing at a host file. A
+path-based call on the host (`open(rootfs / path)`, `Path.unlink`, `os.path.lexists`, tarfile's
+`chmod` of a directory...) follows such links and acts on the host. The functions here never do:
+they walk a path one component at a time from a descriptor of the root, each directory opened
+with `O_NOFOLLOW` relative to the one before, so whatever the tree holds, they stay inside it.
+Act on what they return through the descriptor (`dir_fd=` arguments, `os.fchown`, `os.fchmod`,
+`os.utime(fd)`).
 
-Unlike `openat2(RESOLVE_IN_ROOT)`, which resolves symlinks as if the root were `/`, these refuse
-every symlink and every `..` component: a caller gets the directory the path names literally,
-or an error saying which component is in the way.
+Two ways of walking:
+- *following in the root* (`resolve`, `open_dir(..., follow_in_root=True)`): symlinks are
+  resolved as if the root were `/` (as `openat2(RESOLVE_IN_ROOT)` does): an absolute target
+  starts again from the root and `..` never climbs above it;
+- *literal* (`open_dir`, `make_dirs`): every symlink and every `..` component is refused, so the
+  caller gets the directory the path names literally, or an error.
+
+Paths are written as inside the tree: `/etc/passwd` and `etc/passwd` are the same entry. Errors
+are the kernel's `OSError`s, whose `filename` is the path walked up to the offending component:
+ELOOP for a symlink a literal walk may not follow (or after `MAX_SYMLINKS` of them), EXDEV for a
+literal `..`, ENOTDIR for a component that is not a directory, ENOENT for a missing one; callers
+turn them into a `BuildError` naming what they were doing.
 """
 
 from __future__ import annotations
@@ -19,72 +30,124 @@ import errno
 import os
 import posixpath
 import stat
+from collections import deque
 
-_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+MAX_SYMLINKS = 40
+"""Symlinks followed in one path before giving up with ELOOP (the kernel's limit)."""
+
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+Root = int | str | os.PathLike[str]
+"""The top of a tree: a directory descriptor, or a trusted host path."""
 
 
-def open_dir(root: int | str | os.PathLike[str], path: str) -> int:
-    """A new descriptor (O_RDONLY, close-on-exec; the caller closes it) of the directory `path`
-    inside `root` (a directory descriptor, or a trusted host path), no symlink followed.
+def resolve(root: Root, path: str) -> str:
+    """`path` with its symlinks resolved as if `root` were `/`, relative to it ("" for the
+    root itself).
 
-    `path` is relative to `root`; a leading `/` is ignored, so an absolute path inside the
-    rootfs may be given as is, and `""`, `.` and `/` open `root` itself. Raises OSError whose
-    `filename` is `path` up to the offending component: errno ELOOP if that component is a
-    symlink, ENOTDIR if it is not a directory, ENOENT if it does not exist, EXDEV if it is `..`.
+    The last component is followed too. Components that do not exist are kept as written, so
+    the result is where `path` would be created. Raises NotADirectoryError if a component
+    before the last is neither a directory nor a symlink, OSError(ELOOP) after 40 symlinks.
     """
-    return _walk(root, path, create_mode=None)
+    fds, names = _walk(root, path, follow_in_root=True, must_exist=False)
+    _close(fds)
+    return "/".join(names)
 
 
-def make_dirs(root: int | str | os.PathLike[str], path: str, mode: int) -> int:
-    """Like `open_dir`, but components of `path` that do not exist are created as directories
+def open_dir(root: Root, path: str, *, follow_in_root: bool = False) -> int:
+    """A new descriptor (read-only, close-on-exec; the caller closes it) of the directory
+    `path` in the tree of `root`; `""`, `.` and `/` open the root itself.
+
+    With `follow_in_root` symlinks on the way are resolved as `resolve` does; without it the
+    walk is literal (see the module's documentation). Raises FileNotFoundError if a component
+    is missing, NotADirectoryError if one is not a directory, OSError(ELOOP or EXDEV) as said.
+    """
+    fds, _ = _walk(root, path, follow_in_root=follow_in_root, must_exist=True)
+    _close(fds[:-1])
+    return fds[-1]
+
+
+def make_dirs(root: Root, path: str, mode: int) -> int:
+    """Like a literal `open_dir`, but missing components of `path` are created as directories
     with `mode` (less the umask); a descriptor of the last one. Raises OSError as `open_dir`
     does (never ENOENT), or as mkdir does."""
-    return _walk(root, path, create_mode=mode)
+    fds, _ = _walk(root, path, follow_in_root=False, must_exist=True, create_mode=mode)
+    _close(fds[:-1])
+    return fds[-1]
 
 
-def _walk(root: int | str | os.PathLike[str], path: str, create_mode: int | None) -> int:
+def _walk(root: Root, path: str, *, follow_in_root: bool, must_exist: bool,
+          create_mode: int | None = None) -> tuple[list[int], list[str]]:
+    """Walk `path` from `root`: the descriptors of the directories reached (the root's first;
+    all owned by the caller) and the names of the components, the missing ones included (only
+    when not `must_exist`: they are past the last descriptor)."""
+    pending = deque(_parts(path))
     if isinstance(root, int):
-        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root)
+        fds = [os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root)]
     else:
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    walked = ""
-    for part in path.split("/"):
-        if part in ("", "."):
-            continue
-        walked = posixpath.join(walked, part)
-        try:
-            if part == "..":
-                raise OSError(errno.EXDEV, "a '..' component could leave the root", walked)
-            child = _open_child(fd, part, walked, create_mode)
-        finally:
-            os.close(fd)
-        fd = child
-    return fd
+        fds = [os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
+    names: list[str] = []
+    followed = 0
 
+    def error(code: int, name: str) -> OSError:
+        return OSError(code, os.strerror(code), posixpath.join(*names, name))
 
-def _open_child(parent: int, name: str, walked: str, create_mode: int | None) -> int:
-    """Open the directory `name` in `parent`, made first if missing and `create_mode` is given;
-    `walked` names it in errors."""
     try:
-        try:
-            return os.open(name, _DIRECTORY_FLAGS, dir_fd=parent)
-        except FileNotFoundError:
-            if create_mode is None:
-                raise
-            # Made meanwhile by someone else: opened below like any other.
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(name, create_mode, dir_fd=parent)
-            return os.open(name, _DIRECTORY_FLAGS, dir_fd=parent)
-    except OSError as e:
-        code = e.errno
-        # O_DIRECTORY makes the kernel report a symlink as ENOTDIR, not O_NOFOLLOW's ELOOP.
-        if code == errno.ENOTDIR and _is_symlink(parent, name):
-            code = errno.ELOOP
-        raise OSError(code, os.strerror(code), walked) from None
+        while pending:
+            name = pending.popleft()
+            if name == "..":
+                if not follow_in_root:
+                    raise error(errno.EXDEV, name)
+                if len(names) == len(fds) - 1 and len(fds) > 1:
+                    os.close(fds.pop())
+                if names:
+                    names.pop()
+                continue
+            if len(names) >= len(fds):
+                # Below a missing directory nothing exists: the rest is taken as written.
+                names.append(name)
+                continue
+            try:
+                info = os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
+            except FileNotFoundError:
+                if create_mode is not None:
+                    # Made meanwhile by someone else: opened below like any other.
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(name, create_mode, dir_fd=fds[-1])
+                    info = os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
+                elif must_exist:
+                    raise error(errno.ENOENT, name) from None
+                else:
+                    names.append(name)
+                    continue
+            if stat.S_ISLNK(info.st_mode):
+                followed += 1
+                if not follow_in_root or followed > MAX_SYMLINKS:
+                    raise error(errno.ELOOP, name)
+                target = os.readlink(name, dir_fd=fds[-1])
+                if target.startswith("/"):
+                    _close(fds[1:])
+                    del fds[1:], names[:]
+                pending.extendleft(reversed(_parts(target)))
+                continue
+            if not stat.S_ISDIR(info.st_mode):
+                if pending or must_exist:
+                    raise error(errno.ENOTDIR, name)
+                names.append(name)
+                continue
+            # O_NOFOLLOW: had the entry become a symlink since the stat, this fails.
+            fds.append(os.open(name, _OPEN_DIR, dir_fd=fds[-1]))
+            names.append(name)
+    except BaseException:
+        _close(fds)
+        raise
+    return fds, names
 
 
-def _is_symlink(parent: int, name: str) -> bool:
-    try:
-        return stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
-    except OSError:
-        return False
+def _parts(path: str) -> list[str]:
+    return [p for p in path.split("/") if p not in ("", ".")]
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)

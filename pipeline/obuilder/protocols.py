@@ -121,11 +121,22 @@ class Mount:
     readonly: bool = False
 
 @dataclass(frozen=True)
+class Secret:
+    """A value the command reads as the file `dst`: read-only, mode 0400, owned by its user.
+
+    The sandbox keeps it out of the rootfs and off any file system the host can see, and it
+    does not outlive the command."""
+
+    value: bytes = field(repr=False)
+    dst: str
+
+@dataclass(frozen=True)
 class SandboxConfig:
     """One command to run in a sandbox.
 
     `argv` is the full command (shell included); `cwd` is inside the rootfs; `uid`/`gid` the
-    user; `env` the whole environment; `network` is True only for `(network host)`.
+    user; `env` the whole environment; `network` is True only for `(network host)`; `secrets`
+    are mounted after `mounts`.
     """
 
     argv: Sequence[str]
@@ -136,6 +147,7 @@ class SandboxConfig:
     mounts: Sequence[Mount] = ()
     network: bool = False
     hostname: str = "builder"
+    secrets: Sequence[Secret] = ()
 
 class Log(Protocol):
     """Where a step's output goes: written as it arrives."""

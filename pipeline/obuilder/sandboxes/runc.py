@@ -14,6 +14,16 @@ tokens whose process has gone, e.g. a build killed with SIGKILL while its comman
 The rootfs is a build result in the making, so the sandbox leaves nothing of its own in it: the
 mount points it has to create (for /etc/hosts, caches, secrets, ...) are removed after the run, and
 /etc/hosts and /etc/resolv.conf are bind-mounted over, never written.
+
+The rootfs is also hostile: the command may replace any directory with a symlink to a host path.
+Mount points are made and removed only through `confined` (descriptor-relative walks that never
+leave the rootfs): before the run a symlink on the way is followed as if the rootfs were `/`;
+after it nothing is followed, and an entry is removed only if it is still the very file or
+directory (same device and inode, in the same parent) that was made for the run; anything else
+is the command's output and stays.
+
+Secrets never exist as files on the host: runc is started through `secret_namespace`, in a
+private mount namespace where they are files on a tmpfs that disappears with the container.
 """
 
 from __future__ import annotations
@@ -24,16 +34,20 @@ import os
 import platform
 import shutil
 import signal
+import stat
+import sys
 import tempfile
 import uuid
 import weakref
-from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from pipeline.obuilder import confined
 from pipeline.obuilder.locks import Owner, is_live_owner
 from pipeline.obuilder.protocols import BuildError, Log, MissingTool, SandboxConfig
+from pipeline.obuilder.sandboxes import secret_namespace
 
 CAPABILITIES = (
     "CAP_CHOWN",  # change file owners (package managers unpack files owned by other users)
@@ -112,70 +126,75 @@ def _needs_mount_point(destination: str) -> bool:
     return not (len(parts) > 2 and parts[1] in ("dev", "proc", "sys"))
 
 
-def _resolve(rootfs: Path, path: str) -> Path:
-    """The host path of `path` in `rootfs`, following symlinks as if `rootfs` were `/`.
+@dataclass(frozen=True)
+class _MountPoint:
+    """An entry made in the rootfs for a mount: its path relative to the rootfs (free of
+    symlinks when it was made), and the (st_dev, st_ino) of the entry and of its parent."""
 
-    A symlink in the rootfs can never lead outside it (an absolute target, or `..` at the top,
-    stays inside), so creating a mount point cannot touch the host. Raises BuildError on a
-    symlink loop.
-    """
-    pending = deque(PurePosixPath(path).parts)
-    current = PurePosixPath("/")
-    links = 0
-    while pending:
-        part = pending.popleft()
-        if part in ("/", "."):
-            continue
-        if part == "..":
-            current = current.parent
-            continue
-        host = rootfs / (current / part).relative_to("/")
-        if host.is_symlink():
-            links += 1
-            if links > 40:
-                raise BuildError(f"too many levels of symbolic links in {path} (in the rootfs)")
-            target = PurePosixPath(os.readlink(host))
-            if target.is_absolute():
-                current = PurePosixPath("/")
-            pending.extendleft(reversed(target.parts))
-            continue
-        current = current / part
-    return rootfs / current.relative_to("/")
+    path: str
+    identity: tuple[int, int]
+    parent: tuple[int, int]
 
 
-def _make_mount_point(rootfs: Path, destination: str, is_dir: bool, created: list[Path]) -> None:
-    """Create `destination` (and missing parents) in `rootfs` unless it exists, appending each
-    path created to `created` as soon as it exists, so that a failure half-way still lets the
-    caller remove them. Raises BuildError if a parent is not a directory."""
-    target = _resolve(rootfs, destination)
-    missing = []
-    path = target
-    while not os.path.lexists(path):
-        missing.append(path)
-        path = path.parent
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    return info.st_dev, info.st_ino
+
+
+def _make_mount_point(root_fd: int, destination: str, is_dir: bool,
+                      created: list[_MountPoint]) -> None:
+    """Create `destination` (and missing parents) in the rootfs `root_fd` unless it exists,
+    following symlinks as if the rootfs were `/`. Each entry made is appended to `created` as
+    soon as it exists, so that a failure half-way still lets the caller remove them. Raises
+    BuildError if a parent is not a directory or symlinks loop."""
     try:
-        for path in reversed(missing):
-            if path != target or is_dir:
-                path.mkdir()
+        parts = confined.resolve(root_fd, destination).split("/")
+        for depth, name in enumerate(parts):
+            if not name:
+                continue  # the destination is the root itself
+            parent = confined.open_dir(root_fd, "/".join(parts[:depth]), follow_in_root=False)
+            try:
+                if depth < len(parts) - 1 or is_dir:
+                    os.mkdir(name, dir_fd=parent)
+                else:
+                    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                     | os.O_CLOEXEC, 0o644, dir_fd=parent))
+            except FileExistsError:
+                continue
             else:
-                path.touch(mode=0o644, exist_ok=False)
-            created.append(path)
+                made = os.stat(name, dir_fd=parent, follow_symlinks=False)
+                created.append(_MountPoint("/".join(parts[:depth + 1]), _identity(made),
+                                           _identity(os.fstat(parent))))
+            finally:
+                os.close(parent)
     except OSError as exc:
         raise BuildError(f"cannot create mount point {destination} in the rootfs: "
                          f"{exc.strerror}") from None
 
 
-def _remove_mount_points(created: list[Path]) -> None:
-    """Remove what `_make_mount_point` created, deepest first. A directory the command has put
-    files into (a parent of a mount point, not covered by it) is its output and stays."""
-    for path in reversed(created):
+def _remove_mount_points(root_fd: int, created: list[_MountPoint]) -> None:
+    """Remove what `_make_mount_point` created, deepest first, without following any symlink.
+
+    An entry stays if the command replaced it or anything on its path (a different inode, a
+    symlink on the way) or put files into it (a parent of a mount point, not covered by it):
+    it is the command's output."""
+    for point in reversed(created):
+        parent_path, _, name = point.path.rpartition("/")
         try:
-            if path.is_dir() and not path.is_symlink():
-                path.rmdir()
-            else:
-                path.unlink()
+            parent = confined.open_dir(root_fd, parent_path, follow_in_root=False)
         except OSError:
             continue
+        try:
+            info = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            if _identity(os.fstat(parent)) != point.parent or _identity(info) != point.identity:
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                os.rmdir(name, dir_fd=parent)
+            else:
+                os.unlink(name, dir_fd=parent)
+        except OSError:
+            continue
+        finally:
+            os.close(parent)
 
 
 def _signal_name(number: int) -> str:
@@ -269,14 +288,15 @@ class RuncSandbox:
         path = shutil.which(runc)
         if path is None:
             raise MissingTool(_INSTALL_RUNC)
-        self.state_dir = state_dir
+        # Absolute: runc resolves the bundle's paths from its own working directory.
+        self.state_dir = state_dir.absolute()
         self.memory = memory
         self.cpus = cpus
         self.fast_sync = fast_sync
         self._runc = path
-        self._runc_root = state_dir / "runc"
+        self._runc_root = self.state_dir / "runc"
         self._runc_root.mkdir(parents=True, exist_ok=True)
-        self._owners = state_dir / "owner"
+        self._owners = self.state_dir / "owner"
         self._owner = Owner(self._owners)
         self._finalizer = weakref.finalize(self, self._owner.release)
 
@@ -306,17 +326,25 @@ class RuncSandbox:
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         return await process.wait()
 
-    def oci_config(self, config: SandboxConfig, rootfs: Path, *, hosts: Path) -> dict[str, Any]:
+    def oci_config(self, config: SandboxConfig, rootfs: Path, *, hosts: Path,
+                   secrets_dir: Path | None = None) -> dict[str, Any]:
         """The OCI runtime `config.json` running `config` over `rootfs` (an absolute path), with
-        `hosts` bound read-only at /etc/hosts. Raises BuildError for a relative mount target."""
+        `hosts` bound read-only at /etc/hosts and secret number N bound read-only from
+        `secrets_dir/N` (required if there are secrets). Raises BuildError for a relative
+        mount target."""
         mounts = _system_mounts(hosts, config.network)
-        for mount in config.mounts:
-            if not mount.dst.startswith("/"):
-                raise BuildError(f"mount target {mount.dst!r} is not an absolute path")
+        binds = [(m.src, m.dst, m.readonly) for m in config.mounts]
+        if config.secrets:
+            if secrets_dir is None:
+                raise ValueError("secrets need a secrets_dir")
+            binds += [(secrets_dir / str(n), s.dst, True) for n, s in enumerate(config.secrets)]
+        for source, destination, readonly in binds:
+            if not destination.startswith("/"):
+                raise BuildError(f"mount target {destination!r} is not an absolute path")
             options = ["rbind", "rprivate", "nosuid", "nodev"]
-            if mount.readonly:
+            if readonly:
                 options.append("ro")
-            mounts.append(_mount(mount.dst, "bind", str(mount.src), options))
+            mounts.append(_mount(destination, "bind", str(source), options))
         namespaces = ["pid", "ipc", "uts", "mount"]
         if not config.network:
             namespaces.append("network")
@@ -397,31 +425,52 @@ class RuncSandbox:
         rootfs = rootfs.resolve()
         bundle = Path(tempfile.mkdtemp(prefix=f"{_BUNDLE_PREFIX}{self._owner.token}-",
                                        dir=self.state_dir))
-        created: list[Path] = []
+        root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        created: list[_MountPoint] = []
+        # Anonymous memory files: they vanish with the processes holding them.
+        values = [os.memfd_create("obuilder-secret") for _ in config.secrets]
         try:
             hosts = bundle / "hosts"
             hosts.write_text(f"127.0.0.1 localhost {config.hostname}\n")
-            spec = self.oci_config(config, rootfs, hosts=hosts)
+            secrets_dir = bundle / "secrets"
+            spec = self.oci_config(config, rootfs, hosts=hosts, secrets_dir=secrets_dir)
             (bundle / "config.json").write_text(json.dumps(spec, indent=2) + "\n")
             for mount in spec["mounts"]:
                 if _needs_mount_point(mount["destination"]):
+                    # A secret's source exists only in secret_namespace's tmpfs: it is a file.
                     is_dir = mount["type"] != "bind" or Path(mount["source"]).is_dir()
-                    _make_mount_point(rootfs, mount["destination"], is_dir, created)
-            await self._run_bundle(bundle, log=log, stdin=stdin, cancelled=cancelled)
+                    _make_mount_point(root_fd, mount["destination"], is_dir, created)
+            launcher: list[str] = []
+            if config.secrets:
+                secrets_dir.mkdir(mode=0o700)
+                for fd, secret in zip(values, config.secrets, strict=True):
+                    os.write(fd, secret.value)
+                launcher = [sys.executable, "-I", secret_namespace.__file__,
+                            str(bundle / "runc.log"), str(secrets_dir), str(config.uid),
+                            str(config.gid), *map(str, values), "--"]
+            await self._run_bundle(bundle, log=log, stdin=stdin, cancelled=cancelled,
+                                   launcher=launcher, pass_fds=values)
         finally:
-            _remove_mount_points(created)
+            for fd in values:
+                os.close(fd)
+            _remove_mount_points(root_fd, created)
+            os.close(root_fd)
             shutil.rmtree(bundle, ignore_errors=True)
 
     async def _run_bundle(self, bundle: Path, *, log: Log, stdin: bytes | None,
-                          cancelled: asyncio.Event | None) -> None:
+                          cancelled: asyncio.Event | None, launcher: Sequence[str],
+                          pass_fds: Sequence[int]) -> None:
+        """`runc run` the bundle. A non-empty `launcher` is a command that ends by exec'ing
+        the runc command line appended to it (`secret_namespace`); it inherits `pass_fds`."""
         container_id = f"{_CONTAINER_PREFIX}{self._owner.token}-{uuid.uuid4().hex[:16]}"
         runc_log = bundle / "runc.log"
         try:
             proc = await asyncio.create_subprocess_exec(
-                self._runc, "--root", str(self._runc_root), "--log", str(runc_log),
+                *launcher, self._runc, "--root", str(self._runc_root), "--log", str(runc_log),
                 "--log-format", "json", "run", "--bundle", str(bundle), container_id,
                 stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                pass_fds=pass_fds)
         except FileNotFoundError:
             raise MissingTool(_INSTALL_RUNC) from None
         finished = asyncio.ensure_future(self._communicate(proc, log, stdin))
