@@ -153,14 +153,18 @@ async def build_image(store: str, work: Path, images: Path) -> None:
          "--store", store], capture_output=True, text=True, timeout=HANG_GUARD)
     assert built.returncode == 0, built.stdout + built.stderr
     [result] = re.findall(r'^Got: "(\S+)"$', built.stdout, re.MULTILINE)
-    # The result's rootfs, mounted (an overlayfs view) by the store if it is not yet.
-    path = await open_store(store).result(result)
-    assert path is not None, result
-    rootfs = path / "rootfs"
-    stem = PLATFORM.image.replace("/", "_").replace(":", "_")
-    images.mkdir()
-    subprocess.run(["tar", "--numeric-owner", "-C", str(rootfs), "-cf",
-                    str(images / f"{stem}.tar"), "."], check=True, timeout=HANG_GUARD)
+    # The result's rootfs, mounted (an overlayfs view) by the store while it is open.
+    opened = open_store(store)
+    try:
+        path = await opened.result(result)
+        assert path is not None, result
+        rootfs = path / "rootfs"
+        stem = PLATFORM.image.replace("/", "_").replace(":", "_")
+        images.mkdir()
+        subprocess.run(["tar", "--numeric-owner", "-C", str(rootfs), "-cf",
+                        str(images / f"{stem}.tar"), "."], check=True, timeout=HANG_GUARD)
+    finally:
+        opened.close()
     # As a container runtime would give user opam (the builder sets no HOME of its own).
     (images / f"{stem}.env").write_text(
         "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"

@@ -72,7 +72,9 @@ class Store(Protocol):
         ...
 
     async def result(self, id: str) -> Path | None:
-        """The directory of result `id`, or None if there is no such result."""
+        """The directory of result `id`, or None if there is no such result. Its `rootfs` is
+        there to read as long as this store object is open (an overlayfs store mounts a view
+        of it, held until `close`)."""
         ...
 
     async def delete(self, id: str) -> None:
