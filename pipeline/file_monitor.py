@@ -2,6 +2,13 @@
 
 The watch is on the file's directory, not the file: editors often save by writing a new file and
 renaming it over the old one, which a watch on the old inode would miss.
+
+Only events that mean a finished change wake the monitor: a writer closing the file, and the file
+appearing, going or being renamed. Opening and reading do not (the monitor's own reads would wake
+it again, for ever), nor does a write in progress: a writer that truncates the file then writes
+is read once, when it closes the file, never half-way. A file *created* by a slow writer is still
+read as soon as it appears and again when it is closed; write a new file and rename it over the
+watched one (as editors do) to be read once.
 """
 
 from __future__ import annotations
@@ -10,11 +17,23 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 
 from pipeline.monitor import Monitor, Unwatch
 from pipeline.term import Term
+
+# The events of a finished change (see the module's docstring). Given to the observer, which asks
+# the kernel for these only (inotify's mask), so that reads and writes in progress cost nothing.
+_FINISHED_CHANGES: list[type[FileSystemEvent]] = [
+    FileClosedEvent, FileCreatedEvent, FileDeletedEvent, FileMovedEvent]
 
 
 class _FileEvents(FileSystemEventHandler):
@@ -41,12 +60,13 @@ class FileMonitor(Monitor[str]):
         return ("file", str(self.path))
 
     async def watch(self, refresh: Callable[[], None]) -> Unwatch:
-        """Watch the file's directory for events on the file."""
+        """Watch the file's directory for finished changes of the file."""
         directory = self.path.parent
         if not directory.is_dir():
             raise FileNotFoundError(f"{directory}: no such directory")
         observer = Observer()
-        observer.schedule(_FileEvents(self.path, refresh), str(directory), recursive=False)
+        observer.schedule(_FileEvents(self.path, refresh), str(directory), recursive=False,
+                          event_filter=_FINISHED_CHANGES)
         observer.start()
 
         async def unwatch() -> None:

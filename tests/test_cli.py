@@ -260,3 +260,31 @@ def test_hello_reruns_only_the_primitive_when_the_file_changes(tmp_path: Path) -
     assert all("write-summary" in log.name for log in logs)
     assert [ln.split()[0] for ln in out.splitlines() if "write-summary" in ln] == [
         "running", "ok", "running", "ok"]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process `pid` (all its threads), from /proc/PID/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # Fields after the command name, which is in parentheses and may hold spaces.
+    fields = stat[stat.rindex(")") + 2:].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_idle_watched_pipeline_uses_no_cpu(tmp_path: Path) -> None:
+    watched = write(tmp_path / "in.txt", "one\n")
+    summary = tmp_path / "in.txt.summary"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", HELLO, "--no-web", "--", watched],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(summary.exists, "the pipeline never wrote the summary")
+        before = cpu_seconds(process.pid)
+        time.sleep(2)
+        used = cpu_seconds(process.pid) - before
+    finally:
+        process.kill()
+        process.wait()
+    # Idle means ~0 s (0.00 s here; 1.9 s when the monitor woke itself with its own reads); the
+    # bound, 10 % of the 2 s, leaves room for a loaded machine's stray tick or two.
+    assert used < 0.2, f"{used:.2f} s of CPU in 2 s of idleness"

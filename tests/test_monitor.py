@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -163,3 +164,31 @@ async def test_file_monitors_of_one_path_share_a_watch(tmp_path: Path) -> None:
         await engine.wait_idle()
         assert engine.root_output() == Ok(["x", "x"])
         assert len(engine._watchers) == 1
+
+
+async def test_file_monitor_reads_a_slow_writer_once_when_it_closes(tmp_path: Path) -> None:
+    path = tmp_path / "watched.txt"
+    path.write_text("old")
+    seen: list[str] = []
+    root = p.watch_file(path).map(lambda text: seen.append(text) or text)
+    async with p.Engine(root, state_dir=tmp_path / "var") as engine:
+        await engine.wait_idle()
+        [watcher] = engine._watchers.values()
+
+        def slow_write() -> None:
+            # Truncated at open, written 0.3 s later: a read in between would see "".
+            with path.open("w") as file:
+                time.sleep(0.3)
+                file.write("full")
+
+        await asyncio.to_thread(slow_write)
+        await poll_until(lambda: engine.root_output() == Ok("full"))
+        # A rename as a barrier: the observer delivers events in order, so once this one is
+        # read, any read the slow writer caused has been made.
+        replacement = tmp_path / "watched.txt.new"
+        replacement.write_text("barrier")
+        replacement.rename(path)
+        await poll_until(lambda: engine.root_output() == Ok("barrier"))
+        await engine.wait_idle()
+        assert seen == ["old", "full", "barrier"]
+        assert watcher.reads == 3, "one read at start, one per finished change, none of its own"
