@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="jobs at or above this risk level wait for confirmation; one of "
                      + ", ".join(LEVEL_NAMES) + " (default: never ask)")
     run.add_argument("--once", action="store_true",
-                     help="run until nothing is ready or running, print each node's state, label "
-                     "and job, and exit 0 if the pipeline succeeded or 1 if not")
+                     help="run until nothing is ready or running, print each node's state, label, "
+                     "job and error, and exit 0 if the pipeline succeeded or 1 if not")
     web = run.add_argument_group("web UI")
     web.add_argument("--port", metavar="PORT", type=int,
                      help=f"serve the web UI on PORT (default: {DEFAULT_PORT}; with --once the UI "
@@ -336,7 +336,8 @@ def _print_job(job: Any) -> None:
 
 
 def print_states(engine: Engine) -> None:
-    """One line per node, inputs first: state, label, job id ("(cached)" if not run here)."""
+    """One line per node, inputs first: state, label, job id ("(cached)" if not run here), and
+    for a node that failed (not one blocked by an input), its error."""
     import networkx as nx
 
     from pipeline.analysis import pipeline_graph
@@ -348,4 +349,8 @@ def print_states(engine: Engine) -> None:
         job = attrs["job_id"] or ""
         if job and attrs["cached"]:
             job += " (cached)"
+        error = attrs["error"] if attrs["state"] == "failed" else None
+        if error:
+            # One line per node, whatever the message holds.
+            job = f"{job} {' '.join(error.split())}".lstrip()
         print(f"{attrs['state']:<24} {attrs['label']:<30} {job}".rstrip())

@@ -4,6 +4,12 @@ A monitor is reference-counted by the engine: the first node that uses it instal
 runs only once the watch is installed (so no change between the read and the watch is missed),
 refresh requests that arrive while a read is in progress are coalesced into one more read, and the
 last release removes the watch.
+
+A watch that cannot be installed (`watch` raises) fails the input with "cannot watch: ..." and
+nothing is read: a value read without a watch would never be updated. The watch is tried again
+after `WATCH_RETRY_FIRST_S`, then at doubling intervals up to `WATCH_RETRY_MAX_S`; only a watch
+that succeeds, and the read after it, clear the failure. Between tries the monitor is idle, so
+`pipeline run --once` ends with the failure rather than waiting.
 """
 
 from __future__ import annotations
@@ -19,6 +25,11 @@ from pipeline.term import Term, Watch
 T = TypeVar("T")
 
 Unwatch = Callable[[], Awaitable[None] | None]
+
+WATCH_RETRY_FIRST_S = 1.0
+"""Seconds from a failed watch to the next try; the interval doubles at each failure."""
+WATCH_RETRY_MAX_S = 60.0
+"""The longest interval between tries of a failing watch."""
 
 
 class Monitor(Generic[T]):
@@ -67,6 +78,9 @@ class Watcher:
         self._loop = loop
         self._wanted = asyncio.Event()
         self._busy = True
+        # False until the watch is installed: refreshes before that wait for it (and keep the
+        # monitor idle), since the read that follows a successful watch covers them.
+        self._watching = False
         self._task: asyncio.Task[None] | None = None
         self._on_idle_change: Callable[[], None] = lambda: None
 
@@ -93,8 +107,12 @@ class Watcher:
 
     def _request(self) -> None:
         self._wanted.set()
-        if not self._busy:
-            self._busy = True
+        if self._watching:
+            self._set_busy(True)
+
+    def _set_busy(self, busy: bool) -> None:
+        if busy != self._busy:
+            self._busy = busy
             self._on_idle_change()
 
     async def stop(self) -> None:
@@ -114,10 +132,8 @@ class Watcher:
     async def _run(self) -> None:
         unwatch = None
         try:
-            try:
-                unwatch = await self.monitor.watch(self.refresh)
-            except Exception as exc:
-                self._publish(Failed(f"{self.monitor.label}: cannot watch: {_message(exc)}"))
+            unwatch = await self._install_watch()
+            self._watching = True
             self._wanted.set()
             while True:
                 await self._wanted.wait()
@@ -132,14 +148,26 @@ class Watcher:
                 self.reads += 1
                 self._publish(output)
                 if not self._wanted.is_set():
-                    self._busy = False
-                    self._on_idle_change()
+                    self._set_busy(False)
         finally:
             self._busy = False
             if unwatch is not None:
                 result = unwatch()
                 if asyncio.iscoroutine(result):
                     await result
+
+    async def _install_watch(self) -> Unwatch | None:
+        """The monitor's watch, tried until it is installed; failed and idle between tries."""
+        delay = WATCH_RETRY_FIRST_S
+        while True:
+            try:
+                return await self.monitor.watch(self.refresh)
+            except Exception as exc:
+                self._publish(Failed(f"cannot watch: {_message(exc)}"))
+            self._set_busy(False)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, WATCH_RETRY_MAX_S)
+            self._set_busy(True)
 
 
 def _message(exc: BaseException) -> str:

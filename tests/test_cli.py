@@ -90,7 +90,49 @@ def test_failed_pipeline_exits_1(tmp_path: Path) -> None:
     """)
     result = pipeline_cmd("run", file, "--once", cwd=tmp_path)
     assert result.returncode == 1
-    assert result.stdout.splitlines()[-1].split() == ["failed", "divide"]
+    assert result.stdout.splitlines()[-1].split() == [
+        "failed", "divide", "ZeroDivisionError:", "division", "by", "zero"]
+
+
+def test_once_prints_the_error_of_each_failed_node(tmp_path: Path) -> None:
+    file = write(tmp_path / "errors.py", """
+        import pipeline as p
+
+        class BadRead(p.Monitor):
+            label = "bad-read"
+
+            async def read(self):
+                raise OSError("sensor unplugged")
+
+        class BadWatch(p.Monitor):
+            label = "bad-watch"
+
+            async def watch(self, refresh):
+                raise PermissionError("no watch for you")
+
+            async def read(self):
+                return "read without a watch"
+
+        def explode(value):
+            raise ValueError("bind exploded")
+
+        def pipeline(args):
+            return p.all(BadRead().term,
+                         p.const(1).bind(explode, label="raising-bind"),
+                         p.const(1).bind(lambda value: 42, label="int-bind"),
+                         BadWatch().term,
+                         label="everything")
+    """)
+    result = pipeline_cmd("run", file, "--once", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    lines = {" ".join(line.split()[:2]): " ".join(line.split()[2:])
+             for line in result.stdout.splitlines()}
+    assert lines["failed bad-read"] == "sensor unplugged"
+    assert lines["failed raising-bind"] == "ValueError: bind exploded"
+    assert lines["failed int-bind"] == "int-bind: function returned int, not a Term"
+    assert lines["failed bad-watch"] == "cannot watch: no watch for you"
+    # Blocked by its inputs: their errors are on their own lines.
+    assert lines["blocked everything"] == ""
 
 
 def test_pipeline_file_that_raises(tmp_path: Path) -> None:

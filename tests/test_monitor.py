@@ -8,7 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import pipeline as p
+import pipeline.monitor as monitor_module
 from pipeline.output import Failed, Ok
 
 
@@ -117,6 +120,38 @@ async def test_read_error_fails_the_node_and_recovers(tmp_path: Path) -> None:
         assert monitor.refresh is not None
         monitor.refresh()
         await poll_until(lambda: engine.root_output() == Ok(4))
+
+
+async def test_a_failed_watch_stays_failed_until_a_retry_succeeds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Unwatchable(RecordingMonitor):
+        """A monitor whose watch fails while `failures` is positive."""
+
+        failures = 2
+
+        async def watch(self, refresh: Callable[[], None]) -> Any:
+            self.refresh = refresh
+            if self.failures > 0:
+                self.failures -= 1
+                raise PermissionError("watch refused")
+            return await super().watch(refresh)
+
+    # The first retry after 0.5 s, then 1 s: the test waits for two retries.
+    monkeypatch.setattr(monitor_module, "WATCH_RETRY_FIRST_S", 0.5)
+    monitor = Unwatchable()
+    async with p.Engine(monitor.term, state_dir=tmp_path) as engine:
+        await engine.wait_idle()
+        out = engine.root_output()
+        assert isinstance(out, Failed) and out.message == "cannot watch: watch refused"
+        # A refresh asked for without a watch reads nothing and keeps the monitor idle.
+        assert monitor.refresh is not None
+        monitor.refresh()
+        await engine.wait_idle()
+        assert monitor.events == [] and isinstance(engine.root_output(), Failed)
+        await poll_until(lambda: monitor.failures == 0)
+        assert isinstance(engine.root_output(), Failed), "failed until a watch succeeds"
+        await poll_until(lambda: engine.root_output() == Ok(0))
+        assert monitor.events == ["watch", "read"]
 
 
 async def test_refresh_from_another_thread(tmp_path: Path) -> None:
