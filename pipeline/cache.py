@@ -243,6 +243,29 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_by_key ON jobs (op, key, finished);
 """
 
+_JOBS_COLUMNS = frozenset(("job_id", "op", "key", "key_pp", "value_digest", "ok", "outcome",
+                           "sticky", "rebuild", "started", "finished"))
+
+
+def _check_schema(db: sqlite3.Connection, path: Path) -> None:
+    """Raise sqlite3.DatabaseError, saying why, unless `db` is empty or a pipeline's outcomes."""
+    try:
+        tables = {name for (name,) in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as exc:
+        raise sqlite3.DatabaseError(f"{path}: not a pipeline state database ({exc})") from None
+    if not tables:
+        return
+    if "jobs" not in tables:
+        raise sqlite3.DatabaseError(
+            f"{path}: not a pipeline state database (it has tables {', '.join(sorted(tables))} "
+            "and no table jobs)")
+    columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    if missing := _JOBS_COLUMNS - columns:
+        raise sqlite3.DatabaseError(
+            f"{path}: not a pipeline state database (its table jobs lacks the columns "
+            f"{', '.join(sorted(missing))})")
+
 
 class Instance:
     """The live state of one (operation, key): its stored outcome, its running job, its users."""
@@ -540,13 +563,23 @@ class Cache:
         self._stored: set[tuple[str, str]] = set()
 
     def open(self) -> None:
-        """Open (creating if needed) the outcome database."""
+        """Open (creating if needed) the outcome database.
+
+        Raises sqlite3.DatabaseError, saying why, if the file is not a database or holds another
+        schema; the file is then left as it is.
+        """
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.db_path)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(_SCHEMA)
-        db.commit()
+        try:
+            # Checked before anything is written: someone else's database must stay untouched.
+            _check_schema(db, self.db_path)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            db.commit()
+        except BaseException:
+            db.close()
+            raise
         self._db = db
         # Most keys of a big pipeline's first run were never stored: knowing which were saves a
         # query per key.

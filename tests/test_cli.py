@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -181,6 +183,145 @@ def test_diagram_dot_and_bad_suffix(tmp_path: Path) -> None:
     assert "rankdir=LR" in dot.stdout
     bad = pipeline_cmd("diagram", HELLO, "-o", tmp_path / "x.png", "--", watched, cwd=tmp_path)
     assert bad.returncode == 2 and ".svg or .dot" in bad.stderr
+
+
+def one_line_usage_error(result: subprocess.CompletedProcess[str], says: str) -> None:
+    """The command failed with exit status 2 and exactly one line on stderr saying `says`."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert result.stderr.count("\n") == 1 and says in result.stderr, result.stderr
+
+
+MARKER_PIPELINE = """
+    from pathlib import Path
+    import pipeline as p
+
+    @p.builder("mark")
+    async def mark(job, key):
+        Path("ran").write_text("a job ran")
+        return key
+
+    def pipeline(args):
+        return mark("x")
+"""
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--port", "99999"], "'99999' is not a port number (0 to 65535)"),
+    (["--port", "-1"], "'-1' is not a port number (0 to 65535)"),
+    (["--port", "eighty"], "'eighty' is not a port number (0 to 65535)"),
+    (["--state-dir", "a-file"], "--state-dir a-file: not a directory"),
+    (["--state-dir", "a-file/state"], "--state-dir a-file/state: cannot write there: Not a dir"),
+])
+def test_bad_run_options_are_one_line_and_exit_2(tmp_path: Path, args: list[str],
+                                                  says: str) -> None:
+    file = write(tmp_path / "mark.py", MARKER_PIPELINE)
+    (tmp_path / "a-file").write_text("not a directory")
+    one_line_usage_error(pipeline_cmd("run", file, "--once", *args, cwd=tmp_path), says)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_unwritable_state_dir_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    # We run as root, whom permission bits do not stop: a read-only file system does.
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", read_only], check=True)
+    try:
+        file = write(tmp_path / "mark.py", MARKER_PIPELINE)
+        for state in (read_only, read_only / "state"):
+            result = pipeline_cmd("run", file, "--once", "--state-dir", state, cwd=tmp_path)
+            one_line_usage_error(result, f"--state-dir {state}: cannot write there: Read-only")
+    finally:
+        subprocess.run(["umount", read_only], check=True)
+    assert not (tmp_path / "ran").exists()
+
+
+def make_foreign_db(path: Path, create: str) -> None:
+    db = sqlite3.connect(path)
+    db.execute(create)
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize(("make", "says"), [
+    pytest.param(lambda path: path.write_bytes(b"my notes, not a database\n" * 100),
+                 "db.sqlite: not a pipeline state database (file is not a database)",
+                 id="not-a-database"),
+    pytest.param(lambda path: make_foreign_db(path, "CREATE TABLE songs (title TEXT)"),
+                 "db.sqlite: not a pipeline state database (it has tables songs and no table "
+                 "jobs)", id="no-jobs-table"),
+    pytest.param(lambda path: make_foreign_db(path, "CREATE TABLE jobs (id INTEGER, title TEXT)"),
+                 "db.sqlite: not a pipeline state database (its table jobs lacks the columns "
+                 "finished, job_id, key, key_pp, ok, op, outcome, rebuild, started, sticky, "
+                 "value_digest)", id="other-jobs-table"),
+])
+def test_a_foreign_db_sqlite_is_named_and_left_alone(tmp_path: Path, make: Callable[[Path], None],
+                                                    says: str) -> None:
+    file = write(tmp_path / "mark.py", MARKER_PIPELINE)
+    db = tmp_path / "var" / "db.sqlite"
+    db.parent.mkdir()
+    make(db)
+    before = db.read_bytes()
+    one_line_usage_error(pipeline_cmd("run", file, "--once", cwd=tmp_path), says)
+    assert db.read_bytes() == before, "the file must be left as it was"
+    assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize(("source", "args", "says"), [
+    pytest.param("import sys\nsys.exit(3)\n", ["--once"],
+                 "exits.py:2: called sys.exit(3) while loading", id="sys-exit-at-import"),
+    pytest.param("import sys\ndef pipeline(args):\n    sys.exit('bye')\n", ["--once"],
+                 "exits.py:3: called sys.exit('bye') while loading", id="sys-exit-in-pipeline"),
+    pytest.param("import pipeline as p\nweb_links = 5\ndef pipeline(args):\n"
+                 "    return p.const(1)\n", ["--once", "--port", "0"],
+                 "exits.py: web_links must be a list of (URL, label) pairs, not 5",
+                 id="web-links-5"),
+    pytest.param("import pipeline as p\nweb_links = [('/a', 'A', 'extra')]\n"
+                 "def pipeline(args):\n    return p.const(1)\n", ["--port", "0"],
+                 "web_links must be a list of (URL, label) pairs", id="web-links-triple"),
+])
+def test_bad_pipeline_files_are_one_line_and_exit_2(tmp_path: Path, source: str, args: list[str],
+                                                     says: str) -> None:
+    file = tmp_path / "exits.py"
+    file.write_text(source)
+    one_line_usage_error(pipeline_cmd("run", file, *args, cwd=tmp_path), says)
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["-o", "nodir/x.svg"], "nodir/x.svg: cannot write: No such file or directory"),
+    (["-o", "nodir/x.dot"], "nodir/x.dot: cannot write: No such file or directory"),
+    (["--expand", "garbage"], "--expand garbage: no such group (groups: none)"),
+])
+def test_bad_diagram_options_are_one_line_and_exit_2(tmp_path: Path, args: list[str],
+                                                      says: str) -> None:
+    watched = write(tmp_path / "in.txt", "x")
+    result = pipeline_cmd("diagram", HELLO, *args, "--", watched, cwd=tmp_path)
+    one_line_usage_error(result, says)
+
+
+def test_diagram_expand_names_the_groups(tmp_path: Path) -> None:
+    file = write(tmp_path / "grouped.py", """
+        import pipeline as p
+
+        def pipeline(args):
+            one = p.collapse("lib", "one", input=p.const(1),
+                             output=p.const(1).map(str, label="inside"))
+            return p.pair(one, p.const(2))
+    """)
+    bad = pipeline_cmd("diagram", file, "--expand", "lib=two", cwd=tmp_path)
+    one_line_usage_error(bad, "--expand lib=two: no such group (groups: lib=one)")
+    good = pipeline_cmd("diagram", file, "--expand", "lib=one", cwd=tmp_path)
+    assert good.returncode == 0 and "inside" in good.stdout
+
+
+def test_a_port_in_use_stops_the_run_before_any_job(tmp_path: Path) -> None:
+    file = write(tmp_path / "mark.py", MARKER_PIPELINE)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = pipeline_cmd("run", file, "--once", "--port", port, cwd=tmp_path)
+    one_line_usage_error(result, f"cannot serve the web UI on 127.0.0.1:{port}")
+    assert not (tmp_path / "ran").exists(), "a job ran before the port was found taken"
 
 
 def test_confirm_level_holds_jobs(tmp_path: Path) -> None:
