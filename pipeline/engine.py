@@ -85,7 +85,7 @@ class Engine:
         """Instantiate the root term and start evaluating.
 
         Raises PipelineError if the state directory's database is not a pipeline's (it is left
-        as it is).
+        as it is). Jobs an earlier process left unfinished are recorded as failed, interrupted.
         """
         self._loop = asyncio.get_running_loop()
         try:

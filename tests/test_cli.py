@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from xml.etree import ElementTree
@@ -340,6 +341,109 @@ def test_confirm_level_holds_jobs(tmp_path: Path) -> None:
     assert held.stdout.split()[-3:-1] == ["waiting-for-confirmation", "deploy"]
     ran = pipeline_cmd("run", file, "--once", cwd=tmp_path)
     assert ran.returncode == 0 and ran.stdout.split()[-3:-1] == ["ok", "deploy"]
+
+
+def checkout_pipeline(tmp_path: Path, name: str) -> Path:
+    """A pipeline file whose one job checks out a commit of a real repository, writes the
+    checkout's directory to NAME.dir and, while the file NAME.block exists, sleeps in it."""
+    repo = tmp_path / "repo"
+    if not repo.exists():
+        repo.mkdir()
+        env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+               "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+        (repo / "README").write_text("hello\n")
+        for git_args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "x"]):
+            subprocess.run(["git", "-C", repo, *git_args], env=env, check=True)
+    head = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    return write(tmp_path / f"{name}.py", f"""
+        import asyncio
+        from pathlib import Path
+        import pipeline as p
+        from pipeline.primitives import git
+
+        @p.builder("build")
+        async def build(job, key):
+            async with git.checkout(git.Commit({str(repo)!r}, {head!r}, "HEAD")) as src:
+                Path({str(tmp_path / f"{name}.dir")!r}).write_text(str(src.parent))
+                while Path({str(tmp_path / f"{name}.block")!r}).exists():
+                    await asyncio.sleep(0.05)
+            return key
+
+        def pipeline(args):
+            return build({name!r})
+    """)
+
+
+def start_blocked_in_checkout(tmp_path: Path, name: str) -> subprocess.Popen[bytes]:
+    """`pipeline run` of `checkout_pipeline(NAME)` with state dir NAME-state, once its job is
+    blocked in the checkout."""
+    file = checkout_pipeline(tmp_path, name)
+    (tmp_path / f"{name}.block").write_text("")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", file, "--no-web", "--state-dir", f"{name}-state"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until((tmp_path / f"{name}.dir").exists, f"{name}: the build never checked out")
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return process
+
+
+def test_restart_after_sigkill_removes_the_checkout_and_marks_the_job_interrupted(
+        tmp_path: Path) -> None:
+    process = start_blocked_in_checkout(tmp_path, "killed")
+    process.kill()
+    process.wait()
+    checkout_dir = tmp_path / "killed.dir"
+    leftover = Path(checkout_dir.read_text())
+    assert leftover.is_dir(), "SIGKILL leaves the checkout behind"
+    [log] = (tmp_path / "killed-state" / "job").glob("*/*-build-*.log")
+    job_id = f"{log.parent.name}/{log.stem}"
+
+    (tmp_path / "killed.block").unlink()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", tmp_path / "killed.py", "--port", "0",
+         "--state-dir", "killed-state"], cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().removeprefix("Web UI: ").strip()
+        assert url.startswith("http://"), url
+        # The killed job's key is run again, and that run's checkout removes the leftover.
+        wait_until(lambda: Path(checkout_dir.read_text()) != leftover, "no new checkout")
+        assert not leftover.exists()
+        with urllib.request.urlopen(f"{url}job/{job_id}") as response:
+            page = response.read().decode()
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=30)
+    assert '<span id="job-state" class="state state-failed">failed</span>' in page
+    assert '<dd id="job-error">interrupted (the process stopped)</dd>' in page
+    assert f"{job_id}</a> " in page and "(this job)" in page, "the history lists the job"
+    assert log.read_text().endswith(": Job failed: interrupted (the process stopped)\n")
+
+
+def test_a_checkout_removes_the_leftovers_of_dead_pipelines_only(tmp_path: Path) -> None:
+    dead = start_blocked_in_checkout(tmp_path, "dead")
+    dead.kill()
+    dead.wait()
+    process = start_blocked_in_checkout(tmp_path, "live")
+    try:
+        # Another pipeline, with its own state directory, checks out: the dead pipeline's
+        # leftover goes, the live one's checkout stays.
+        other = checkout_pipeline(tmp_path, "other")
+        result = pipeline_cmd("run", other, "--once", "--state-dir", "other-state", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert not Path((tmp_path / "dead.dir").read_text()).exists()
+        assert Path((tmp_path / "live.dir").read_text()).is_dir()
+        assert not Path((tmp_path / "other.dir").read_text()).exists()
+    finally:
+        (tmp_path / "live.block").unlink()
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
 
 
 def test_ctrl_c_cancels_running_jobs_and_saves_state(tmp_path: Path) -> None:
