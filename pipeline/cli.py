@@ -305,11 +305,12 @@ def _run(options: argparse.Namespace, args: list[str]) -> int:
 
     try:
         ui = _web_options(options)
+        root, module = _load(options.file, args)
+        # After loading: a mistyped pipeline file must not leave a state directory behind.
         _check_state_dir(options.state_dir)
     except UsageError as exc:
         print(f"pipeline: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    root, module = _load(options.file, args)
     if ui is not None:
         routes, links = _web_extras(module, options.file, options.state_dir)
         ui = replace(ui, extra_routes=routes, extra_links=links)

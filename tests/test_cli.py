@@ -133,6 +133,7 @@ def test_pipeline_file_without_pipeline_function(tmp_path: Path) -> None:
 def test_missing_pipeline_file(tmp_path: Path) -> None:
     result = pipeline_cmd("run", tmp_path / "nope.py", cwd=tmp_path)
     assert result.returncode == 2 and "no such file" in result.stderr
+    assert not (tmp_path / "var").exists(), "a mistyped file name leaves no state directory"
 
 
 def test_cycle_is_reported_with_file_and_line(tmp_path: Path) -> None:
