@@ -191,10 +191,13 @@ def pipeline_graph(
     failed, blocked, pending), `job_id`, `refreshing` (the new state of a latched node re-running),
     `cached`, `placeholder` (a part not evaluated yet), `error`, and `collapsed` (the expand id
     of a collapsed group). Groups made with `collapse` are one node unless their id is in `expand`;
-    a member that a node outside the group reads stays visible, as in OCurrent.
+    a member that a node outside the group reads stays visible, as in OCurrent. The graph
+    attribute `groups` is the set of the expand ids of every group drawn (collapsed or not).
     Node ids (`n0`, `n1`, ...) follow a depth-first walk, so equal pipelines give equal graphs.
     """
     builder = _Builder(engine)
     builder.visit(t.as_term(root))
     builder.collapse(expand)
+    builder.graph.graph["groups"] = {group.expand_id for group in builder.collapses
+                                     if group in builder.ids}
     return builder.graph

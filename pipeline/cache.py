@@ -21,7 +21,7 @@ import hashlib
 import json
 import sqlite3
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -241,7 +241,40 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_key ON jobs (op, key, finished);
+CREATE TABLE IF NOT EXISTS unfinished (
+    job_id TEXT PRIMARY KEY,
+    op TEXT NOT NULL,
+    key TEXT NOT NULL,
+    key_pp TEXT NOT NULL,
+    started TEXT
+);
 """
+
+_JOBS_COLUMNS = frozenset(("job_id", "op", "key", "key_pp", "value_digest", "ok", "outcome",
+                           "sticky", "rebuild", "started", "finished"))
+
+INTERRUPTED = "interrupted (the process stopped)"
+"""The error recorded for a job whose process died while it was not finished."""
+
+
+def _check_schema(db: sqlite3.Connection, path: Path) -> None:
+    """Raise sqlite3.DatabaseError, saying why, unless `db` is empty or a pipeline's outcomes."""
+    try:
+        tables = {name for (name,) in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as exc:
+        raise sqlite3.DatabaseError(f"{path}: not a pipeline state database ({exc})") from None
+    if not tables:
+        return
+    if "jobs" not in tables:
+        raise sqlite3.DatabaseError(
+            f"{path}: not a pipeline state database (it has tables {', '.join(sorted(tables))} "
+            "and no table jobs)")
+    columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    if missing := _JOBS_COLUMNS - columns:
+        raise sqlite3.DatabaseError(
+            f"{path}: not a pipeline state database (its table jobs lacks the columns "
+            f"{', '.join(sorted(missing))})")
 
 
 class Instance:
@@ -348,11 +381,14 @@ class Instance:
         job.on_state_change(self._on_job_state)
         self.cache.by_job[job.id] = self
         self.job_ids.append(job.id)
+        self.cache.unfinished(self, job)
         self._task = self.cache.engine.loop.create_task(self._run(job, value),
                                                         name=f"job {job.id}")
         self.notify()
 
     def _on_job_state(self, job: Job) -> None:
+        if job.state is JobState.RUNNING:
+            self.cache.unfinished(self, job)  # again, now with its start time
         if job.state in _WORKING:
             self.cache.working.add(job)
         else:
@@ -540,17 +576,52 @@ class Cache:
         self._stored: set[tuple[str, str]] = set()
 
     def open(self) -> None:
-        """Open (creating if needed) the outcome database."""
+        """Open (creating if needed) the outcome database, and record the jobs an earlier process
+        left unfinished as failed with `INTERRUPTED`.
+
+        Raises sqlite3.DatabaseError, saying why, if the file is not a database or holds another
+        schema; the file is then left as it is.
+        """
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.db_path)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(_SCHEMA)
-        db.commit()
+        try:
+            # Checked before anything is written: someone else's database must stay untouched.
+            _check_schema(db, self.db_path)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            self._interrupted(db)
+            db.commit()
+        except BaseException:
+            db.close()
+            raise
         self._db = db
         # Most keys of a big pipeline's first run were never stored: knowing which were saves a
         # query per key.
         self._stored = set(db.execute("SELECT DISTINCT op, key FROM jobs"))
+
+    def _interrupted(self, db: sqlite3.Connection) -> None:
+        """Record every job left in `unfinished` (its process died) as an interrupted failure.
+
+        Not sticky, so that its key runs again when wanted; finished when its log was last
+        written, which is about when the process died.
+        """
+        rows = db.execute("SELECT job_id, op, key, key_pp, started FROM unfinished").fetchall()
+        for job_id, op, key, key_pp, started in rows:
+            log = self.engine.jobs.log_path(job_id)
+            now = self.engine.clock.now()
+            try:
+                finished = datetime.fromtimestamp(log.stat().st_mtime, UTC)
+                with log.open("a") as file:
+                    # On a line of its own: the log may end in the middle of one.
+                    file.write(f"\n{now:%Y-%m-%d %H:%M.%S}: Job failed: {INTERRUPTED}\n")
+            except OSError:
+                finished = now
+            db.execute(
+                "INSERT OR IGNORE INTO jobs (job_id, op, key, key_pp, ok, outcome, sticky, started,"
+                " finished) VALUES (?, ?, ?, ?, 0, ?, 0, ?, ?)",
+                (job_id, op, key, key_pp, INTERRUPTED, started, finished.isoformat()))
+        db.execute("DELETE FROM unfinished")
 
     def close(self) -> None:
         """Save and close the database."""
@@ -630,7 +701,22 @@ class Cache:
              int(outcome.sticky), job.started.isoformat() if job.started else None,
              outcome.finished.isoformat()),
         )
+        self.db.execute("DELETE FROM unfinished WHERE job_id = ?", (job.id,))
         self._stored.add((instance.op.id, instance.key_digest))
+        self._commit_soon()
+
+    def unfinished(self, instance: Instance, job: Job) -> None:
+        """Note that `job` is not finished, so that a process that dies before it is can be told
+        at the next start (see `open`)."""
+        self.db.execute(
+            "INSERT OR REPLACE INTO unfinished (job_id, op, key, key_pp, started)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (job.id, instance.op.id, instance.key_digest, instance.op.pp(instance.key),
+             job.started.isoformat() if job.started else None))
+        self._commit_soon()
+
+    def _commit_soon(self) -> None:
+        """Commit at the end of this loop iteration, once for all the writes made in it."""
         if not self._commit_pending:
             self._commit_pending = True
             self.engine.loop.call_soon(self._commit)

@@ -14,11 +14,12 @@ import asyncio
 import importlib.util
 import signal
 import sys
+import tempfile
 import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from pipeline.engine import Engine
@@ -64,7 +65,7 @@ def _load(path: Path, args: list[str]) -> tuple[Term[Any], ModuleType]:
         raise
     except SyntaxError as exc:
         raise PipelineFileError(f"{exc.filename}:{exc.lineno}: SyntaxError: {exc.msg}") from None
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise PipelineFileError(_located(exc, path)) from None
     if not isinstance(root, Term):
         line = make.__code__.co_firstlineno
@@ -81,18 +82,25 @@ def _web_extras(module: ModuleType, path: Path, state_dir: Path
     make = getattr(module, "web_routes", None)
     try:
         routes = tuple(make(state_dir)) if callable(make) else ()
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise PipelineFileError(_located(exc, path)) from None
-    links = tuple((str(url), str(label)) for url, label in getattr(module, "web_links", ()))
-    return routes, links
+    links = getattr(module, "web_links", ())
+    if not isinstance(links, list | tuple) or not all(
+            isinstance(link, list | tuple) and len(link) == 2 for link in links):
+        raise PipelineFileError(f"{path}: web_links must be a list of (URL, label) pairs, "
+                                f"not {links!r:.60}")
+    return routes, tuple((str(url), str(label)) for url, label in links)
 
 
-def _located(exc: Exception, path: Path) -> str:
+def _located(exc: BaseException, path: Path) -> str:
     """`FILE:LINE: Type: message`, at the deepest frame of the traceback inside the file."""
     frames = traceback.extract_tb(exc.__traceback__)
     target = str(path.resolve())
     inside = [f for f in frames if Path(f.filename).resolve().as_posix() == target]
     frame = inside[-1] if inside else frames[-1]
+    if isinstance(exc, SystemExit):
+        # Left alone, it would end `pipeline` itself with the file's status and no word why.
+        return f"{frame.filename}:{frame.lineno}: called sys.exit({exc.code!r}) while loading"
     return f"{frame.filename}:{frame.lineno}: {type(exc).__name__}: {exc}"
 
 
@@ -103,9 +111,28 @@ def _split_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (argparse adds the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print `PROG: message` and the way to help on one line; exit 2."""
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _port(text: str) -> int:
+    """A TCP port number, 0 (any free port) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535)")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of `pipeline`."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pipeline",
         description="Incremental, reactive CI pipelines. A pipeline file defines "
         "`pipeline(args) -> Term`; arguments after `--` are passed to it.",
@@ -128,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run until nothing is ready or running, print each node's state, label, "
                      "job and error, and exit 0 if the pipeline succeeded or 1 if not")
     web = run.add_argument_group("web UI")
-    web.add_argument("--port", metavar="PORT", type=int,
+    web.add_argument("--port", metavar="PORT", type=_port,
                      help=f"serve the web UI on PORT (default: {DEFAULT_PORT}; with --once the UI "
                      "is served only when --port is given)")
     web.add_argument("--host", metavar="HOST", default="127.0.0.1",
@@ -187,15 +214,27 @@ def _diagram(options: argparse.Namespace, args: list[str]) -> int:
         print(f"pipeline: {out}: the output must end in .svg or .dot", file=sys.stderr)
         return EXIT_USAGE
     root = load_pipeline(options.file, args)
-    dot = to_dot(pipeline_graph(root, expand=options.expand))
+    graph = pipeline_graph(root, expand=options.expand)
+    unknown = [group for group in options.expand if group not in graph.graph["groups"]]
+    if unknown:
+        groups = ", ".join(sorted(graph.graph["groups"])) or "none"
+        print(f"pipeline: --expand {unknown[0]}: no such group (groups: {groups})",
+              file=sys.stderr)
+        return EXIT_USAGE
+    dot = to_dot(graph)
     if out is None:
         sys.stdout.write(dot)
         return EXIT_OK
     try:
-        out.write_text(dot_to_svg(dot) if out.suffix == ".svg" else dot)
+        text = dot_to_svg(dot) if out.suffix == ".svg" else dot
     except DiagramError as exc:
         print(f"pipeline: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    try:
+        out.write_text(text)
+    except OSError as exc:
+        print(f"pipeline: {out}: cannot write: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 
@@ -247,16 +286,31 @@ def _web_options(options: argparse.Namespace) -> WebOptions | None:
     return ui
 
 
+def _check_state_dir(path: Path) -> None:
+    """Make the state directory if it is missing; UsageError unless it is a writable directory."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        # A real write is the only sure test: root passes every permission check, yet not on a
+        # read-only file system.
+        tempfile.TemporaryFile(dir=path).close()
+    except FileExistsError:
+        raise UsageError(f"--state-dir {path}: not a directory") from None
+    except OSError as exc:
+        raise UsageError(f"--state-dir {path}: cannot write there: {exc.strerror}") from None
+
+
 def _run(options: argparse.Namespace, args: list[str]) -> int:
     from pipeline.engine import PipelineError, tune_gc
     from pipeline.level import Level
 
     try:
         ui = _web_options(options)
+        root, module = _load(options.file, args)
+        # After loading: a mistyped pipeline file must not leave a state directory behind.
+        _check_state_dir(options.state_dir)
     except UsageError as exc:
         print(f"pipeline: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    root, module = _load(options.file, args)
     if ui is not None:
         routes, links = _web_extras(module, options.file, options.state_dir)
         ui = replace(ui, extra_routes=routes, extra_links=links)
@@ -279,7 +333,6 @@ async def _serve(root: Term[Any], state_dir: Path, confirm: Any, once: bool,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await engine.start()
     runner = None
     try:
         if ui is not None:
@@ -298,6 +351,9 @@ async def _serve(root: Term[Any], state_dir: Path, confirm: Any, once: bool,
                 return EXIT_USAGE
             host = f"[{ui.host}]" if ":" in ui.host else ui.host
             print(f"Web UI: http://{host}:{bound_port(runner)}/", flush=True)
+        # Only now, with the port bound: a port in use must stop us before any job runs. No
+        # request is served in between, as nothing from here to the engine's start awaits.
+        await engine.start()
         if once:
             await _until(engine.wait_idle(), stop)
             print_states(engine)

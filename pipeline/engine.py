@@ -13,6 +13,7 @@ import asyncio
 import gc
 import heapq
 import itertools
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterator
@@ -81,9 +82,16 @@ class Engine:
     # Life cycle
 
     async def start(self) -> None:
-        """Instantiate the root term and start evaluating."""
+        """Instantiate the root term and start evaluating.
+
+        Raises PipelineError if the state directory's database is not a pipeline's (it is left
+        as it is). Jobs an earlier process left unfinished are recorded as failed, interrupted.
+        """
         self._loop = asyncio.get_running_loop()
-        self.cache.open()
+        try:
+            self.cache.open()
+        except sqlite3.DatabaseError as exc:
+            raise PipelineError(str(exc)) from None
         self.jobs.on_change(lambda _job: self.check_idle())
         self.root_node = self.acquire(self.root)
 

@@ -527,11 +527,51 @@ def fetch(commit: p.Term[Commit]) -> p.Term[Commit]:
 
 # Using a local commit
 
+_CHECKOUT_PREFIX = "pipeline-checkout-"
+# A checkout's directory is named after its process: pid and start time (a pid alone may have
+# been reused by the time anyone looks).
+_CHECKOUT_OWNER = re.compile(re.escape(_CHECKOUT_PREFIX) + r"([0-9]+)\.([0-9]+)-")
+_leftovers_removed = False
+
+
+def _start_time(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, from /proc), or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name in parentheses may hold spaces: count fields after its last ')'.
+    return stat[stat.rindex(")") + 2:].split()[19]
+
+
+def _remove_leftover_checkouts() -> None:
+    """Remove the checkouts of processes that died without removing them (e.g. SIGKILL).
+
+    Only those of dead processes: a live pipeline's checkouts are its own, whatever its state
+    directory.
+    """
+    for path in Path(tempfile.gettempdir()).glob(f"{_CHECKOUT_PREFIX}*"):
+        owner = _CHECKOUT_OWNER.match(path.name)
+        if owner is not None and _start_time(int(owner[1])) != owner[2]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _make_checkout_dir() -> Path:
+    """A new checkout directory named after this process; first, once per process, remove the
+    leftovers of dead ones."""
+    global _leftovers_removed
+    if not _leftovers_removed:
+        _leftovers_removed = True
+        _remove_leftover_checkouts()
+    pid = os.getpid()
+    return Path(tempfile.mkdtemp(prefix=f"{_CHECKOUT_PREFIX}{pid}.{_start_time(pid)}-"))
+
 
 @contextlib.asynccontextmanager
 async def checkout(commit: Commit) -> AsyncIterator[Path]:
     """A clean temporary checkout of `commit` (whose `repo` must be local: see `fetch`), with
     submodules initialised at their recorded commits; removed on leaving, whatever happens.
+    Checkouts that a killed process left behind are removed by the first checkout of the next.
 
     Made with `git clone --shared` (objects borrowed from the repository, which is not
     modified), so checkouts of one repository may run concurrently. Submodules are cloned from
@@ -539,7 +579,7 @@ async def checkout(commit: Commit) -> AsyncIterator[Path]:
     without one); local and file:// URLs are allowed. Raises GitError naming the commit if the
     clone, checkout or a submodule fails.
     """
-    directory = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="pipeline-checkout-"))
+    directory = await asyncio.to_thread(_make_checkout_dir)
     try:
         tree = directory / "src"
         context = f"{commit.repo}: checkout of {commit.short}"
