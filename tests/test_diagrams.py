@@ -540,9 +540,10 @@ def test_pipeline_diagram_draws_hostile_labels_as_text(tmp_path: Path) -> None:
         "    return p.all(*(p.const(i, label=label) for i, label in enumerate(LABELS)),\n"
         "                 label='<i>all</i>')\n")
     out = tmp_path / "hostile.svg"
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "diagram", file, "-o", out],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert (result.returncode, result.stderr) == (0, "")
+    for args in ([], ["-o", out]):  # DOT on standard output, then SVG
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline", "diagram", file, *args],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert (result.returncode, result.stderr) == (0, "")
     drawn = sorted(svg_node_texts(out.read_text()))
     assert drawn == sorted([*HOSTILE_LABELS.values(), ["<i>all</i>"]])
