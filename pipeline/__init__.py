@@ -17,7 +17,7 @@ _EXPORTS = {
     "pipeline.cache": ["BuilderOp", "PublisherOp", "builder", "digest", "publisher"],
     "pipeline.clock": ["Clock", "FakeClock", "SystemClock"],
     "pipeline.diagram": ["COLOURS", "DiagramError", "to_dot", "to_svg"],
-    "pipeline.engine": ["CycleError", "Engine", "PipelineError"],
+    "pipeline.engine": ["CycleError", "Engine", "PipelineError", "on_start"],
     "pipeline.file_monitor": ["FileMonitor", "watch_file"],
     "pipeline.jobs": ["Job", "JobCancelled", "JobRegistry", "JobState", "follow_log"],
     "pipeline.level": ["Level"],

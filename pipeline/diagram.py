@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import urllib.parse
+
 import graphviz
 import networkx as nx
 
@@ -19,6 +22,47 @@ COLOURS = {
 
 class DiagramError(Exception):
     """The diagram could not be drawn (e.g. graphviz is not installed)."""
+
+
+MAX_TEXT = 1000
+"""Longest label or tooltip drawn, in characters: graphviz refuses quoted strings over 16 KB."""
+
+# Characters an SVG (XML) cannot hold or graphviz cannot read: C0 controls other than tab and
+# newline (NUL ends graphviz's strings) and DEL are drawn as their Unicode control pictures,
+# lone surrogates (from undecodable bytes) as U+FFFD.
+_UNDRAWABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f\ud800-\udfff]")
+
+
+def _picture(match: re.Match[str]) -> str:
+    char = match[0]
+    if char == "\x7f":
+        return "\u2421"
+    return chr(0x2400 + ord(char)) if char < " " else "\ufffd"
+
+
+def _drawable(text: str) -> str:
+    """`text` shortened to `MAX_TEXT` with each character an SVG can hold and DOT can read."""
+    if len(text) > MAX_TEXT:
+        text = text[:MAX_TEXT - 1] + "…"
+    return _UNDRAWABLE.sub(_picture, text)
+
+
+def _label_text(text: str) -> str:
+    """`text` as a DOT label that graphviz draws literally.
+
+    Without this, a label `<b>x</b>` is an HTML-like label (or a graphviz syntax error),
+    backslashes are escapes (`\\N` is the node's name) and `&lt;` is an entity.
+    """
+    return graphviz.escape(_drawable(text).replace("&", "&amp;"))
+
+
+def _tooltip_text(text: str) -> str:
+    """`text` as a DOT tooltip that graphviz shows literally.
+
+    Graphviz reads a tooltip's escapes twice (once as `\\n`-style escapes, once as `\\N`-style
+    names), so each backslash takes four.
+    """
+    return graphviz.nohtml(_drawable(text).replace("&", "&amp;").replace("\\", "\\" * 4))
 
 
 def to_dot(graph: nx.DiGraph, *, job_url: str = "/job/{job_id}", expand_url: str = "?expand={id}"
@@ -39,13 +83,15 @@ def to_dot(graph: nx.DiGraph, *, job_url: str = "/job/{job_id}", expand_url: str
             style.append("dashed")
         extra: dict[str, str] = {}
         if attrs.get("collapsed"):
-            extra["URL"] = expand_url.format(id=attrs["collapsed"])
+            # Graphviz writes URLs into the SVG as they are: a quote would end the attribute.
+            extra["URL"] = expand_url.format(id=urllib.parse.quote(attrs["collapsed"], safe="="))
             style.append("bold")
         elif attrs.get("job_id"):
-            extra["URL"] = job_url.format(job_id=attrs["job_id"])
+            extra["URL"] = job_url.format(job_id=urllib.parse.quote(attrs["job_id"]))
         if attrs.get("error"):
-            extra["tooltip"] = attrs["error"]
-        dot.node(node_id, label=attrs["label"], fillcolor=fill, style=",".join(style), **extra)
+            extra["tooltip"] = _tooltip_text(attrs["error"])
+        dot.node(node_id, label=_label_text(attrs["label"]), fillcolor=fill, style=",".join(style),
+                 **extra)
     for source, target, attrs in graph.edges(data=True):
         if attrs.get("style", "solid") != "solid":
             dot.edge(source, target, style=attrs["style"])

@@ -13,10 +13,11 @@ import asyncio
 import gc
 import heapq
 import itertools
+import logging
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,35 @@ class PipelineError(Exception):
 
 class CycleError(PipelineError):
     """A dynamic sub-graph depends on its own output."""
+
+
+StartHook = Callable[[Path], Awaitable[None]]
+"""A function that an engine awaits with its state directory when it starts (see `on_start`)."""
+
+_start_hooks: list[StartHook] = []
+_log = logging.getLogger(__name__)
+
+
+def on_start(hook: StartHook) -> StartHook:
+    """Have every engine await `hook(state_dir)` when it starts, before anything is evaluated.
+
+    For primitives to clean up what a killed process left behind (the build primitive kills
+    its containers) without the engine knowing them. A hook registered twice runs once; one
+    that raises is reported in one warning and the start carries on.
+    """
+    if hook not in _start_hooks:
+        _start_hooks.append(hook)
+    return hook
+
+
+async def _run_start_hooks(state_dir: Path) -> None:
+    for hook in list(_start_hooks):
+        try:
+            await hook(state_dir)
+        except Exception as exc:
+            # A clean-up that cannot run now (runc missing, a store gone) must not stop the
+            # pipeline: its next start tries again.
+            _log.warning("start-up clean-up %s failed: %s", hook.__qualname__, exc)
 
 
 class Engine:
@@ -82,7 +112,7 @@ class Engine:
     # Life cycle
 
     async def start(self) -> None:
-        """Instantiate the root term and start evaluating.
+        """Run the `on_start` hooks, instantiate the root term and start evaluating.
 
         Raises PipelineError if the state directory's database is not a pipeline's (it is left
         as it is). Jobs an earlier process left unfinished are recorded as failed, interrupted.
@@ -92,6 +122,7 @@ class Engine:
             self.cache.open()
         except sqlite3.DatabaseError as exc:
             raise PipelineError(str(exc)) from None
+        await _run_start_hooks(self.state_dir)
         self.jobs.on_change(lambda _job: self.check_idle())
         self.root_node = self.acquire(self.root)
 

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 from golden import assert_golden
 
@@ -500,3 +503,47 @@ async def test_list_map_of_binds(tmp_path: Path) -> None:
     item = node_line(dot, "per branch main").split()[0]
     assert f"{item} -> {item}" not in dot
     assert f"{node_line(dot, 'branches').split()[0]} -> {item}\n" in dot
+
+
+# Hostile labels: drawn as text, never as graphviz markup
+
+
+HOSTILE_LABELS = {
+    # label in the pipeline: the lines the SVG must show
+    "<b>bold</b>": ["<b>bold</b>"],
+    "<>": ["<>"],
+    'say "hi" \\"': ['say "hi" \\"'],
+    "ends in \\": ["ends in \\"],
+    "\\N \\G \\l \\n \\E \\T \\H \\L": ["\\N \\G \\l \\n \\E \\T \\H \\L"],
+    "&amp; &lt;b&gt; &#65; & x": ["&amp; &lt;b&gt; &#65; & x"],
+    "two\nlines": ["two", "lines"],
+    "x" * 20_000: ["x" * 999 + "…"],
+    "undecodable \udcff byte": ["undecodable \ufffd byte"],
+    "nul\x00 esc\x1b cr\r del\x7f": ["nul\u2400 esc\u241b cr\u240d del\u2421"],
+    "é 漢字 🙂": ["é 漢字 🙂"],
+}
+
+
+def svg_node_texts(svg: str) -> list[list[str]]:
+    """Each node's lines of text in `svg` (parsed as XML, so the SVG must be well-formed)."""
+    ns = {"svg": "http://www.w3.org/2000/svg"}
+    return [[text.text or "" for text in group.iterfind(".//svg:text", ns)]
+            for group in ElementTree.fromstring(svg).iterfind(".//svg:g[@class='node']", ns)]
+
+
+def test_pipeline_diagram_draws_hostile_labels_as_text(tmp_path: Path) -> None:
+    file = tmp_path / "hostile.py"
+    file.write_text(
+        "import pipeline as p\n\n"
+        f"LABELS = {list(HOSTILE_LABELS)!r}\n\n"
+        "def pipeline(args):\n"
+        "    return p.all(*(p.const(i, label=label) for i, label in enumerate(LABELS)),\n"
+        "                 label='<i>all</i>')\n")
+    out = tmp_path / "hostile.svg"
+    for args in ([], ["-o", out]):  # DOT on standard output, then SVG
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline", "diagram", file, *args],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert (result.returncode, result.stderr) == (0, "")
+    drawn = sorted(svg_node_texts(out.read_text()))
+    assert drawn == sorted([*HOSTILE_LABELS.values(), ["<i>all</i>"]])

@@ -417,6 +417,73 @@ async def test_fetch_of_an_unreachable_remote_fails(tmp_path: Path) -> None:
                                "does not appear to be a git repository")
 
 
+def lose_every_object(repo: Path, mirror: Path, main: str) -> tuple[Commit, str]:
+    """A lost pack: no object is left, the refs still name them; then main moves on."""
+    for path in (mirror / "objects").rglob("*"):
+        if path.is_file() and path.parent.name != "info":
+            path.unlink()
+    new = commit(repo, {"f": "new\n"})
+    return Commit(f"file://{repo}", new, "refs/heads/main"), "new\n"
+
+
+def lose_the_files_of_main(repo: Path, mirror: Path, main: str) -> tuple[Commit, str]:
+    """Objects lost in a way no fetch notices: the commit is there, its files are not; then
+    another branch points to it."""
+    for line in run_git(mirror, "ls-tree", "-r", main).splitlines():
+        blob = line.split()[2]
+        (mirror / "objects" / blob[:2] / blob[2:]).unlink()
+    run_git(repo, "branch", "third", main)
+    return Commit(f"file://{repo}", main, "refs/heads/third"), "main\n"
+
+
+@pytest.mark.parametrize("corrupt", [lose_every_object, lose_the_files_of_main])
+async def test_a_corrupt_mirror_is_cloned_again(
+        tmp_path: Path, corrupt: Callable[[Path, Path, str], tuple[Commit, str]]) -> None:
+    repo = make_repo(tmp_path / "repo", {"f": "main\n"})
+    # Loose objects, so that a test may delete some (a fetch would unpack so few anyway).
+    run_git(repo, "config", "fetch.unpackLimit", "1000")
+    main = run_git(repo, "rev-parse", "HEAD")
+    run_git(repo, "checkout", "-q", "-b", "other")
+    commit(repo, {"f": "other\n"})
+    run_git(repo, "checkout", "-q", "main")
+
+    @p.builder("read", auto_cancel=True)
+    async def read(job: p.Job, fetched: Commit) -> str:
+        async with git.checkout(fetched) as src:
+            return (src / "f").read_text()
+
+    def pipeline(wanted: Commit) -> tuple[p.Term[Commit], p.Term[tuple[Commit, str]]]:
+        fetched = git.fetch(p.const(wanted))
+        return fetched, p.pair(fetched, read(fetched))
+
+    _, root = pipeline(Commit(f"file://{repo}", main, "refs/heads/main"))
+    async with p.Engine(root, state_dir=tmp_path / "var") as engine:
+        await engine.wait_idle()
+        out = engine.root_output()
+        assert isinstance(out, Ok) and out.value[1] == "main\n", out
+        mirror = Path(out.value[0].repo)
+    run_git(mirror, "fsck", "--connectivity-only")
+    wanted, content = corrupt(repo, mirror, main)
+    assert subprocess.run(["git", "-C", str(mirror), "fsck", "--connectivity-only"],
+                          capture_output=True).returncode != 0
+
+    # After a restart, a build of another commit or branch re-clones the mirror and carries on.
+    fetched, root = pipeline(wanted)
+    async with p.Engine(root, state_dir=tmp_path / "var") as engine:
+        await engine.wait_idle()
+        out = engine.root_output()
+        assert out == Ok((Commit(str(mirror), wanted.hash, wanted.ref), content)), out
+        node = engine.node_for(fetched)
+        assert node is not None and node.job_id is not None
+        log = engine.jobs.log_path(node.job_id).read_text()
+    recloned = [line for line in log.splitlines() if "re-cloning" in line]
+    assert len(recloned) == 1, log
+    assert f"mirror {mirror} is corrupt (" in recloned[0], log
+    assert recloned[0].endswith(f"): re-cloning it from file://{repo}"), log
+    run_git(mirror, "fsck", "--connectivity-only")
+    assert [m.name for m in mirror.parent.iterdir()] == [mirror.name]
+
+
 # Checkout and read_file
 
 

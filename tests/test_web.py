@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import aiohttp
 import pytest
@@ -166,6 +167,30 @@ async def test_svg_and_dot_with_expanded_groups(tmp_path: Path) -> None:
         response = await s.client.get("/pipeline.svg?expand=group%3Dg1")
         assert response.content_type == "image/svg+xml"
         assert "inner&#45;step" in await response.text()
+
+
+async def test_hostile_labels_errors_and_groups_are_drawn_as_text(tmp_path: Path) -> None:
+    error = '<b>no</b> \\N \\l "q" &amp;'
+
+    def fail(value: str) -> str:
+        raise ValueError(error)
+
+    source = p.const("x", label="<b>source</b>")
+    root = p.collapse('<k"ey>', "a&b #c", input=source,
+                      output=source.map(fail, label="<i>inner</i>"))
+    async with serve(tmp_path, root) as s:
+        await s.engine.wait_idle()
+        assert "&lt;b&gt;source&lt;/b&gt;" in element(await get_text(s.client, "/"), "diagram")
+        xlink = "{http://www.w3.org/1999/xlink}"
+        links = ElementTree.fromstring(await get_text(s.client, "/pipeline.svg")).iter(
+            "{http://www.w3.org/2000/svg}a")
+        # The group's link, as graphviz wrote it, opens the group.
+        (expand,) = [a.get(f"{xlink}href") for a in links if "expand" in a.get(f"{xlink}href")]
+        expanded = ElementTree.fromstring(await get_text(s.client, f"/pipeline.svg{expand}"))
+        texts = [text.text for text in expanded.iter("{http://www.w3.org/2000/svg}text")]
+        assert "<b>source</b>" in texts and "<i>inner</i>" in texts
+        tooltips = [a.get(f"{xlink}title") for a in expanded.iter("{http://www.w3.org/2000/svg}a")]
+        assert any(error in (tooltip or "") for tooltip in tooltips), tooltips
 
 
 async def test_svg_is_drawn_again_only_after_a_change(

@@ -452,7 +452,41 @@ def _log_output(job: p.Job, out: bytes, err: bytes) -> None:
         job.write(err)
 
 
+async def _complete(mirror: Path, hash: str) -> bool:
+    """Whether `mirror` has commit `hash` and each tree and blob of it (what a checkout reads)."""
+    status, _, _ = await _run("rev-list", "--quiet", "--objects", "--no-walk",
+                              f"{hash}^{{commit}}", cwd=mirror)
+    return status == 0
+
+
+async def _corruption(mirror: Path) -> str | None:
+    """What `git fsck --connectivity-only` finds wrong with `mirror` (objects missing), or None."""
+    if not mirror.exists():
+        return None
+    status, out, err = await _run("fsck", "--connectivity-only", "--no-dangling", cwd=mirror)
+    return None if status == 0 else _git_message(err or out)
+
+
 async def _fetch_into_mirror(job: p.Job, url: str, mirror: Path, hash: str) -> None:
+    """Create the mirror if needed and fetch until it has `hash`, re-cloning a corrupt mirror
+    once; raises GitError otherwise."""
+    try:
+        await _fetch_once(job, url, mirror, hash)
+    except GitError:
+        # A mirror missing objects (a disk error, a pack deleted) fails every fetch and
+        # checkout, whatever the remote says: only a new one helps.
+        problem = await _corruption(mirror)
+        if problem is None:
+            raise
+        job.log(f"mirror {mirror} is corrupt ({problem}): re-cloning it from {url}")
+        # Renamed first: an interrupted removal leaves no half-deleted mirror under its name.
+        trash = Path(tempfile.mkdtemp(prefix=f".{mirror.name}-corrupt-", dir=mirror.parent))
+        mirror.rename(trash / "mirror")
+        await asyncio.to_thread(shutil.rmtree, trash, ignore_errors=True)
+        await _fetch_once(job, url, mirror, hash)
+
+
+async def _fetch_once(job: p.Job, url: str, mirror: Path, hash: str) -> None:
     """Create the mirror if needed and fetch until it has `hash`; raises GitError otherwise."""
     if not mirror.exists():
         job.log(f"creating mirror {mirror} of {url}")
@@ -470,13 +504,15 @@ async def _fetch_into_mirror(job: p.Job, url: str, mirror: Path, hash: str) -> N
     _log_output(job, out, err)
     if status != 0:
         raise GitError(f"{url}: unreachable: {_git_message(err)}")
-    if await _has_commit(mirror, hash):
+    if await _complete(mirror, hash):
         return
+    if await _has_commit(mirror, hash):
+        raise GitError(f"{mirror}: objects of commit {hash} are missing")
     # No ref points to it any more (a force-push): servers that allow it give it by id.
     job.log(f"{hash} is on no ref of {url}; asking for it by id")
     status, out, err = await _run("fetch", "origin", hash, cwd=mirror)
     _log_output(job, out, err)
-    if status != 0 or not await _has_commit(mirror, hash):
+    if status != 0 or not await _complete(mirror, hash):
         raise GitError(f"{url}: commit {hash} not found: {_git_message(err)}")
 
 
@@ -490,7 +526,7 @@ async def _fetch(job: p.Job, commit: Commit) -> Commit:
     mirror = (Path(job.state_dir) / "git" / p.digest(commit.repo)).resolve()
     async with _mirror_lock(mirror):
         # Checked under the lock: a fetch that was running meanwhile may have brought it.
-        if mirror.exists() and await _has_commit(mirror, commit.hash):
+        if mirror.exists() and await _complete(mirror, commit.hash):
             job.log(f"{commit.hash} is already in {mirror}: nothing to fetch")
         else:
             await _fetch_into_mirror(job, commit.repo, mirror, commit.hash)
@@ -517,6 +553,9 @@ def fetch(commit: p.Term[Commit]) -> p.Term[Commit]:
     - A remote gets one bare mirror, `STATE_DIR/git/<digest of the URL>`, made on first use and
       fetched (all refs, pruned) only when it lacks the commit; a commit on no ref is asked for
       by id. Fetches of one mirror are serialised within the process.
+    - A corrupt mirror (objects missing: a fetch fails, or the commit's files are not all
+      there; `git fsck --connectivity-only` confirms it) is deleted and cloned again, saying so
+      in the job's log.
     - Submodules are not mirrored: `checkout` initialises them from their own URLs.
     - Failure (unreachable, commit gone) fails the job with git's message and, as for every
       builder, is sticky until a rebuild. The outcome is cached: a mirror deleted behind the

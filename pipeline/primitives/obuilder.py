@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import tempfile
 import weakref
@@ -21,7 +22,7 @@ from pathlib import Path
 import pipeline as p
 from pipeline.obuilder import spec as S
 from pipeline.obuilder.builder import Builder
-from pipeline.obuilder.setup import open_builder
+from pipeline.obuilder.setup import open_builder, open_sandbox, sandbox_dir
 from pipeline.obuilder.stores import KINDS
 from pipeline.primitives import git
 from pipeline.primitives.git import Commit
@@ -87,10 +88,52 @@ def _resolve_store(store: str, state_dir: Path) -> tuple[str, Path | None]:
     return f"{kind}:{directory}", directory
 
 
-async def _open(store: str, create: Path | None, fetcher: str | None) -> Builder:
+STORES_FILE = "obuilder-stores.json"
+"""Under the state directory: the roots of the stores its builds used, for `clean_stores`."""
+
+
+def _remember_store(state_dir: Path, root: Path) -> None:
+    path = state_dir / STORES_FILE
+    roots = json.loads(path.read_text()) if path.exists() else []
+    if str(root) not in roots:
+        # Replaced whole: a crash leaves the old list or the new one, never half of one.
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_text(json.dumps([*roots, str(root)]))
+        partial.replace(path)
+
+
+async def clean_stores(state_dir: Path) -> None:
+    """Kill and delete the containers that killed processes left in the stores the builds of
+    `state_dir` used: a step of a killed build would otherwise run on until its command ends,
+    even if nothing builds again. Run by every engine as it starts (`pipeline.on_start`)."""
+    path = state_dir / STORES_FILE
+    if not await asyncio.to_thread(path.exists):
+        return
+    for root in json.loads(await asyncio.to_thread(path.read_text)):
+        if not await asyncio.to_thread(sandbox_dir(Path(root)).exists):
+            continue  # a store deleted since, or one that never ran a step
+        sandbox = open_sandbox(Path(root))
+        try:
+            await sandbox.clean()
+        finally:
+            sandbox.close()
+
+
+p.on_start(clean_stores)
+
+
+async def _open(store: str, create: Path | None, fetcher: str | None, state_dir: Path
+                ) -> Builder:
     if create is not None:
         await asyncio.to_thread(create.mkdir, parents=True, exist_ok=True)
-    return await open_builder(store, fetcher=fetcher)
+    builder = await open_builder(store, fetcher=fetcher)
+    try:
+        # Before any step runs in it, so that a restart after a crash knows where to clean.
+        await asyncio.to_thread(_remember_store, state_dir, builder.store.root.absolute())
+    except BaseException:
+        builder.close()
+        raise
+    return builder
 
 
 async def shared_builder(store: str, fetcher: str | None, state_dir: Path) -> Builder:
@@ -106,7 +149,8 @@ async def shared_builder(store: str, fetcher: str | None, state_dir: Path) -> Bu
     memo = (resolved, fetcher)
     task = builders.get(memo)
     if task is None:
-        task = loop.create_task(_open(resolved, create, fetcher), name=f"open store {resolved}")
+        task = loop.create_task(_open(resolved, create, fetcher, state_dir),
+                                name=f"open store {resolved}")
         builders[memo] = task
 
         def forget_failure(done: asyncio.Task[Builder]) -> None:
