@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import signal
 import sys
 import traceback
 from dataclasses import dataclass, replace
@@ -20,11 +19,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from pipeline import usercode
+from pipeline.usercode import Interrupted, StopSignals
+
 if TYPE_CHECKING:
     from pipeline.engine import Engine
     from pipeline.term import Term
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 DEFAULT_PORT = 8080
 
@@ -55,11 +57,11 @@ def _load(path: Path, args: list[str]) -> tuple[Term[Any], ModuleType]:
     # Let the file import modules that sit beside it.
     sys.path.insert(0, str(path.resolve().parent))
     try:
-        spec.loader.exec_module(module)
+        usercode.call(f"the pipeline file {path}", spec.loader.exec_module, module)
         make = getattr(module, "pipeline", None)
         if not callable(make):
             raise PipelineFileError(f"{path}: defines no function pipeline(args)")
-        root = make(args)
+        root = usercode.call(f"pipeline() in {path}", make, args)
     except PipelineFileError:
         raise
     except SyntaxError as exc:
@@ -170,12 +172,17 @@ def main(argv: list[str] | None = None) -> int:
     own, passed = _split_args(args)
     options = build_parser().parse_args(own)
     try:
-        if options.command == "diagram":
-            return _diagram(options, passed)
-        return _run(options, passed)
+        with StopSignals() as signals:
+            if options.command == "diagram":
+                return _diagram(options, passed)
+            return _run(options, passed, signals)
     except PipelineFileError as exc:
         print(f"pipeline: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Interrupted as exc:
+        # Ctrl-C or SIGTERM stopped user code that did not return (see pipeline.usercode).
+        print(f"pipeline: {exc}", file=sys.stderr)
+        return exc.status
 
 
 def _diagram(options: argparse.Namespace, args: list[str]) -> int:
@@ -247,7 +254,7 @@ def _web_options(options: argparse.Namespace) -> WebOptions | None:
     return ui
 
 
-def _run(options: argparse.Namespace, args: list[str]) -> int:
+def _run(options: argparse.Namespace, args: list[str], signals: StopSignals) -> int:
     from pipeline.engine import PipelineError, tune_gc
     from pipeline.level import Level
 
@@ -263,22 +270,23 @@ def _run(options: argparse.Namespace, args: list[str]) -> int:
     confirm = Level.parse(options.confirm) if options.confirm else None
     tune_gc()
     try:
-        return asyncio.run(_serve(root, options.state_dir, confirm, options.once, ui))
+        status = asyncio.run(_serve(root, options.state_dir, confirm, options.once, ui, signals))
     except PipelineError as exc:
         print(f"pipeline: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if signals.interrupted is not None:
+        raise signals.interrupted  # now that jobs are cancelled and the state saved
+    return status
 
 
 async def _serve(root: Term[Any], state_dir: Path, confirm: Any, once: bool,
-                 ui: WebOptions | None) -> int:
+                 ui: WebOptions | None, signals: StopSignals) -> int:
     from pipeline.engine import Engine
     from pipeline.output import Ok
 
     engine = Engine(root, state_dir=state_dir, confirm=confirm)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    signals.attach(asyncio.get_running_loop(), stop.set)
     await engine.start()
     runner = None
     try:
@@ -310,13 +318,14 @@ async def _serve(root: Term[Any], state_dir: Path, confirm: Any, once: bool,
             print("Stopping: cancelling running jobs", flush=True)
             return EXIT_OK
         if stop.is_set():
-            return EXIT_INTERRUPTED
+            return signals.status
         return EXIT_OK if isinstance(engine.root_output(), Ok) else EXIT_FAILED
     finally:
         # The server first: no request may act on an engine that is stopping.
         if runner is not None:
             await runner.cleanup()
         await engine.stop(reason="Cancelled: pipeline stopped")
+        signals.detach()
 
 
 async def _until(work: Any, stop: asyncio.Event) -> None:
