@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import importlib.util
+import os
 import sys
 import traceback
 from dataclasses import dataclass, replace
@@ -31,6 +33,12 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_PORT = 8080
 
 LEVEL_NAMES = ("harmless", "mostly-harmless", "average", "above-average", "dangerous")
+
+STATE_LOCK = "run.lock"
+"""The file in the state directory that `pipeline run` locks for its lifetime; it holds the
+process id of the holder."""
+
+_held_state_dirs: dict[Path, int] = {}
 
 
 class PipelineFileError(Exception):
@@ -254,12 +262,41 @@ def _web_options(options: argparse.Namespace) -> WebOptions | None:
     return ui
 
 
+def _lock_state_dir(state_dir: Path) -> None:
+    """Take `state_dir`'s lock for the rest of this process's life (the kernel drops it when the
+    process ends, however it ends); UsageError if another process holds it.
+
+    Two runs on one state directory would run the same jobs at once on the same files.
+    """
+    if state_dir.resolve() in _held_state_dirs:
+        return  # taken by an earlier `main` in this process (tests call it more than once)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        # Not inherited by jobs' commands, which must not keep the lock after we end.
+        fd = os.open(state_dir / STATE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise UsageError(f"{state_dir}: cannot use it as the state directory: "
+                         f"{exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        holder = f"process {pid}" if pid.isdecimal() else "another process"
+        raise UsageError(f"state directory {state_dir} is in use by {holder} (another pipeline "
+                         "run); use another --state-dir or stop it") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held_state_dirs[state_dir.resolve()] = fd
+
+
 def _run(options: argparse.Namespace, args: list[str], signals: StopSignals) -> int:
     from pipeline.engine import PipelineError, tune_gc
     from pipeline.level import Level
 
     try:
         ui = _web_options(options)
+        _lock_state_dir(options.state_dir)
     except UsageError as exc:
         print(f"pipeline: {exc}", file=sys.stderr)
         return EXIT_USAGE
