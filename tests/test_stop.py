@@ -126,6 +126,16 @@ def test_once_and_diagram_are_stopped_too(tmp_path: Path) -> None:
                                 f"{tmp_path / 'never_returns.py'} was running (it did not return)"]
 
 
+def test_stopped_while_serving_the_web_ui(tmp_path: Path) -> None:
+    """With the web UI on, the process stops the same way, the server shut down with it (the UI
+    does not answer while the map runs: user code runs on the event loop's thread)."""
+    code, out, err, _ = stop(tmp_path, SPINNING_MAP, "run", "FILE", "--port", "0")
+    assert code == 130, err
+    assert "Web UI: http://127.0.0.1:" in out
+    assert err.splitlines() == [
+        'pipeline: stopped while map "spin forever" was running (it did not return)']
+
+
 SWALLOWING_MAP = """
     import subprocess
     from pathlib import Path
