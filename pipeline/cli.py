@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import importlib.util
-import signal
+import os
 import sys
 import tempfile
 import traceback
@@ -21,15 +22,24 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from pipeline import usercode
+from pipeline.usercode import Interrupted, StopSignals
+
 if TYPE_CHECKING:
     from pipeline.engine import Engine
     from pipeline.term import Term
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 DEFAULT_PORT = 8080
 
 LEVEL_NAMES = ("harmless", "mostly-harmless", "average", "above-average", "dangerous")
+
+STATE_LOCK = "run.lock"
+"""The file in the state directory that `pipeline run` locks for its lifetime; it holds the
+process id of the holder."""
+
+_held_state_dirs: dict[Path, int] = {}
 
 
 class PipelineFileError(Exception):
@@ -56,11 +66,11 @@ def _load(path: Path, args: list[str]) -> tuple[Term[Any], ModuleType]:
     # Let the file import modules that sit beside it.
     sys.path.insert(0, str(path.resolve().parent))
     try:
-        spec.loader.exec_module(module)
+        usercode.call(f"the pipeline file {path}", spec.loader.exec_module, module)
         make = getattr(module, "pipeline", None)
         if not callable(make):
             raise PipelineFileError(f"{path}: defines no function pipeline(args)")
-        root = make(args)
+        root = usercode.call(f"pipeline() in {path}", make, args)
     except PipelineFileError:
         raise
     except SyntaxError as exc:
@@ -197,12 +207,17 @@ def main(argv: list[str] | None = None) -> int:
     own, passed = _split_args(args)
     options = build_parser().parse_args(own)
     try:
-        if options.command == "diagram":
-            return _diagram(options, passed)
-        return _run(options, passed)
+        with StopSignals() as signals:
+            if options.command == "diagram":
+                return _diagram(options, passed)
+            return _run(options, passed, signals)
     except PipelineFileError as exc:
         print(f"pipeline: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Interrupted as exc:
+        # Ctrl-C or SIGTERM stopped user code that did not return (see pipeline.usercode).
+        print(f"pipeline: {exc}", file=sys.stderr)
+        return exc.status
 
 
 def _diagram(options: argparse.Namespace, args: list[str]) -> int:
@@ -299,7 +314,35 @@ def _check_state_dir(path: Path) -> None:
         raise UsageError(f"--state-dir {path}: cannot write there: {exc.strerror}") from None
 
 
-def _run(options: argparse.Namespace, args: list[str]) -> int:
+def _lock_state_dir(state_dir: Path) -> None:
+    """Take `state_dir`'s lock for the rest of this process's life (the kernel drops it when the
+    process ends, however it ends); UsageError if another process holds it.
+
+    Two runs on one state directory would run the same jobs at once on the same files.
+    """
+    if state_dir.resolve() in _held_state_dirs:
+        return  # taken by an earlier `main` in this process (tests call it more than once)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        # Not inherited by jobs' commands, which must not keep the lock after we end.
+        fd = os.open(state_dir / STATE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise UsageError(f"{state_dir}: cannot use it as the state directory: "
+                         f"{exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        holder = f"process {pid}" if pid.isdecimal() else "another process"
+        raise UsageError(f"state directory {state_dir} is in use by {holder} (another pipeline "
+                         "run); use another --state-dir or stop it") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held_state_dirs[state_dir.resolve()] = fd
+
+
+def _run(options: argparse.Namespace, args: list[str], signals: StopSignals) -> int:
     from pipeline.engine import PipelineError, tune_gc
     from pipeline.level import Level
 
@@ -308,6 +351,7 @@ def _run(options: argparse.Namespace, args: list[str]) -> int:
         root, module = _load(options.file, args)
         # After loading: a mistyped pipeline file must not leave a state directory behind.
         _check_state_dir(options.state_dir)
+        _lock_state_dir(options.state_dir)
     except UsageError as exc:
         print(f"pipeline: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -317,22 +361,23 @@ def _run(options: argparse.Namespace, args: list[str]) -> int:
     confirm = Level.parse(options.confirm) if options.confirm else None
     tune_gc()
     try:
-        return asyncio.run(_serve(root, options.state_dir, confirm, options.once, ui))
+        status = asyncio.run(_serve(root, options.state_dir, confirm, options.once, ui, signals))
     except PipelineError as exc:
         print(f"pipeline: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if signals.interrupted is not None:
+        raise signals.interrupted  # now that jobs are cancelled and the state saved
+    return status
 
 
 async def _serve(root: Term[Any], state_dir: Path, confirm: Any, once: bool,
-                 ui: WebOptions | None) -> int:
+                 ui: WebOptions | None, signals: StopSignals) -> int:
     from pipeline.engine import Engine
     from pipeline.output import Ok
 
     engine = Engine(root, state_dir=state_dir, confirm=confirm)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    signals.attach(asyncio.get_running_loop(), stop.set)
     runner = None
     try:
         if ui is not None:
@@ -366,13 +411,14 @@ async def _serve(root: Term[Any], state_dir: Path, confirm: Any, once: bool,
             print("Stopping: cancelling running jobs", flush=True)
             return EXIT_OK
         if stop.is_set():
-            return EXIT_INTERRUPTED
+            return signals.status
         return EXIT_OK if isinstance(engine.root_output(), Ok) else EXIT_FAILED
     finally:
         # The server first: no request may act on an engine that is stopping.
         if runner is not None:
             await runner.cleanup()
         await engine.stop(reason="Cancelled: pipeline stopped")
+        signals.detach()
 
 
 async def _until(work: Any, stop: asyncio.Event) -> None:

@@ -29,6 +29,7 @@ from pipeline.monitor import Monitor, Watcher
 from pipeline.nodes import NODE_CLASSES, Node
 from pipeline.output import Output
 from pipeline.term import Term, as_term
+from pipeline.usercode import Interrupted
 
 
 class PipelineError(Exception):
@@ -98,6 +99,9 @@ class Engine:
         self.last_round_seconds = 0.0
         self.root_node: Node | None = None
         self.fatal: PipelineError | None = None
+        # True once a stop signal interrupted user code (pipeline.usercode): the process is
+        # stopping, so nothing more is evaluated.
+        self.halted = False
         self._nodes: dict[Term[Any], Node] = {}
         self._uids = itertools.count()
         self._heap: list[tuple[int, int, Node]] = []
@@ -244,7 +248,7 @@ class Engine:
 
     def schedule(self, node: Node) -> None:
         """Evaluate `node` in the current or next round of evaluation."""
-        if node.dead or node.dirty:
+        if node.dead or node.dirty or self.halted:
             return
         node.dirty = True
         heapq.heappush(self._heap, (node.height, next(self._seq), node))
@@ -279,7 +283,9 @@ class Engine:
                 node.evaluate()
         except CycleError as exc:
             self.fatal = exc
-        if self.fatal is not None:
+        except Interrupted:
+            self.halted = True
+        if self.fatal is not None or self.halted:
             heap.clear()
         self.last_round_seconds = time.perf_counter() - began
         for listener in tuple(self._change_listeners):

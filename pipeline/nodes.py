@@ -16,6 +16,7 @@ from collections.abc import Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pipeline import term as t
+from pipeline import usercode
 from pipeline.output import Active, Failed, Ok, Output
 
 if TYPE_CHECKING:
@@ -132,7 +133,7 @@ class MapNode(Node):
             self.engine.set_output(self, out)
             return
         try:
-            value = self.term.f(out.value)
+            value = usercode.call(self.term, self.term.f, out.value)
         except Exception as exc:
             self.fail(error_message(exc))
         else:
@@ -209,7 +210,7 @@ class BindNode(Node):
             return
         if self.sub is None or not _same(self.bound, out.value):
             try:
-                sub_term = self.term.f(out.value)
+                sub_term = usercode.call(self.term, self.term.f, out.value)
             except Exception as exc:
                 self._drop()
                 self.fail(error_message(exc))
@@ -354,7 +355,7 @@ class ListMapNode(Node):
         return raised
 
     def _key(self, item: Any) -> Hashable:
-        return self.term.key(item) if self.term.key is not None else item
+        return usercode.call(self.term, self.term.key, item) if self.term.key is not None else item
 
     def _update_items(self, items: list[Any]) -> list[Node]:
         """Follow the new list of items; returns the sub-pipelines created for new keys."""
@@ -405,7 +406,7 @@ class ListMapNode(Node):
         item_term = t.Item(key, f"{self.term.label} {key}")
         item = self.engine.acquire(item_term)
         assert isinstance(item, ItemNode)
-        sub_term = self.term.f(item_term)
+        sub_term = usercode.call(self.term, self.term.f, item_term)
         if not isinstance(sub_term, t.Term):
             self.engine.release(item)
             raise TypeError(f"{self.term.label}: function returned {type(sub_term).__name__}, "
@@ -533,7 +534,7 @@ class CutoffNode(Node):
         old, new = self.output, self.inputs[0].output
         if isinstance(old, Ok) and isinstance(new, Ok):
             try:
-                if self.term.eq(old.value, new.value):
+                if usercode.call(self.term, self.term.eq, old.value, new.value):
                     return
             except Exception as exc:
                 self.fail(error_message(exc))
