@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import hmac
 import json
@@ -189,9 +190,39 @@ async def test_svg_is_drawn_again_only_after_a_change(
         assert len(drawn) == 1, "nothing changed: graphviz must not run again"
         gates.of("a")[1].set()
         await s.engine.wait_idle()
-        assert await get_text(s.client, "/pipeline.svg") != first
+        # The previous drawing is served, marked stale, while graphviz draws the new one.
+        response = await s.client.get("/pipeline.svg")
+        assert response.headers["X-Diagram"] == "stale" and await response.text() == first
+        assert await current_svg(s.client) != first
         assert len(drawn) == 2
         assert p.COLOURS["ok"] in drawn[1] and p.COLOURS["running"] in drawn[0]
+
+
+async def current_svg(client: TestClient, path: str = "/pipeline.svg") -> str:
+    """The SVG once the server says it shows the pipeline's current state."""
+    while True:
+        response = await client.get(path)
+        assert response.status == 200, await response.text()
+        if response.headers["X-Diagram"] == "current":
+            return await response.text()
+        await asyncio.sleep(0.05)
+
+
+async def test_svg_is_sent_compressed_to_clients_that_accept_gzip(tmp_path: Path) -> None:
+    async with serve(tmp_path, p.const("x", label="a-constant")) as s:
+        await s.engine.wait_idle()
+        svg = await current_svg(s.client)
+        assert "a&#45;constant" in svg
+        url = s.client.make_url("/pipeline.svg")
+        async with aiohttp.ClientSession(auto_decompress=False) as raw:
+            for accept, encoded in (("gzip, deflate", True), ("br;q=1, GZip;q=0.5", True),
+                                    ("identity", False), ("gzip;q=0", False)):
+                async with raw.get(url, headers={"Accept-Encoding": accept}) as response:
+                    body = await response.read()
+                    assert response.headers["Vary"] == "Accept-Encoding"
+                    assert response.headers.get("Content-Encoding") == \
+                        ("gzip" if encoded else None), accept
+                    assert (gzip.decompress(body) if encoded else body).decode() == svg
 
 
 async def test_events_announce_changes(tmp_path: Path) -> None:

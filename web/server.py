@@ -189,25 +189,46 @@ async def index(request: web.Request) -> web.Response:
     """The diagram, the overall state and the counts per state."""
     engine = request.app[ENGINE]
     info = summary(engine, request.app[CHANGES].revision)
-    svg = await request.app[DIAGRAMS].svg(_expand(request))
+    drawing = await request.app[DIAGRAMS].drawing(_expand(request))
+    svg = drawing.svg.decode()
     counts = "".join(
         f'<li data-state="{_e(state)}"><span class="state state-{_e(state)}">{_e(state)}</span> '
         f'<span class="count">{n}</span></li>' for state, n in info["counts"].items())
     body = TEMPLATES["index"].substitute(
-        state=_e(info["state"]), counts=counts, revision=info["revision"],
-        svg=svg[svg.find("<svg"):])
+        state=_e(info["state"]), counts=counts,
+        # An older drawing makes the page's script fetch the current one at its first event.
+        revision=info["revision"] if drawing.current else -1, svg=svg[svg.find("<svg"):])
     return page(request, "Pipeline", body)
 
 
 async def pipeline_svg(request: web.Request) -> web.Response:
-    """The diagram as SVG (`?expand=KEY=VALUE` opens a collapsed group; may be repeated)."""
-    svg = await request.app[DIAGRAMS].svg(_expand(request))
-    return web.Response(text=svg, content_type="image/svg+xml")
+    """The diagram as SVG (`?expand=KEY=VALUE` opens a collapsed group; may be repeated).
+
+    Gzip-compressed when the client accepts it. While a newer drawing is being made, the
+    previous one is served with `X-Diagram: stale` (the page's script asks again a little later);
+    otherwise `X-Diagram: current`.
+    """
+    drawing = await request.app[DIAGRAMS].drawing(_expand(request))
+    headers = {"X-Diagram": "current" if drawing.current else "stale",
+               "Vary": "Accept-Encoding", "Cache-Control": "no-cache"}
+    if _accepts_gzip(request.headers.get("Accept-Encoding", "")):
+        headers["Content-Encoding"] = "gzip"
+        return web.Response(body=drawing.gzip, content_type="image/svg+xml", headers=headers)
+    return web.Response(body=drawing.svg, content_type="image/svg+xml", headers=headers)
+
+
+def _accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding header allows gzip (a `q=0` refuses it)."""
+    for coding in accept_encoding.lower().split(","):
+        name, _, params = coding.partition(";")
+        if name.strip() == "gzip":
+            return params.replace(" ", "") not in ("q=0", "q=0.0", "q=0.00", "q=0.000")
+    return False
 
 
 async def pipeline_dot(request: web.Request) -> web.Response:
     """The diagram in DOT."""
-    dot = request.app[DIAGRAMS].dot(_expand(request))
+    dot = await request.app[DIAGRAMS].dot(_expand(request))
     return web.Response(text=dot, content_type="text/vnd.graphviz")
 
 

@@ -23,6 +23,11 @@ function followPipeline(diagram) {
         if (!response.ok) break;
         const svg = await response.text();
         diagram.innerHTML = svg.slice(svg.indexOf("<svg"));
+        if (response.headers.get("X-Diagram") === "stale") {
+          // The server is still drawing the newest diagram: ask again shortly.
+          await new Promise((resolve) => setTimeout(resolve, 250));
+          continue;
+        }
         shown = target;
         diagram.dataset.revision = String(shown);
       }
