@@ -156,6 +156,8 @@ class DiagramCache:
         finally:
             view.task = None
 
-    async def svg(self, expand: Collection[str] = ()) -> str:
-        """The latest SVG drawing as text (see `drawing`)."""
-        return (await self.drawing(expand)).svg.decode()
+    def close(self) -> None:
+        """Stop the drawings under way (the server is shutting down)."""
+        for view in self._views.values():
+            if view.task is not None:
+                view.task.cancel()

@@ -666,6 +666,8 @@ async def _end_streams(app: web.Application) -> None:
     # Event streams never end on their own; without this the server would wait for them.
     for task in list(app[STREAMS]):
         task.cancel()
+    # A drawing under way would otherwise outlive the event loop.
+    app[DIAGRAMS].close()
 
 
 def make_app(engine: p.Engine, *, admin_token: str | None = None,
