@@ -5,6 +5,10 @@
 (a) An in-process engine runs a `list_map` over N items (3 nodes each: the item, a map, a cached
 builder); the web app serves it on a free loopback port. The first `GET /pipeline.svg` runs
 graphviz; the following ones (the pipeline unchanged) should be served from the cached drawing.
+Then, under load, C clients (in the same process, like the server) each request `/pipeline.svg`
+back to back, gzip accepted as browsers do, for S seconds while one item changes every 0.25 s
+(its builder runs again, so the diagram changes): the p99 of those requests, and how many were
+served the previous drawing while the next was drawn.
 (b) Debian's chromium (Playwright, headless) opens the page of a job that is held running; the job
 then writes lines one at a time, and a MutationObserver in the page records when each line
 arrives (SSE). The delay is the browser's receipt time minus the time just before the write (one
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import json
 import socket
 import statistics
@@ -82,8 +87,10 @@ async def compile_item(job: p.Job, key: list[Any]) -> str:
     return f"{key[0]}@{key[1]}"
 
 
-async def measure_svg(items: int, repeats: int, state_dir: Path) -> dict[str, Any]:
-    """Serve `/pipeline.svg` of a list_map over `items` items: first and cached request times."""
+async def measure_svg(items: int, repeats: int, clients: int, seconds: float,
+                      state_dir: Path) -> dict[str, Any]:
+    """Serve `/pipeline.svg` of a list_map over `items` items: first and cached request times,
+    then request times under load while the pipeline changes."""
 
     def per_item(item: p.Term[tuple[str, int]]) -> p.Term[str]:
         return compile_item(item.map(lambda it: [it[0], it[1]], label="key"))
@@ -98,27 +105,75 @@ async def measure_svg(items: int, repeats: int, state_dir: Path) -> dict[str, An
     server = await start_server(engine, port)
     url = f"http://127.0.0.1:{port}/pipeline.svg"
     try:
-        async with aiohttp.ClientSession() as session:
+        # Compressed bodies are read as they come: the clients share the server's process and
+        # loop, and decompressing every answer would measure the clients.
+        async with aiohttp.ClientSession(auto_decompress=False) as session:
 
-            async def get() -> tuple[float, int]:
+            async def get() -> tuple[float, bytes, str]:
                 start = time.perf_counter()
-                async with session.get(url) as response:
+                async with session.get(url, headers={"Accept-Encoding": "gzip"}) as response:
                     body = await response.read()
                     response.raise_for_status()
-                return time.perf_counter() - start, len(body)
+                return (time.perf_counter() - start, body,
+                        response.headers.get("Content-Encoding", ""))
 
-            first, size = await get()
+            first, body, encoding = await get()
+            size = len(gzip.decompress(body) if encoding == "gzip" else body)
             cached = [(await get())[0] for _ in range(repeats)]
+            loaded = await _under_load(url, values, items, clients, seconds)
     finally:
         await server.cleanup()
         await engine.stop()
     return {
         "nodes": nodes,
         "svg_bytes": size,
+        "sent_bytes": len(body),
         "first_request_s": round(first, 4),
         "cached_request_median_s": round(statistics.median(cached), 5),
         "cached_request_max_s": round(max(cached), 5),
         "target_s": 1.0,
+        "loaded": loaded,
+    }
+
+
+async def _under_load(url: str, values: p.Variable[list[tuple[str, int]]], items: int,
+                      clients: int, seconds: float) -> dict[str, Any]:
+    """`clients` clients request `url` back to back for `seconds` while the pipeline changes."""
+    times: list[float] = []
+    stale = 0
+    changes = 0
+    end = time.perf_counter() + seconds
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+
+        async def client() -> None:
+            nonlocal stale
+            while time.perf_counter() < end:
+                start = time.perf_counter()
+                async with session.get(url, headers={"Accept-Encoding": "gzip"}) as response:
+                    await response.read()
+                    response.raise_for_status()
+                    stale += response.headers.get("X-Diagram") == "stale"
+                times.append(time.perf_counter() - start)
+
+        async def change() -> None:
+            nonlocal changes
+            while time.perf_counter() < end:
+                await asyncio.sleep(0.25)
+                changes += 1
+                values.set([(f"item{i}", 1 + (changes if i == changes % items else 0))
+                            for i in range(items)])
+
+        await asyncio.gather(change(), *(client() for _ in range(clients)))
+    times.sort()
+    return {
+        "clients": clients,
+        "seconds": seconds,
+        "pipeline_changes": changes,
+        "requests": len(times),
+        "served_previous_drawing": stale,
+        "median_s": round(statistics.median(times), 4),
+        "p99_s": round(times[min(len(times) - 1, int(len(times) * 0.99))], 4),
+        "max_s": round(times[-1], 4),
     }
 
 
@@ -180,10 +235,11 @@ async def measure_sse(lines: int, state_dir: Path) -> dict[str, Any]:
     }
 
 
-async def run(items: int, repeats: int, lines: int) -> dict[str, Any]:
+async def run(items: int, repeats: int, clients: int, seconds: float, lines: int
+              ) -> dict[str, Any]:
     """Both measurements, each with its own engine and state directory."""
     with tempfile.TemporaryDirectory() as svg_state, tempfile.TemporaryDirectory() as sse_state:
-        svg = await measure_svg(items, repeats, Path(svg_state))
+        svg = await measure_svg(items, repeats, clients, seconds, Path(svg_state))
         sse = await measure_sse(lines, Path(sse_state))
     return {"pipeline_svg": svg, "log_to_browser": sse}
 
@@ -194,10 +250,15 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=330,
                         help="list_map items, 3 nodes each (default: 330, about 1,000 nodes)")
     parser.add_argument("--repeats", type=int, default=20, help="cached requests to time")
+    parser.add_argument("--clients", type=int, default=16,
+                        help="clients requesting /pipeline.svg under load (default: 16)")
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="how long the load lasts (default: 10)")
     parser.add_argument("--lines", type=int, default=20, help="log lines to time")
     parser.add_argument("--json", action="store_true", help="print JSON (the only output format)")
     options = parser.parse_args()
-    result = asyncio.run(run(options.items, options.repeats, options.lines))
+    result = asyncio.run(run(options.items, options.repeats, options.clients, options.seconds,
+                             options.lines))
     print(json.dumps(result, indent=2))
 
 

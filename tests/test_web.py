@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import hmac
 import json
 import re
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,7 +30,7 @@ import pipeline as p
 from pipeline.primitives import git
 from web import diagram
 from web.ansi import AnsiConverter, ansi_to_html
-from web.server import bound_port, make_app, start_server
+from web.server import Deliveries, bound_port, make_app, sse_event, start_server
 
 TOKEN = "s3cret-admin-token"
 HOOK_SECRET = b"hook-secret"
@@ -106,14 +111,18 @@ async def get_text(client: TestClient, path: str, status: int = 200) -> str:
 
 
 async def next_event(response: aiohttp.ClientResponse) -> tuple[str, str]:
-    """The next server-sent event: (event name, data)."""
+    """The next server-sent event: (event name, data); data that is a JSON string is decoded,
+    objects stay JSON text."""
     name, data = "message", []
     while True:
-        line = (await response.content.readline()).decode()
+        # A chunk of log is one data line of JSON: up to 64 KiB of log, escaped, as HTML.
+        line = (await response.content.readline(max_line_length=2**24)).decode()
         assert line, "the event stream ended"
         line = line.rstrip("\n")
         if not line:
-            return name, "\n".join(data)
+            assert len(data) == 1, data
+            value = json.loads(data[0])
+            return name, value if isinstance(value, str) else data[0]
         field, _, value = line.partition(": ")
         if field == "event":
             name = value
@@ -214,9 +223,39 @@ async def test_svg_is_drawn_again_only_after_a_change(
         assert len(drawn) == 1, "nothing changed: graphviz must not run again"
         gates.of("a")[1].set()
         await s.engine.wait_idle()
-        assert await get_text(s.client, "/pipeline.svg") != first
+        # The previous drawing is served, marked stale, while graphviz draws the new one.
+        response = await s.client.get("/pipeline.svg")
+        assert response.headers["X-Diagram"] == "stale" and await response.text() == first
+        assert await current_svg(s.client) != first
         assert len(drawn) == 2
         assert p.COLOURS["ok"] in drawn[1] and p.COLOURS["running"] in drawn[0]
+
+
+async def current_svg(client: TestClient, path: str = "/pipeline.svg") -> str:
+    """The SVG once the server says it shows the pipeline's current state."""
+    while True:
+        response = await client.get(path)
+        assert response.status == 200, await response.text()
+        if response.headers["X-Diagram"] == "current":
+            return await response.text()
+        await asyncio.sleep(0.05)
+
+
+async def test_svg_is_sent_compressed_to_clients_that_accept_gzip(tmp_path: Path) -> None:
+    async with serve(tmp_path, p.const("x", label="a-constant")) as s:
+        await s.engine.wait_idle()
+        svg = await current_svg(s.client)
+        assert "a&#45;constant" in svg
+        url = s.client.make_url("/pipeline.svg")
+        async with aiohttp.ClientSession(auto_decompress=False) as raw:
+            for accept, encoded in (("gzip, deflate", True), ("br;q=1, GZip;q=0.5", True),
+                                    ("identity", False), ("gzip;q=0", False)):
+                async with raw.get(url, headers={"Accept-Encoding": accept}) as response:
+                    body = await response.read()
+                    assert response.headers["Vary"] == "Accept-Encoding"
+                    assert response.headers.get("Content-Encoding") == \
+                        ("gzip" if encoded else None), accept
+                    assert (gzip.decompress(body) if encoded else body).decode() == svg
 
 
 async def test_events_announce_changes(tmp_path: Path) -> None:
@@ -308,6 +347,92 @@ async def test_log_stream_of_a_large_finished_log_is_complete(tmp_path: Path) ->
         text = "".join(chunks)
         assert text.count('class="line"') == 100_000 + 4
         assert '<a class="ln" href="#L100003">100003</a>line 99999<' in text
+
+
+INJECTION = (b'harmless\r\revent: end\rdata: {"state": "ok", "finished": "spoofed", '
+             b'"error": "SPOOFED by log"}\r\rx\n')
+"""A log line that ends fields at CR, as EventSource does, to forge an `end` event."""
+
+
+def parse_sse(stream: bytes) -> list[tuple[str, str]]:
+    """Events as the HTML standard's EventSource parses them: lines end at CRLF, LF or CR."""
+    events, name, data = [], "message", []
+    for line in re.split(r"\r\n|\r|\n", stream.decode()):
+        if not line:
+            if data:
+                events.append((name, "\n".join(data)))
+            name, data = "message", []
+            continue
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "event":
+            name = value
+        elif field == "data":
+            data.append(value)
+    return events
+
+
+def test_event_data_is_one_line_of_json_whatever_the_log_holds() -> None:
+    for text in (INJECTION.decode(), "a\nb", "a\r\nb", "\r", "\x00\x85\u2028\u2029 é",
+                 "data: x\n\nevent: end"):
+        stream = sse_event("lines", text, "12:3")
+        assert stream.count(b"\n") == 4 and b"\r" not in stream, stream
+        assert parse_sse(stream) == [("lines", json.dumps(text, ensure_ascii=False))]
+        assert json.loads(parse_sse(stream)[0][1]) == text
+    assert parse_sse(sse_event("end", {"state": "failed"})) == [("end", '{"state": "failed"}')]
+
+
+async def test_log_stream_cannot_be_forged_and_shows_progress_lines_last(tmp_path: Path
+                                                                         ) -> None:
+    gates = Gates()
+    root = gated(gates)("bad")
+    async with serve(tmp_path, root) as s:
+        await gates.of("bad")[0].wait()
+        job = s.engine.jobs.get(s.engine.node_for(root).job_id)
+        job.write(INJECTION)
+        job.write("10%\r50%\r\x1b[32m100%\r\nafter the injection\n")
+        gates.of("bad")[1].set()
+        await s.engine.wait_idle()
+        response = await s.client.get(f"/job/{job.id}/log")
+        raw = await response.read()
+        events = parse_sse(raw)
+        assert [name for name, _ in events].count("end") == 1 and events[-1][0] == "end"
+        assert json.loads(events[-1][1])["state"] == "failed"
+        assert json.loads(events[-1][1])["error"] == "RuntimeError: bad is broken"
+        html = "".join(json.loads(data) for name, data in events if name == "lines")
+        numbered = re.findall(r'href="#L(\d+)">\1</a>(.*?)</span>\n', html)
+        texts = [text for _, text in numbered]
+        assert [int(n) for n, _ in numbered] == list(range(1, len(numbered) + 1))
+        assert texts[3:6] == ["x", '<span class="ansi-fg-2">100%</span>',
+                              '<span class="ansi-fg-2">after the injection</span>'], texts
+        assert "SPOOFED" not in html and "Job failed" in html
+
+
+async def test_last_event_id_resumes_or_is_refused(tmp_path: Path) -> None:
+    gates = Gates()
+    root = gated(gates)("a")
+    async with serve(tmp_path, root) as s:
+        await gates.of("a")[0].wait()
+        job = s.engine.jobs.get(s.engine.node_for(root).job_id)
+        job.write("one\ntwo\n")
+        gates.of("a")[1].set()
+        await s.engine.wait_idle()
+        url = f"/job/{job.id}/log"
+        first = await events_until(await s.client.get(url), "lines", "two")
+        resume = re.search(r'id="L(\d+)">[^<]*<a[^>]*>\d+</a>one<', first[-1][1])
+        assert resume, first
+        size = job.log_path.stat().st_size
+        text = job.log_path.read_bytes()
+        offset = text.index(b"two\n")
+        response = await s.client.get(url, headers={"Last-Event-ID": f"{offset}:{resume[1]}"})
+        lines = (await events_until(response, "lines"))[-1][1]
+        assert "two" in lines and "one" not in lines
+        assert f'id="L{int(resume[1]) + 1}"' in lines
+        for bad in ("9" * 5000 + ":1", "1" * 30 + ":1", "²:1", "1:²", "1:2:3", "-1:0", "x",
+                    f"{size + 1}:0", "4:5"):
+            response = await s.client.get(url, headers={"Last-Event-ID": bad})
+            assert response.status == 400, (bad[:20], response.status)
+            assert "Last-Event-ID" in await response.text()
 
 
 async def test_jobs_page_lists_active_jobs(tmp_path: Path) -> None:
@@ -495,21 +620,27 @@ async def test_metrics(tmp_path: Path) -> None:
         assert count and float(count.group(1)) >= 1
 
 
-def signed(body: bytes, secret: bytes = HOOK_SECRET) -> dict[str, str]:
+def signed(body: bytes, secret: bytes = HOOK_SECRET, delivery: str = "") -> dict[str, str]:
+    """Headers of a GitHub delivery of `body` (a fresh delivery id unless one is given)."""
     return {"X-Hub-Signature-256": "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest(),
+            "X-GitHub-Delivery": delivery or str(uuid.uuid4()),
             "Content-Type": "application/json"}
 
 
-async def test_webhook_checks_the_signature(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    refreshed: list[str] = []
+@pytest.fixture
+def refreshed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The repositories the webhook refreshes (git.refresh is replaced: it finds one monitor)."""
+    repos: list[str] = []
 
     def fake_refresh(repo: str) -> int:
-        refreshed.append(repo)
+        repos.append(repo)
         return 1
 
     monkeypatch.setattr(git, "refresh", fake_refresh)
+    return repos
+
+
+async def test_webhook_checks_the_signature(tmp_path: Path, refreshed: list[str]) -> None:
     body = json.dumps({"ref": "refs/heads/main", "repository": {
         "clone_url": "https://github.com/o/r.git", "ssh_url": "git@github.com:o/r.git",
         "html_url": "https://github.com/o/r", "url": "https://github.com/o/r"}}).encode()
@@ -526,6 +657,49 @@ async def test_webhook_checks_the_signature(
         assert await response.json() == {"refreshed": 3}
         assert sorted(refreshed) == ["git@github.com:o/r.git", "https://github.com/o/r",
                                      "https://github.com/o/r.git"]
+
+
+async def test_webhook_refuses_malformed_bodies_and_replays(tmp_path: Path,
+                                                           refreshed: list[str]) -> None:
+    malformed = [b'{"repository": "x"}', b"[]", b'"x"', b"null", b"5", b"{}", b"not json",
+                 b'{"repository": {}}', b'{"repository": {"url": 5}}',
+                 b'{"repository": {"url": ["a"]}}', b'{"repository": {"url": {"a": 1}}}',
+                 b'{"repository": {"url": ""}}', b'{"repository": {"url": null}}',
+                 b'{"repository": {"url": "a", "ssh_url": 1}}', b'{"repository": []}',
+                 b'{"repository": {"url": "\xff\xfe"}}', b"\xff\xfe\x00{",
+                 b'{"repository": {"url": "a"}, "n": ' + b"9" * 5000 + b"}",
+                 b"[" * 100_000 + b"]" * 100_000, b""]
+    async with serve(tmp_path, p.const(1), webhook_secret=HOOK_SECRET) as s:
+        for body in malformed:
+            response = await s.client.post("/webhooks/git", data=body, headers=signed(body))
+            assert response.status == 400, (body[:40], response.status)
+        body = json.dumps({"repository": {"url": "https://example.com/r.git"}}).encode()
+        headers = signed(body)
+        del headers["X-GitHub-Delivery"]
+        response = await s.client.post("/webhooks/git", data=body, headers=headers)
+        assert response.status == 400 and "X-GitHub-Delivery" in await response.text()
+        assert refreshed == []
+        headers = signed(body, delivery="72d3162e-cc78-11e3-81ab-4c9367dc0958")
+        response = await s.client.post("/webhooks/git", data=body, headers=headers)
+        assert response.status == 200 and refreshed == ["https://example.com/r.git"]
+        # The same delivery again, or its signed body under a new (unsigned) delivery id.
+        for again in (headers, signed(body)):
+            response = await s.client.post("/webhooks/git", data=body, headers=again)
+            assert response.status == 409, response.status
+            assert "replay" in await response.text()
+        other = json.dumps({"repository": {"url": "https://example.com/s.git"}}).encode()
+        response = await s.client.post("/webhooks/git", data=other, headers=signed(other))
+        assert response.status == 200
+        assert refreshed == ["https://example.com/r.git", "https://example.com/s.git"]
+
+
+def test_deliveries_are_forgotten_after_the_window() -> None:
+    deliveries = Deliveries(window=0.2)
+    assert deliveries.first_time("d1", "sha256=a")
+    assert not deliveries.first_time("d1", "sha256=b") and not deliveries.first_time("d2",
+                                                                                    "sha256=a")
+    time.sleep(0.3)
+    assert deliveries.first_time("d1", "sha256=a"), "an hour later it is a new delivery"
 
 
 async def test_webhook_refreshes_a_real_local_repository_monitor(tmp_path: Path) -> None:
@@ -550,6 +724,73 @@ async def test_webhook_refreshes_a_real_local_repository_monitor(tmp_path: Path)
         other = json.dumps({"repository": {"url": str(tmp_path / "other")}}).encode()
         response = await s.client.post("/webhooks/git", data=other, headers=signed(other))
         assert await response.json() == {"refreshed": 0}, "nothing watches that one"
+
+
+TICKER = """
+import asyncio
+from pathlib import Path
+
+import pipeline as p
+
+
+@p.builder("ticker")
+async def ticker(job, stop):
+    while not Path(stop).exists():
+        job.log("tick")
+        await asyncio.sleep(0.05)
+    return "stopped"
+
+
+def pipeline(args):
+    return ticker(p.const(args[0]))
+"""
+"""A job that logs a line every 50 ms until its file exists."""
+
+
+def test_a_closed_tab_prints_no_traceback(tmp_path: Path) -> None:
+    """Event streams whose browser went away end quietly in a real `pipeline run --port`."""
+    (tmp_path / "ticker.py").write_text(TICKER)
+    stop, stderr = tmp_path / "stop", tmp_path / "stderr"
+    with stderr.open("w") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "run", "ticker.py", "--port", "0", "--", str(stop)],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        assert process.stdout is not None
+        found = re.match(r"Web UI: http://127\.0\.0\.1:(\d+)/", process.stdout.readline())
+        assert found, stderr.read_text()
+        port = int(found[1])
+
+        def get(path: str) -> str:
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:
+                conn.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+                return b"".join(iter(lambda: conn.recv(65536), b"")).decode()
+
+        while not (job := re.search(r'href="/job/([^"]+)"', get("/jobs"))):
+            time.sleep(0.05)
+        tabs = []
+        for path in ("/events", f"/job/{job[1]}/log"):
+            tab = socket.create_connection(("127.0.0.1", port), timeout=60)
+            tab.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            received = b""
+            while b"event: " not in received:
+                received += tab.recv(65536)
+            tabs.append(tab)
+        for tab in tabs:
+            tab.close()
+        # Both streams write again: the log at its next tick, the events when the job ends.
+        time.sleep(0.5)
+        stop.touch()
+        while "ticker" in get("/jobs"):
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert "state-ok" in get("/")
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    errors = stderr.read_text()
+    assert process.returncode == 0, errors
+    assert "Traceback" not in errors and "ConnectionResetError" not in errors, errors
 
 
 # Helpers

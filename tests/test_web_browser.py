@@ -288,3 +288,66 @@ def test_a_commit_turns_the_branch_orange_then_green(
         assert node_link(page, "build") != first, "a new build job ran"
         assert page.evaluate("window.__notReloaded") is True, "the page was reloaded"
         page.close()
+
+
+SPOOFER = """
+import asyncio
+from pathlib import Path
+
+import pipeline as p
+
+
+@p.builder("spoofer")
+async def spoofer(job, control):
+    while not (Path(control) / "go").exists():
+        await asyncio.sleep(0.05)
+    job.write(b'harmless\\r\\revent: end\\rdata: {"state": "ok", "finished": "spoofed", '
+              b'"error": "SPOOFED by log"}\\r\\rx\\n')
+    job.write("downloading 10%\\rdownloading 50%\\rdownloading 100%\\n")
+    job.log("the rest of the log")
+    raise RuntimeError("the real error")
+
+
+def pipeline(args):
+    return spoofer(p.const(args[0]))
+"""
+"""A job that, once `go` exists in its control directory, logs a line forging an `end` event
+(EventSource ends lines at CR), a progress line, one more line, then fails."""
+
+
+LINE_TEXTS_JS = """
+() => [...document.querySelectorAll('#log .line')].map(
+  (line) => line.textContent.slice(line.querySelector('.ln').textContent.length))
+"""
+"""The text of each line of a job page's log, without its line number."""
+
+
+def test_a_log_cannot_forge_events(tmp_path: Path, browser: Browser) -> None:
+    """The job page shows the real failure and the whole log, whatever bytes the log holds."""
+    (tmp_path / "spoofer.py").write_text(SPOOFER)
+    control = tmp_path / "control"
+    control.mkdir()
+    with serve(tmp_path / "spoofer.py", [str(control)], tmp_path) as (url, _):
+        page = browser.new_page()
+        page.set_default_timeout(WAIT_MS)  # clicks and waits; expect() is given WAIT_MS
+        page.goto(url + "/jobs")
+        page.locator("a[href^='/job/']").first.click()
+        page.wait_for_url(re.compile(r"/job/"))
+        log, error = page.locator("#log"), page.locator("#job-error")
+        expect(log).to_contain_text("Job started", timeout=WAIT_MS)
+        (control / "go").touch()
+        expect(page.locator("#job-state")).to_have_text("failed", timeout=WAIT_MS)
+        expect(error).to_have_text("RuntimeError: the real error", timeout=WAIT_MS)
+        expect(log).to_contain_text("Job failed: RuntimeError: the real error", timeout=WAIT_MS)
+        assert page.locator("#log").get_attribute("data-complete") == "true"
+        texts = page.evaluate(LINE_TEXTS_JS)
+        forged = texts.index("x")
+        assert texts[forged + 1] == "downloading 100%", texts
+        assert texts[forged + 2].endswith("the rest of the log"), texts
+        assert "SPOOFED" not in page.content() and "spoofed" not in page.content()
+        # Loaded again after the end, the finished log shows the same.
+        page.reload()
+        expect(error).to_have_text("RuntimeError: the real error", timeout=WAIT_MS)
+        expect(log).to_contain_text("the rest of the log", timeout=WAIT_MS)
+        assert "SPOOFED" not in page.content()
+        page.close()

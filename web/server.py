@@ -7,11 +7,14 @@ shares between requests is stored on the application under the keys below.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import html
 import json
+import re
 import string
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import date
 from pathlib import Path
@@ -32,6 +35,8 @@ EVENT_INTERVAL = 0.1
 """Seconds between two diagram-change events to one browser: at most ten a second."""
 QUERY_LIMIT = 500
 """The most cache entries /query lists."""
+_EVENT_ID = re.compile(r"([0-9]{1,18}):([0-9]{1,18})")
+"""A log stream's event id, OFFSET:LINE (ASCII digits: `str.isdigit` also accepts '²')."""
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -176,10 +181,29 @@ async def _sse(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _send(response: web.StreamResponse, event: str, data: str, event_id: str = "") -> None:
+def sse_event(event: str, data: object, event_id: str = "") -> bytes:
+    """One server-sent event whose data is `data` in JSON, on one line.
+
+    JSON escapes every control character, so no byte of `data` (a log's text, say) can end the
+    data field: EventSource ends a line at CR as well as at LF.
+    """
     lines = [f"event: {event}"] + ([f"id: {event_id}"] if event_id else [])
-    lines += [f"data: {line}" for line in data.split("\n")]
-    await response.write(("\n".join(lines) + "\n\n").encode())
+    lines.append("data: " + json.dumps(data, ensure_ascii=False))
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+async def _send(response: web.StreamResponse, event: str, data: object,
+                event_id: str = "") -> None:
+    await response.write(sse_event(event, data, event_id))
+
+
+def _gone() -> contextlib.suppress:
+    """Around an event stream: a browser that went away (a closed tab) ends it quietly.
+
+    Writing to its connection raises ConnectionResetError (aiohttp's ClientConnectionResetError),
+    which aiohttp would otherwise log with a traceback.
+    """
+    return contextlib.suppress(ConnectionResetError)
 
 
 # The pipeline
@@ -189,25 +213,46 @@ async def index(request: web.Request) -> web.Response:
     """The diagram, the overall state and the counts per state."""
     engine = request.app[ENGINE]
     info = summary(engine, request.app[CHANGES].revision)
-    svg = await request.app[DIAGRAMS].svg(_expand(request))
+    drawing = await request.app[DIAGRAMS].drawing(_expand(request))
+    svg = drawing.svg.decode()
     counts = "".join(
         f'<li data-state="{_e(state)}"><span class="state state-{_e(state)}">{_e(state)}</span> '
         f'<span class="count">{n}</span></li>' for state, n in info["counts"].items())
     body = TEMPLATES["index"].substitute(
-        state=_e(info["state"]), counts=counts, revision=info["revision"],
-        svg=svg[svg.find("<svg"):])
+        state=_e(info["state"]), counts=counts,
+        # An older drawing makes the page's script fetch the current one at its first event.
+        revision=info["revision"] if drawing.current else -1, svg=svg[svg.find("<svg"):])
     return page(request, "Pipeline", body)
 
 
 async def pipeline_svg(request: web.Request) -> web.Response:
-    """The diagram as SVG (`?expand=KEY=VALUE` opens a collapsed group; may be repeated)."""
-    svg = await request.app[DIAGRAMS].svg(_expand(request))
-    return web.Response(text=svg, content_type="image/svg+xml")
+    """The diagram as SVG (`?expand=KEY=VALUE` opens a collapsed group; may be repeated).
+
+    Gzip-compressed when the client accepts it. While a newer drawing is being made, the
+    previous one is served with `X-Diagram: stale` (the page's script asks again a little later);
+    otherwise `X-Diagram: current`.
+    """
+    drawing = await request.app[DIAGRAMS].drawing(_expand(request))
+    headers = {"X-Diagram": "current" if drawing.current else "stale",
+               "Vary": "Accept-Encoding", "Cache-Control": "no-cache"}
+    if _accepts_gzip(request.headers.get("Accept-Encoding", "")):
+        headers["Content-Encoding"] = "gzip"
+        return web.Response(body=drawing.gzip, content_type="image/svg+xml", headers=headers)
+    return web.Response(body=drawing.svg, content_type="image/svg+xml", headers=headers)
+
+
+def _accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding header allows gzip (a `q=0` refuses it)."""
+    for coding in accept_encoding.lower().split(","):
+        name, _, params = coding.partition(";")
+        if name.strip() == "gzip":
+            return params.replace(" ", "") not in ("q=0", "q=0.0", "q=0.00", "q=0.000")
+    return False
 
 
 async def pipeline_dot(request: web.Request) -> web.Response:
     """The diagram in DOT."""
-    dot = request.app[DIAGRAMS].dot(_expand(request))
+    dot = await request.app[DIAGRAMS].dot(_expand(request))
     return web.Response(text=dot, content_type="text/vnd.graphviz")
 
 
@@ -217,11 +262,13 @@ async def events(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     response = await _sse(request)
     seen = -1
-    while True:
-        await changes.wait(seen)
-        seen = changes.revision
-        await _send(response, "changed", json.dumps(summary(engine, seen)), str(seen))
-        await asyncio.sleep(EVENT_INTERVAL)
+    with _gone():
+        while True:
+            await changes.wait(seen)
+            seen = changes.revision
+            await _send(response, "changed", summary(engine, seen), str(seen))
+            await asyncio.sleep(EVENT_INTERVAL)
+    return response
 
 
 # Jobs
@@ -296,27 +343,51 @@ async def job_page(request: web.Request) -> web.Response:
 
 
 def _line_html(number: int, converter: AnsiConverter, line: str) -> str:
+    # A carriage return starts the line again, as progress lines (`10%\r50%\r100%`) do: show
+    # what a terminal ends with, the last text after one. Every part goes through the converter,
+    # whose colours carry on.
+    parts = [converter.convert(part) for part in line.split("\r")]
+    shown = next((part for part in reversed(parts) if part), "")
     return (f'<span class="line" id="L{number}"><a class="ln" href="#L{number}">{number}</a>'
-            f"{converter.convert(line.rstrip(chr(13)))}</span>\n")
+            f"{shown}</span>\n")
 
 
 async def job_log(request: web.Request) -> web.StreamResponse:
-    """The job's log as server-sent events: `lines` (HTML, one element per line, ids `L<n>`),
-    `state` when the job's state changes, and `end` (JSON: state, finished, error) once the job
-    has finished.
+    """The job's log as server-sent events, each one's data in JSON: `lines` (a string of HTML,
+    one element per line, ids `L<n>`), `state` (a string) when the job's state changes, and
+    `end` (an object: state, finished, error) once the job has finished.
 
-    The log is read in chunks as it grows, never whole. Event ids are `OFFSET:LINE`, so a
-    browser that reconnects (sending Last-Event-ID) continues where it was.
+    The log is read in chunks as it grows, never whole. A line shows its text after its last
+    carriage return, as a terminal would. Event ids are `OFFSET:LINE`, so a browser that
+    reconnects (sending Last-Event-ID) continues where it was; any other Last-Event-ID is 400.
     """
     engine = request.app[ENGINE]
     job_id = _job_id(request)
+    offset, number = _resume_point(request.headers.get("Last-Event-ID", ""),
+                                   engine.jobs.log_path(job_id))
+    response = await _sse(request)
+    with _gone():
+        await _stream_log(response, engine, job_id, offset, number)
+    return response
+
+
+def _resume_point(last_event_id: str, path: Path) -> tuple[int, int]:
+    """The log offset and line number a reconnecting browser's Last-Event-ID names; 400 if it
+    is not one this log can have sent (`OFFSET:LINE`, within the log's size)."""
+    if not last_event_id:
+        return 0, 0
+    match = _EVENT_ID.fullmatch(last_event_id)
+    size = path.stat().st_size if path.exists() else 0
+    if match is None or int(match[1]) > size or int(match[2]) > int(match[1]):
+        raise web.HTTPBadRequest(text="Last-Event-ID must be OFFSET:LINE of this job's log")
+    return int(match[1]), int(match[2])
+
+
+async def _stream_log(response: web.StreamResponse, engine: p.Engine, job_id: str,
+                      offset: int, number: int) -> None:
+    """Send the log of `job_id` from `offset` (line `number`) on, then how the job ended."""
     path = engine.jobs.log_path(job_id)
     job = engine.jobs.get(job_id)
-    offset, number = 0, 0
-    last = request.headers.get("Last-Event-ID", "")
-    if last.count(":") == 1 and all(part.isdigit() for part in last.split(":")):
-        offset, number = (int(part) for part in last.split(":"))
-    response = await _sse(request)
     converter = AnsiConverter()
     state = ""
     pending = b""
@@ -342,8 +413,7 @@ async def job_log(request: web.Request) -> web.StreamResponse:
     if pending:
         await _send(response, "lines",
                     _line_html(number + 1, converter, pending.decode(errors="replace")))
-    await _send(response, "end", json.dumps(_outcome(engine, job_id)))
-    return response
+    await _send(response, "end", _outcome(engine, job_id))
 
 
 def _outcome(engine: p.Engine, job_id: str) -> dict[str, str | None]:
@@ -491,7 +561,10 @@ async def git_webhook(request: web.Request) -> web.Response:
     """A GitHub push webhook: re-read the pushed repository's monitors now.
 
     The body must be signed (`X-Hub-Signature-256: sha256=HEX`, HMAC-SHA256 under the secret);
-    otherwise 403 and nothing happens. 404 when no secret is configured.
+    otherwise 403 and nothing happens. 404 when no secret is configured. A signed delivery
+    seen in the last hour (the same `X-GitHub-Delivery` id, or the same signed body, since the
+    id is not signed) is a replay: 409. A body that is not a JSON object whose `repository` is
+    an object with string URLs is 400.
     """
     secret = request.app[WEBHOOK_SECRET]
     if not isinstance(secret, bytes):
@@ -501,13 +574,59 @@ async def git_webhook(request: web.Request) -> web.Response:
     signature = request.headers.get("X-Hub-Signature-256", "")
     if not hmac.compare_digest(signature.encode(), expected.encode()):
         raise web.HTTPForbidden(text="bad or missing X-Hub-Signature-256")
-    try:
-        repository = json.loads(body).get("repository") or {}
-    except (ValueError, AttributeError):
-        raise web.HTTPBadRequest(text="the body is not a JSON object") from None
-    urls = {repository.get(field) for field in ("clone_url", "ssh_url", "html_url", "url")}
-    refreshed = sum(git.refresh(url) for url in urls if isinstance(url, str) and url)
+    delivery = request.headers.get("X-GitHub-Delivery", "")
+    if not 0 < len(delivery) <= 100:
+        raise web.HTTPBadRequest(text="missing or overlong X-GitHub-Delivery")
+    urls = _pushed_urls(body)
+    if not request.app[DELIVERIES].first_time(delivery, expected):
+        raise web.HTTPConflict(text=f"delivery {delivery} was already received: a replay")
+    refreshed = sum(git.refresh(url) for url in urls)
     return web.json_response({"refreshed": refreshed})
+
+
+def _pushed_urls(body: bytes) -> set[str]:
+    """The repository URLs of a push event's body; 400 unless it has that shape."""
+    try:
+        event = json.loads(body)
+    except (ValueError, RecursionError):
+        # ValueError covers bytes that are not UTF-8 and integers of over 4,300 digits.
+        raise web.HTTPBadRequest(text="the body is not JSON") from None
+    repository = event.get("repository") if isinstance(event, dict) else None
+    if not isinstance(repository, dict):
+        raise web.HTTPBadRequest(text="the body is not a JSON object with a repository object")
+    urls = {field: repository[field] for field in _URL_FIELDS if field in repository}
+    if not urls or not all(isinstance(url, str) and url for url in urls.values()):
+        raise web.HTTPBadRequest(
+            text=f"the repository needs one of {', '.join(_URL_FIELDS)}, as non-empty strings")
+    return set(urls.values())
+
+
+_URL_FIELDS = ("clone_url", "ssh_url", "html_url", "url")
+
+
+class Deliveries:
+    """The webhook deliveries accepted in the last `window` seconds, to refuse replays."""
+
+    def __init__(self, window: float = 3600.0) -> None:
+        """Remember deliveries for `window` seconds."""
+        self.window = window
+        self._seen: dict[str, float] = {}  # insertion order is arrival order
+
+    def first_time(self, delivery: str, signature: str) -> bool:
+        """Record a delivery (its id and its body's signature); False if either was seen."""
+        now = time.monotonic()
+        for key, when in list(self._seen.items()):
+            if now - when < self.window:
+                break
+            del self._seen[key]
+        keys = ("id:" + delivery, "body:" + signature)
+        if any(key in self._seen for key in keys):
+            return False
+        self._seen.update(dict.fromkeys(keys, now))
+        return True
+
+
+DELIVERIES = web.AppKey("deliveries", Deliveries)
 
 
 # The application
@@ -547,6 +666,8 @@ async def _end_streams(app: web.Application) -> None:
     # Event streams never end on their own; without this the server would wait for them.
     for task in list(app[STREAMS]):
         task.cancel()
+    # A drawing under way would otherwise outlive the event loop.
+    app[DIAGRAMS].close()
 
 
 def make_app(engine: p.Engine, *, admin_token: str | None = None,
@@ -568,6 +689,7 @@ def make_app(engine: p.Engine, *, admin_token: str | None = None,
     app[CHANGES] = ChangeFeed(engine)
     app[STREAMS] = set()
     app[WEBHOOK_SECRET] = webhook_secret
+    app[DELIVERIES] = Deliveries()
     app[NAV_LINKS] = "".join(f'<a href="{_e(url)}">{_e(label)}</a>\n' for url, label in extra_links)
     app.on_response_prepare.append(_headers)
     app.on_shutdown.append(_end_streams)

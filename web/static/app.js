@@ -23,6 +23,11 @@ function followPipeline(diagram) {
         if (!response.ok) break;
         const svg = await response.text();
         diagram.innerHTML = svg.slice(svg.indexOf("<svg"));
+        if (response.headers.get("X-Diagram") === "stale") {
+          // The server is still drawing the newest diagram: ask again shortly.
+          await new Promise((resolve) => setTimeout(resolve, 250));
+          continue;
+        }
         shown = target;
         diagram.dataset.revision = String(shown);
       }
@@ -61,11 +66,12 @@ function followLog(log) {
   }
 
   const events = new EventSource(log.dataset.src);
+  // Every event's data is JSON, so that no byte of a log can end an event's field.
   events.addEventListener("lines", (event) => {
-    log.insertAdjacentHTML("beforeend", event.data);
+    log.insertAdjacentHTML("beforeend", JSON.parse(event.data));
     jumpToLine();
   });
-  events.addEventListener("state", (event) => setState(jobState, event.data));
+  events.addEventListener("state", (event) => setState(jobState, JSON.parse(event.data)));
   events.addEventListener("end", (event) => {
     events.close();  // otherwise the browser would reconnect and stream the log again
     const outcome = JSON.parse(event.data);
