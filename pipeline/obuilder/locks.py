@@ -21,13 +21,21 @@ import fcntl
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 POLL_MIN = 0.005
 POLL_MAX = 0.2
 """Longest pause (seconds) between two attempts to take a busy lock."""
+
+
+def _pauses() -> Iterator[float]:
+    """The pauses between attempts to take a busy lock: doubling from POLL_MIN to POLL_MAX."""
+    pause = POLL_MIN
+    while True:
+        yield pause
+        pause = min(pause * 2, POLL_MAX)
 
 
 class FileLock:
@@ -77,17 +85,15 @@ class FileLock:
     def acquire_blocking(self) -> None:
         """Take the lock, waiting as long as it takes and blocking the thread: for short
         waits where no event loop runs (at exit)."""
-        pause = POLL_MIN
+        pauses = _pauses()
         while not self.try_acquire():
-            time.sleep(pause)
-            pause = min(pause * 2, POLL_MAX)
+            time.sleep(next(pauses))
 
     async def acquire(self) -> None:
         """Take the lock, waiting as long as it takes. Cancellation stops the wait."""
-        pause = POLL_MIN
+        pauses = _pauses()
         while not self.try_acquire():
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, POLL_MAX)
+            await asyncio.sleep(next(pauses))
 
     def release(self) -> None:
         """Give the lock up (removing its file if held exclusively); nothing if not held."""
@@ -122,7 +128,7 @@ def if_free(lock: FileLock) -> Iterator[bool]:
 
 
 class LockDir:
-    """A directory of named locks, e.g. one per step id: `store.locks.exclusive(id)`."""
+    """A directory of named locks, e.g. one per step id: `async with locks.lock(id): ...`."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -131,26 +137,17 @@ class LockDir:
         """The (not yet taken) lock called `name`, a plain file name."""
         return FileLock(self.directory / name, shared=shared)
 
-    @asynccontextmanager
-    async def exclusive(self, name: str) -> AsyncIterator[None]:
-        """Hold the lock `name` exclusively for the block, waiting for it if needed."""
-        async with self.lock(name):
-            yield
-
     def is_free(self, name: str) -> bool:
         """Whether nobody holds the lock `name` (in any mode) at the time of asking."""
-        probe = self.lock(name)
-        if not probe.try_acquire():
-            return False
-        probe.release()
-        return True
+        with if_free(self.lock(name)) as free:
+            return free
 
 
 class Owner:
     """This process's claim on what it makes in a shared directory (cache copies, sandbox
-    bundles, containers): a token to put in their names, and an exclusive lock on `DIR/TOKEN`
-    held until `release` or death. A thing named with a token belongs to a live process exactly
-    while `is_live_owner` says so.
+    bundles, containers): a token to start their names with (`TOKEN-...`), and an exclusive lock
+    on `DIR/TOKEN` held until `release` or death. A thing named so belongs to a live process
+    exactly while `is_live_owner` says so.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -166,7 +163,9 @@ class Owner:
         self._lock.release()
 
 
-def is_live_owner(directory: Path, token: str) -> bool:
-    """Whether `token` is held by a live `Owner` in `directory`. A dead owner's file is
-    removed on the way (asking takes and releases its lock)."""
+def is_live_owner(directory: Path, name: str) -> bool:
+    """Whether the thing named `name` (`TOKEN-...`, or a bare `TOKEN`) was made by an `Owner`
+    of `directory` that is still live. A dead owner's file is removed on the way (asking takes
+    and releases its lock)."""
+    token = name.split("-", 1)[0]
     return (directory / token).exists() and not LockDir(directory).is_free(token)

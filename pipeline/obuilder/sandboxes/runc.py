@@ -308,16 +308,12 @@ class RuncSandbox:
         """See `Sandbox.clean`: kills and deletes the containers of `runc --root STATE/runc`
         whose owner has gone (with every process in them) and removes their bundles."""
         for container in await asyncio.to_thread(_entries, self._runc_root):
-            if not self._is_live(container.removeprefix(_CONTAINER_PREFIX)):
+            if not is_live_owner(self._owners, container.removeprefix(_CONTAINER_PREFIX)):
                 await self._runc_quietly("delete", "--force", container)
         for bundle in await asyncio.to_thread(_entries, self.state_dir):
-            if bundle.startswith(_BUNDLE_PREFIX) and not self._is_live(
-                    bundle.removeprefix(_BUNDLE_PREFIX)):
+            if bundle.startswith(_BUNDLE_PREFIX) and not is_live_owner(
+                    self._owners, bundle.removeprefix(_BUNDLE_PREFIX)):
                 await asyncio.to_thread(shutil.rmtree, self.state_dir / bundle, True)
-
-    def _is_live(self, name: str) -> bool:
-        """Whether the container or bundle named (after its prefix) `name` has a live owner."""
-        return is_live_owner(self._owners, name.split("-", 1)[0])
 
     async def _runc_quietly(self, *args: str) -> int:
         """Run `runc --root STATE/runc ARGS`, its output discarded; its exit status."""

@@ -300,7 +300,7 @@ class DirectoryStore(ABC):
         state = self._caches.setdefault(name, _Cache())
         shared = self.root / CACHE / name
         copy = self.root / CACHE_TMP / f"{self._owner.token}-{next(self._copies)}-{name}"
-        async with state.lock, self._cache_locks.exclusive(name):
+        async with state.lock, self._cache_locks.lock(name):
             if not shared.exists():
                 await self._create(shared)
                 os.chown(shared, uid, gid)
@@ -316,7 +316,7 @@ class DirectoryStore(ABC):
             await self._remove(copy)
             raise
         try:
-            async with state.lock, self._cache_locks.exclusive(name):
+            async with state.lock, self._cache_locks.lock(name):
                 # Last writer wins: whoever releases later replaces what an earlier release
                 # left, unless the cache was deleted since this copy was taken.
                 if state.generation == generation:
@@ -328,7 +328,7 @@ class DirectoryStore(ABC):
     async def delete_cache(self, name: str) -> None:
         """See `Store.delete_cache`. Raises BuildError if the removal fails."""
         state = self._caches.setdefault(check_name("cache name", name), _Cache())
-        async with state.lock, self._cache_locks.exclusive(name):
+        async with state.lock, self._cache_locks.lock(name):
             state.generation += 1
             await self._remove_if_present(self.root / CACHE / name)
 
@@ -347,6 +347,6 @@ class DirectoryStore(ABC):
                 if free:
                     await self._remove_if_present(leftover)
         for leftover in sorted((self.root / CACHE_TMP).iterdir()):
-            if not is_live_owner(self._owners, leftover.name.split("-", 1)[0]):
+            if not is_live_owner(self._owners, leftover.name):
                 await self._remove_if_present(leftover)
 

@@ -324,7 +324,7 @@ class OverlayfsStore(DirectoryStore):
         if not exists:
             return None
         if not (mounted and id in self._views.held):
-            async with self._views_lock, self._views.mount_locks.exclusive(id):
+            async with self._views_lock, self._views.mount_locks.lock(id):
                 # A view this process held may have been unmounted by a deletion since.
                 self._views.forget(id)
                 if not await asyncio.to_thread(os.path.ismount, path / "rootfs"):
