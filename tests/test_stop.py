@@ -30,10 +30,10 @@ SIGNALS = [(signal.SIGINT, 130), (signal.SIGTERM, 143)]
 
 
 def stop(tmp_path: Path, source: str, *args: str, sig: int = signal.SIGINT,
-         signals: int = 1) -> tuple[int, str, str, float]:
+         signals: int = 1) -> tuple[int, str, str]:
     """Run `pipeline ARGS` on the pipeline file `source` until it writes the file `marker` (its
-    code is then running), send `sig` (`signals` times, 0.5 s apart); the status, stdout,
-    stderr and the seconds from the last signal to the exit."""
+    code is then running), send `sig` (`signals` times, 0.5 s apart); the status, stdout and
+    stderr."""
     (tmp_path / "marker").unlink(missing_ok=True)
     file = tmp_path / "never_returns.py"
     file.write_text(textwrap.dedent(source).replace("MARKER", repr(str(tmp_path / "marker"))))
@@ -46,12 +46,11 @@ def stop(tmp_path: Path, source: str, *args: str, sig: int = signal.SIGINT,
             if i:
                 time.sleep(0.5)
             os.kill(process.pid, sig)
-        sent = time.monotonic()
         try:
             out, err = process.communicate(timeout=HANG_GUARD)
         except subprocess.TimeoutExpired:
             raise AssertionError(f"still running {HANG_GUARD} s after the signal") from None
-        return process.returncode, out, err, time.monotonic() - sent
+        return process.returncode, out, err
     finally:
         process.kill()
         process.wait()
@@ -104,7 +103,7 @@ CASES = {
 def test_a_signal_stops_user_code_that_never_returns(
         tmp_path: Path, case: str, sig: int, status: int) -> None:
     source, what = CASES[case]
-    code, out, err, _ = stop(tmp_path, source, "run", "FILE", "--no-web", sig=sig)
+    code, out, err = stop(tmp_path, source, "run", "FILE", "--no-web", sig=sig)
     what = what.format(file=tmp_path / "never_returns.py")
     assert code == status, err
     assert err.splitlines() == [f"pipeline: stopped while {what} was running (it did not return)"]
@@ -115,12 +114,12 @@ def test_a_signal_stops_user_code_that_never_returns(
 
 
 def test_once_and_diagram_are_stopped_too(tmp_path: Path) -> None:
-    code, out, err, _ = stop(tmp_path, SPINNING_MAP, "run", "FILE", "--once", sig=signal.SIGTERM)
+    code, out, err = stop(tmp_path, SPINNING_MAP, "run", "FILE", "--once", sig=signal.SIGTERM)
     assert code == 143, err
     assert err.splitlines() == [
         'pipeline: stopped while map "spin forever" was running (it did not return)']
     assert "spin forever" in out, "--once prints the states when stopped"
-    code, _, err, _ = stop(tmp_path, SPINNING_PIPELINE, "diagram", "FILE")
+    code, _, err = stop(tmp_path, SPINNING_PIPELINE, "diagram", "FILE")
     assert code == 130, err
     assert err.splitlines() == [f"pipeline: stopped while pipeline() in "
                                 f"{tmp_path / 'never_returns.py'} was running (it did not return)"]
@@ -129,7 +128,7 @@ def test_once_and_diagram_are_stopped_too(tmp_path: Path) -> None:
 def test_stopped_while_serving_the_web_ui(tmp_path: Path) -> None:
     """With the web UI on, the process stops the same way, the server shut down with it (the UI
     does not answer while the map runs: user code runs on the event loop's thread)."""
-    code, out, err, _ = stop(tmp_path, SPINNING_MAP, "run", "FILE", "--port", "0")
+    code, out, err = stop(tmp_path, SPINNING_MAP, "run", "FILE", "--port", "0")
     assert code == 130, err
     assert "Web UI: http://127.0.0.1:" in out
     assert err.splitlines() == [
@@ -162,7 +161,7 @@ SWALLOWING_MAP = """
 
 
 def test_user_code_that_swallows_the_interrupt_is_stopped_anyway(tmp_path: Path) -> None:
-    code, _, err, _ = stop(tmp_path, SWALLOWING_MAP, "run", "FILE", "--no-web")
+    code, _, err = stop(tmp_path, SWALLOWING_MAP, "run", "FILE", "--no-web")
     assert code == 130, err
     assert err.splitlines() == [
         'pipeline: stopped while map "stubborn" was running (it did not return)']
@@ -199,7 +198,7 @@ SPINNING_JOB = """
 
 
 def test_a_job_that_blocks_the_event_loop_is_named(tmp_path: Path) -> None:
-    code, _, err, _ = stop(tmp_path, SPINNING_JOB, "run", "FILE", "--no-web", sig=signal.SIGTERM)
+    code, _, err = stop(tmp_path, SPINNING_JOB, "run", "FILE", "--no-web", sig=signal.SIGTERM)
     assert code == 143, err
     assert re.fullmatch(r"pipeline: stopped while job \d{4}-\d\d-\d\d/\d{6}-spinner-\w+ was "
                         r"running \(it did not return\)\n", err), err
@@ -225,7 +224,7 @@ CANCEL_SWALLOWING_JOB = """
 
 
 def test_a_second_signal_ends_a_stop_that_hangs(tmp_path: Path) -> None:
-    code, out, err, _ = stop(tmp_path, CANCEL_SWALLOWING_JOB, "run", "FILE", "--no-web",
+    code, out, err = stop(tmp_path, CANCEL_SWALLOWING_JOB, "run", "FILE", "--no-web",
                              signals=2)
     assert code == 130, err
     assert "Stopping: cancelling running jobs" in out
