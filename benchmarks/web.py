@@ -76,7 +76,7 @@ def free_port() -> int:
 
 async def start_server(engine: p.Engine, port: int) -> Any:
     """Serve `engine`'s web UI on 127.0.0.1:`port`; returns the aiohttp runner."""
-    from web.server import start_server as start
+    from pipeline.web.server import start_server as start
 
     return await start(engine, host="127.0.0.1", port=port)
 

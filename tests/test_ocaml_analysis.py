@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.ocaml.analysis import (
+from pipeline.ocaml.analysis import (
     Analysis,
     AnalysisError,
     Dependency,

@@ -18,7 +18,7 @@ from test_build_primitive import Repo
 
 import pipeline as p
 from pipeline.cli import load_pipeline
-from pipelines.ocaml import status as St
+from pipeline.ocaml import status as St
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE_FILE = ROOT / "pipelines" / "ocaml_ci.py"

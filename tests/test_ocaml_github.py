@@ -11,7 +11,7 @@ from github_statuses import github_statuses
 
 import pipeline as p
 from pipeline.cache import PrimitiveNode
-from pipelines.ocaml.github import github_status, status_body
+from pipeline.ocaml.github import github_status, status_body
 
 TOKEN = "ghp_test-token"
 REPO = "ocurrent/ocaml-hello"

@@ -34,7 +34,7 @@ import pipeline as p
 from pipeline.cli import load_pipeline
 from pipeline.obuilder import spec as S
 from pipeline.obuilder.stores import open_store
-from pipelines.ocaml import platforms as P
+from pipeline.ocaml import platforms as P
 
 PLATFORM = P.PLATFORMS["debian-12-ocaml-5.2"]
 HOME = "/home/opam"

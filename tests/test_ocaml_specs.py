@@ -13,8 +13,8 @@ import pytest
 from golden import assert_golden
 
 from pipeline.obuilder import spec as S
-from pipelines.ocaml.analysis import Analysis, Dependency, OpamFile
-from pipelines.ocaml.platforms import (
+from pipeline.ocaml.analysis import Analysis, Dependency, OpamFile
+from pipeline.ocaml.platforms import (
     BASE_PACKAGES,
     PLATFORMS,
     Platform,

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pipeline as p
+from pipeline.ocaml import status as St
 from pipeline.output import Active, Failed, Ok
-from pipelines.ocaml import status as St
 
 
 def job(name: str, state: St.JobState, *, experimental: bool = False) -> St.JobStatus:

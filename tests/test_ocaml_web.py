@@ -17,10 +17,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 import pipeline as p
 from pipeline import cli
-from pipelines.ocaml.status import STATUS_DIR, status_path
-from pipelines.ocaml.web import routes
-from web import server
-from web.server import SECURITY_HEADERS, make_app
+from pipeline.ocaml.status import STATUS_DIR, status_path
+from pipeline.ocaml.web import routes
+from pipeline.web import server
+from pipeline.web.server import SECURITY_HEADERS, make_app
 
 SHA_1 = "1111111111111111111111111111111111111111"
 SHA_2 = "2222222222222222222222222222222222222222"
@@ -183,7 +183,7 @@ def test_pipeline_run_serves_the_pages_a_pipeline_file_adds(
     file = tmp_path / "ci.py"
     file.write_text(textwrap.dedent("""
         import pipeline as p
-        from pipelines.ocaml.web import routes
+        from pipeline.ocaml.web import routes
 
         web_links = [("/ocaml", "OCaml")]
 

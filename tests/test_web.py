@@ -28,9 +28,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 import pipeline as p
 from pipeline.primitives import git
-from web import diagram
-from web.ansi import AnsiConverter, ansi_to_html
-from web.server import Deliveries, bound_port, make_app, sse_event, start_server
+from pipeline.web import diagram
+from pipeline.web.ansi import AnsiConverter, ansi_to_html
+from pipeline.web.server import Deliveries, bound_port, make_app, sse_event, start_server
 
 TOKEN = "s3cret-admin-token"
 HOOK_SECRET = b"hook-secret"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pipeline.obuilder import spec as S
-from pipelines.ocaml.analysis import Analysis
+from pipeline.ocaml.analysis import Analysis
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Pages in the style of ocaml-ci's site: repositories → branches → a branch's head commit.
 
-They read the status files the pipeline publishes (see `pipelines.ocaml.status`), so they show
+They read the status files the pipeline publishes (see `pipeline.ocaml.status`), so they show
 what was last published, also for branches of an earlier run. Names in URLs are only ever looked
 up among the files present: nothing a request says becomes part of a path.
 """
@@ -15,8 +15,8 @@ from urllib.parse import quote, unquote
 
 from aiohttp import web
 
-from pipelines.ocaml.status import STATUS_DIR
-from web.server import page
+from pipeline.ocaml.status import STATUS_DIR
+from pipeline.web.server import page
 
 # A result or job state -> the web UI's CSS class of the state of that colour (see app.css).
 _COLOURS = {

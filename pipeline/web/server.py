@@ -25,10 +25,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import pipeline as p
 from pipeline.primitives import git
-from web.ansi import AnsiConverter
-from web.auth import LOGIN_COOKIE, Access, Role, is_loopback
-from web.diagram import DiagramCache
-from web.metrics import NODE_STATES, Metrics
+from pipeline.web.ansi import AnsiConverter
+from pipeline.web.auth import LOGIN_COOKIE, Access, Role, is_loopback
+from pipeline.web.diagram import DiagramCache
+from pipeline.web.metrics import NODE_STATES, Metrics
 
 HERE = Path(__file__).parent
 EVENT_INTERVAL = 0.1

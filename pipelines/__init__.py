@@ -1,1 +1,0 @@
-"""Pipelines people run (CI for OCaml projects, CI for an opam repository) and their parts."""
