@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pipeline as p
-from pipeline.cache.instances import Cache, Host, Instance
+from pipeline.cache.instances import Cache, Instance
 from pipeline.cache.storage import INTERRUPTED, Database
 from pipeline.clock import FakeClock
 from pipeline.jobs import Confirmation, Job, JobRegistry, JobState
@@ -20,7 +20,8 @@ START = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
 
 class FakeHost:
-    """What an engine gives the cache, recording what the cache asks of it."""
+    """What an engine gives the cache (`pipeline.cache.instances.Host`), recording what the
+    cache asks of it."""
 
     def __init__(self, state_dir: Path, db: Database) -> None:
         self.loop = asyncio.get_running_loop()
@@ -40,8 +41,7 @@ class FakeHost:
 def open_cache(state_dir: Path) -> tuple[Cache, FakeHost]:
     db = Database(state_dir / "db.sqlite")
     host = FakeHost(state_dir, db)
-    checked: Host = host  # the fake is what the protocol asks for
-    cache = Cache(checked, db)
+    cache = Cache(host, db)
     cache.open()
     return cache, host
 
