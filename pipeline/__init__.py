@@ -14,7 +14,7 @@ from typing import Any
 
 _EXPORTS = {
     "pipeline.analysis": ["pipeline_graph"],
-    "pipeline.cache": ["BuilderOp", "PublisherOp", "builder", "digest", "publisher"],
+    "pipeline.cache.declarations": ["BuilderOp", "PublisherOp", "builder", "digest", "publisher"],
     "pipeline.clock": ["Clock", "FakeClock", "SystemClock"],
     "pipeline.diagram": ["COLOURS", "DiagramError", "to_dot", "to_svg"],
     "pipeline.engine": ["CycleError", "Engine", "PipelineError", "on_start"],

@@ -21,7 +21,8 @@ from collections.abc import Awaitable, Callable, Hashable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache import Cache
+from pipeline.cache import storage
+from pipeline.cache.instances import Cache
 from pipeline.clock import Clock, SystemClock
 from pipeline.jobs import Confirmation, JobRegistry
 from pipeline.level import Level
@@ -92,8 +93,10 @@ class Engine:
         self.state_dir = Path(state_dir)
         self.clock: Clock = clock or SystemClock()
         self.confirmation = Confirmation(confirm)
-        self.jobs = JobRegistry(self.state_dir / "job", self.confirmation, clock=self.clock.now)
-        self.cache = Cache(self, self.state_dir / "db.sqlite")
+        db = storage.Database(self.state_dir / storage.FILE_NAME)
+        self.jobs = JobRegistry(self.state_dir / "job", self.confirmation, clock=self.clock.now,
+                                records=db)
+        self.cache = Cache(self, db)
         self.evaluations = 0
         # How long the latest round of evaluation took, for the web UI's metrics.
         self.last_round_seconds = 0.0
@@ -185,7 +188,9 @@ class Engine:
     def _create(self, term: Term[Any]) -> Node:
         """The node of `term`, whose inputs all have nodes already."""
         inputs = [self._nodes[c] for c in term.inputs]
-        node_class = NODE_CLASSES.get(type(term)) or self.cache.node_class(term)
+        node_class = NODE_CLASSES.get(type(term))
+        if node_class is None:
+            raise TypeError(f"unknown kind of term: {type(term).__name__}")
         node = node_class(self, term, inputs, next(self._uids))
         for input_node in inputs:
             input_node.refcount += 1
@@ -357,7 +362,7 @@ class Engine:
         job = self.jobs.get(job_id)
         actions = job.actions() if job is not None else set()
         if "cancel" not in actions and (self.cache.find(job_id) is not None
-                                        or self.cache.stored(job_id)):
+                                        or self.cache.db.entry(job_id) is not None):
             actions.add("rebuild")
         return actions
 

@@ -2,7 +2,9 @@
 
 A job's life is ``CREATED -> [WAITING_FOR_CONFIRMATION] -> [READY] -> RUNNING -> OK | FAILED``.
 Whoever calls :meth:`Job.start` owns the job and must call :meth:`Job.finish` exactly once, also
-when ``start()`` raised (a cancelled job is finished with the error ``"Cancelled"``).
+when ``start()`` raised (a cancelled job is finished with the error ``"Cancelled"``). A job is
+created with a pool and a risk level; whoever starts it may choose others for this run (as
+OCurrent's ``Job.start ?pool ~level``).
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ import re
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.level import Level
 from pipeline.pool import Pool, PoolSlot
+
+if TYPE_CHECKING:
+    from pipeline.cache.storage import Database
 
 _LABEL_MAX = 40
 _UNSAFE_LABEL_CHAR = re.compile(r"[^A-Za-z0-9_.-]")
@@ -39,6 +45,14 @@ class JobState(enum.StrEnum):
     RUNNING = "running"
     OK = "ok"
     FAILED = "failed"
+
+
+class _AsCreated(enum.Enum):
+    AS_CREATED = enum.auto()
+
+
+AS_CREATED = _AsCreated.AS_CREATED
+"""For :meth:`Job.start`'s `pool`: keep the pool the job was created with (None means no pool)."""
 
 
 class JobCancelled(Exception):
@@ -105,9 +119,11 @@ class Job:
         created: datetime,
         level: Level,
         pool: Pool | None,
+        high_priority: bool,
         confirmation: Confirmation,
         clock: Callable[[], datetime],
         state_dir: Path,
+        records: Database | None,
     ) -> None:
         """Wrap an already-created log file `fd`; the job takes ownership of it."""
         self.id = job_id
@@ -115,9 +131,16 @@ class Job:
         self._log_file = log_file
         # Where primitives keep what outlives a job (e.g. git mirrors): the engine's state dir.
         self.state_dir = state_dir
+        self.records = records
+        """The records of earlier runs of the cache this job runs for (the engine's), for a job
+        that reports on other jobs; None for jobs made outside an engine."""
         self.created = created
         self.level = level
+        """The risk level checked against the confirmation threshold (final once started)."""
         self.pool = pool
+        """The pool whose slot the job waits for, or None (final once started)."""
+        self.high_priority = high_priority
+        """Whether the job jumps its pool's normal queue (the cache's first build of a key)."""
         self._fd = fd
         self._confirmation = confirmation
         self._clock = clock
@@ -191,22 +214,30 @@ class Job:
         while view:
             view = view[os.write(self._fd, view) :]
 
-    async def start(self, *, high_priority: bool = False) -> None:
-        """Take the job from CREATED to RUNNING.
+    async def start(
+        self, *, pool: Pool | _AsCreated | None = AS_CREATED, level: Level | None = None
+    ) -> None:
+        """Take the job from CREATED to RUNNING, in `pool` at `level` (by default the pool and
+        level it was created with; `pool=None` runs it in no pool).
 
         If its level needs confirmation it first waits in WAITING_FOR_CONFIRMATION until
         :meth:`approve` or a threshold change that no longer requires it. Then, if it has a pool, it
-        waits in READY for a slot (`high_priority` jumps the normal queue); the slot is held until
-        :meth:`finish`. Raises :class:`JobCancelled` if :meth:`cancel` is called before the job is
-        running; the caller must still :meth:`finish` it. Raises RuntimeError if called twice.
+        waits in READY for a slot (a :attr:`high_priority` job jumps the normal queue); the slot
+        is held until :meth:`finish`. Raises :class:`JobCancelled` if :meth:`cancel` is called
+        before the job is running; the caller must still :meth:`finish` it. Raises RuntimeError if
+        called twice.
         """
         if self._state is not JobState.CREATED or self._starting:
             raise RuntimeError(f"job {self.id} has already been started")
+        if pool is not AS_CREATED:
+            self.pool = pool
+        if level is not None:
+            self.level = level
         self._starting = True
         try:
             await self._await_confirmation()
             if self.pool is not None:
-                self._slot = await self._acquire_slot(self.pool, high_priority)
+                self._slot = await self._acquire_slot(self.pool)
             self._started = self._clock()
             self.log("Job started")
             self._set_state(JobState.RUNNING)
@@ -329,12 +360,12 @@ class Job:
             self._confirmation._waiters.discard(self._wakeup)
         self._raise_if_cancelled()
 
-    async def _acquire_slot(self, pool: Pool, high_priority: bool) -> PoolSlot:
+    async def _acquire_slot(self, pool: Pool) -> PoolSlot:
         self._set_state(JobState.READY)
         self.log(f"Waiting for a slot in pool {pool.name}")
         # A separate task, so that cancel() can withdraw the request without cancelling the
         # caller's task; Pool.acquire cleans up the queue when its task is cancelled.
-        acquiring = asyncio.ensure_future(pool.acquire(high_priority=high_priority))
+        acquiring = asyncio.ensure_future(pool.acquire(high_priority=self.high_priority))
         self._acquiring = acquiring
         try:
             slot = await acquiring
@@ -361,14 +392,17 @@ class JobRegistry:
         jobs_dir: Path,
         confirmation: Confirmation,
         clock: Callable[[], datetime] = _utc_now,
+        records: Database | None = None,
     ) -> None:
-        """Keep logs under `jobs_dir` (e.g. ``var/job``); `clock` must return aware UTC times."""
+        """Keep logs under `jobs_dir` (e.g. ``var/job``); `clock` must return aware UTC times;
+        `records` are the cache's records that every job is given (see :attr:`Job.records`)."""
         self._jobs_dir = Path(jobs_dir)
         # The day directory made last: creating it once a day, not once a job, matters when a
         # big pipeline starts thousands of jobs.
         self._day_dir: str | None = None
         self._confirmation = confirmation
         self._clock = clock
+        self._records = records
         self._jobs: dict[str, Job] = {}
         self._finished: collections.deque[str] = collections.deque()
         self.keep_finished = 1000
@@ -385,8 +419,10 @@ class JobRegistry:
         """The confirmation threshold the registry's jobs check."""
         return self._confirmation
 
-    def create(self, label: str, *, level: Level = Level.AVERAGE, pool: Pool | None = None) -> Job:
-        """Create a job and its (empty) log file.
+    def create(self, label: str, *, level: Level = Level.AVERAGE, pool: Pool | None = None,
+               high_priority: bool = False) -> Job:
+        """Create a job and its (empty) log file; `level` and `pool` are what :meth:`Job.start`
+        uses unless told otherwise, `high_priority` jumps the pool's normal queue.
 
         The id is ``YYYY-MM-DD/HHMMSS-label-xxxxxx``: creation time in UTC, `label` with characters
         outside ``[A-Za-z0-9_.-]`` replaced by ``-`` and cut to 40 characters, and 6 random hex
@@ -402,10 +438,12 @@ class JobRegistry:
             label=label,
             log_file=log_file,
             state_dir=self._jobs_dir.parent,
+            records=self._records,
             fd=fd,
             created=created,
             level=level,
             pool=pool,
+            high_priority=high_priority,
             confirmation=self._confirmation,
             clock=self._clock,
         )

@@ -608,3 +608,5 @@ NODE_CLASSES: dict[type[t.Term[Any]], type[Node]] = {
     t.Variable: VariableNode,
     t.Watch: WatchNode,
 }
+"""The node class of each kind of term. A module defining nodes for its own kind of term adds
+them here when imported (the cache's `PrimitiveNode`, for `Primitive` terms)."""

@@ -326,17 +326,18 @@ class Variable(Term[T]):
 
 
 class Primitive(Term[T]):
-    """A cached operation (builder or publisher) applied to a key and, for publishers, a value."""
+    """A cached operation (builder or publisher) applied to a key and, for publishers, a value,
+    with the configuration its runs receive (None for an operation that takes none)."""
 
-    __slots__ = ("op", "options")
+    __slots__ = ("config", "op")
     kind = "primitive"
 
     def __init__(
-        self, op: Any, key: Term[Any], value: Term[Any] | None, *, label: str, options: Any
+        self, op: Any, key: Term[Any], value: Term[Any] | None, *, label: str, config: Any
     ) -> None:
         super().__init__((key,) if value is None else (key, value), label)
         self.op = op
-        self.options = options
+        self.config = config
 
 
 def _short_repr(value: Any, limit: int = 40) -> str:

@@ -331,3 +331,43 @@ async def test_a_build_without_context_keyed_on_the_canonical_spec(
     assert first == second
     [log] = [path.read_text() for path in build_logs(state)]
     assert "no context" in log and "on rsync:store" in log
+
+
+async def test_one_build_operation_runs_in_the_pool_each_build_asks_for(
+        tmp_path: Path, busybox_images: Path) -> None:
+    left, right = p.Pool("left", 1), p.Pool("right", 1)
+    tokens = [f"hold-{uuid.uuid4().hex}" for _ in range(2)]
+    images = str(busybox_images)
+    held = [build(held_spec(token), image_dir=images, pool=left) for token in tokens]
+    beside = build('((from busybox) (run (shell "echo beside")))', image_dir=images, pool=right)
+    state = tmp_path / "var"
+
+    def job(term: p.Term[Any]) -> p.Job:
+        node = engine.node_for(term)
+        assert node is not None and node.job_id is not None
+        found = engine.jobs.get(node.job_id)
+        assert found is not None
+        return found
+
+    def log_holding(token: str) -> bool:
+        return any(f"{token}\n" in path.read_text() for path in build_logs(state))
+
+    async with p.Engine(p.all(*held, beside), state_dir=state) as engine:
+        # The right pool's build runs and ends while a held build keeps the left pool's only slot.
+        await until(lambda: any(map(log_holding, tokens))
+                    and job(beside).state is p.JobState.OK, "a held build and the other one")
+        running, waiting = (0, 1) if log_holding(tokens[0]) else (1, 0)
+        assert job(held[running]).pool is left
+        assert job(held[running]).state is p.JobState.RUNNING
+        assert job(held[waiting]).pool is left
+        assert job(held[waiting]).state is p.JobState.READY
+        assert (left.in_use, left.queue_length) == (1, 1)
+        assert job(beside).pool is right
+        assert "Waiting for a slot in pool right" in job(beside).log_path.read_text()
+        assert sorted(stats["name"] for stats in engine.pool_stats()) == ["left", "right"]
+        # Cancelling the running build gives its slot to the waiting one.
+        assert engine.cancel(job(held[running]).id)
+        await until(lambda: log_holding(tokens[waiting]), "the waiting build's step running")
+        assert job(held[waiting]).state is p.JobState.RUNNING
+        assert "Waiting for a slot in pool left" in job(held[waiting]).log_path.read_text()
+    assert processes_with(tokens[0]) == processes_with(tokens[1]) == []

@@ -7,6 +7,7 @@ depends on how long anything takes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Hashable
 from datetime import timedelta
 from pathlib import Path
@@ -15,7 +16,8 @@ from typing import Any
 import pytest
 
 import pipeline as p
-from pipeline.cache import PrimitiveNode, digest
+from pipeline.cache.declarations import digest
+from pipeline.cache.instances import PrimitiveNode
 from pipeline.jobs import Job, JobState
 from pipeline.level import Level
 from pipeline.output import Active, Failed, Ok
@@ -732,8 +734,8 @@ async def test_publisher_publishes_once_per_value(tmp_path: Path) -> None:
         assert second_job != first_job
 
         # The value is not part of the key: both runs are stored under the key's digest.
-        history = engine.cache.history("status", digest("commit1"))
-        assert [row["job_id"] for row in history] == [second_job, first_job]
+        history = engine.cache.db.history("status", digest("commit1"))
+        assert [entry.job_id for entry in history] == [second_job, first_job]
 
         # Going back to an earlier value publishes it again: it is not what is published now.
         value.set("pending")
@@ -935,6 +937,107 @@ async def test_job_cancelled_while_queued_frees_nothing(tmp_path: Path) -> None:
     assert queued not in script.calls
     assert script.max_running == 1
     assert pool.in_use == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunIn:
+    """A config choosing the pool and level of each run (not part of the key)."""
+
+    pool: Pool | None
+    level: Level = Level.AVERAGE
+
+
+def run_in_builder(script: Script, id: str = "build-in") -> p.BuilderOp[Any, Any]:
+    """A builder that starts its own job in its config's pool, at its config's level."""
+
+    @p.builder(id, config=RunIn, starts_job=True)
+    async def build(job: Job, key: Any, config: RunIn) -> Any:
+        await job.start(pool=config.pool, level=config.level)
+        await script.run(job, key, key)
+        return f"{key}!"
+
+    return build
+
+
+async def test_one_operation_runs_its_jobs_in_the_pool_each_run_chooses(tmp_path: Path) -> None:
+    script = Script(hold=True)
+    left, right = Pool("left", 1), Pool("right", 1)
+    op = run_in_builder(script)
+    terms = {"a": op("a", config=RunIn(left)), "b": op("b", config=RunIn(left)),
+             "c": op("c", config=RunIn(right))}
+    async with p.Engine(p.all(*terms.values()), state_dir=tmp_path) as engine:
+        # One slot each: "c" runs beside whichever of "a" and "b" got the left slot.
+        await until(lambda: script.running == 2, "one job running in each pool")
+        assert script.started("c").is_set()
+        first = "a" if script.started("a").is_set() else "b"
+        second = "b" if first == "a" else "a"
+        assert job_of(engine, terms[first]).pool is left
+        assert job_of(engine, terms["c"]).pool is right
+        waiting = job_of(engine, terms[second])
+        assert waiting.state is JobState.READY and waiting.pool is left
+        assert node_of(engine, terms[second]).state == "ready"
+        assert (left.in_use, left.queue_length, right.in_use, right.queue_length) == (1, 1, 1, 0)
+        assert sorted(stats["name"] for stats in engine.pool_stats()) == ["left", "right"]
+        for key in (first, "c", second):
+            script.release(key)
+        await settle(engine)
+        assert engine.root_output() == Ok(["a!", "b!", "c!"])
+    assert left.in_use == right.in_use == 0
+
+
+async def test_a_run_that_starts_its_job_chooses_its_level(tmp_path: Path) -> None:
+    script = Script()
+    op = run_in_builder(script)
+    deploy = op("prod", config=RunIn(None, Level.DANGEROUS))
+    lint = op("src", config=RunIn(None, Level.HARMLESS))
+    async with p.Engine(p.pair(deploy, lint), state_dir=tmp_path,
+                        confirm=Level.AVERAGE) as engine:
+        await settle(engine)
+        assert node_of(engine, deploy).state == "waiting-for-confirmation"
+        assert job_of(engine, deploy).level is Level.DANGEROUS
+        assert script.calls == ["src"]
+        job_of(engine, deploy).approve()
+        await settle(engine)
+        assert engine.root_output() == Ok(("prod!", "src!"))
+
+
+async def test_a_config_reaches_the_run_but_is_not_part_of_the_key(tmp_path: Path) -> None:
+    seen: list[tuple[str, str]] = []
+
+    @p.builder("greet", config=str)
+    async def greet(job: Job, key: str, greeting: str) -> str:
+        seen.append((key, greeting))
+        return f"{greeting}, {key}"
+
+    async with p.Engine(greet("world", config="hello"), state_dir=tmp_path) as engine:
+        await settle(engine)
+        assert engine.root_output() == Ok("hello, world")
+    assert seen == [("world", "hello")]
+    # Another config for the same key finds the stored outcome: nothing runs again.
+    async with p.Engine(greet("world", config="bonjour"), state_dir=tmp_path) as engine:
+        await settle(engine)
+        assert engine.root_output() == Ok("hello, world")
+    assert seen == [("world", "hello")]
+    # An operation that reads its config into its digest makes it part of the key.
+
+    @p.builder("greet-keyed", config=str, key_digest=lambda key, greeting: digest([greeting, key]))
+    async def greet_keyed(job: Job, key: str, greeting: str) -> str:
+        seen.append((key, greeting))
+        return f"{greeting}, {key}"
+
+    terms = p.pair(greet_keyed("world", config="hello"), greet_keyed("world", config="bonjour"))
+    async with p.Engine(terms, state_dir=tmp_path) as engine:
+        await settle(engine)
+        assert engine.root_output() == Ok(("hello, world", "bonjour, world"))
+    assert sorted(seen[1:]) == [("world", "bonjour"), ("world", "hello")]
+
+
+def test_a_config_is_checked_when_the_operation_is_applied() -> None:
+    script = Script()
+    with pytest.raises(TypeError, match="operation build-in needs a RunIn config, not NoneType"):
+        run_in_builder(script)("a")
+    with pytest.raises(TypeError, match="operation build takes no config"):
+        script.builder()("a", config=RunIn(None))
 
 
 # Confirmation

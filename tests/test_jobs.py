@@ -460,12 +460,34 @@ async def test_pooled_job_waits_ready_and_releases_slot_when_finished(
     assert pool.in_use == 0
 
 
+async def test_start_may_choose_another_pool_and_level_than_the_job_was_created_with(
+    jobs_dir: Path,
+) -> None:
+    registry = JobRegistry(jobs_dir, Confirmation(Level.DANGEROUS))
+    created_in, chosen = Pool("created", 1), Pool("chosen", 1)
+    job = registry.create("deploy", pool=created_in, level=Level.HARMLESS)
+    other = registry.create("lint", pool=created_in)
+    await other.start(pool=None)
+    assert (other.pool, created_in.in_use) == (None, 0), "pool=None runs it in no pool"
+    waiting = state_reached(job, JobState.WAITING_FOR_CONFIRMATION)
+    starting = asyncio.create_task(job.start(pool=chosen, level=Level.DANGEROUS))
+    await waiting.wait()
+    assert job.level is Level.DANGEROUS
+    job.approve()
+    await starting
+    assert job.pool is chosen
+    assert (chosen.in_use, created_in.in_use) == (1, 0)
+    job.finish()
+    other.finish()
+    assert chosen.in_use == 0
+
+
 async def test_high_priority_job_gets_the_slot_first(registry: JobRegistry) -> None:
     pool = Pool("build", 1)
     holder = registry.create("holder", pool=pool)
     await holder.start()
     normal = registry.create("normal", pool=pool)
-    urgent = registry.create("urgent", pool=pool)
+    urgent = registry.create("urgent", pool=pool, high_priority=True)
     running: list[Job] = []
 
     def record_running(job: Job) -> None:
@@ -477,7 +499,7 @@ async def test_high_priority_job_gets_the_slot_first(registry: JobRegistry) -> N
     normal_start = asyncio.create_task(normal.start())
     while pool.queue_length < 1:
         await asyncio.sleep(0)
-    urgent_start = asyncio.create_task(urgent.start(high_priority=True))
+    urgent_start = asyncio.create_task(urgent.start())
     while pool.queue_length < 2:
         await asyncio.sleep(0)
     holder.finish()

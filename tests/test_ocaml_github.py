@@ -10,7 +10,7 @@ import pytest
 from github_statuses import github_statuses
 
 import pipeline as p
-from pipeline.cache import PrimitiveNode
+from pipeline.cache.instances import PrimitiveNode
 from pipeline.ocaml.github import github_status, status_body
 
 TOKEN = "ghp_test-token"

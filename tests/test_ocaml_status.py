@@ -79,3 +79,25 @@ async def test_the_publisher_writes_the_status_file(tmp_path: Path) -> None:
             St.CommitStatus("hello", "main", "b" * 40, "pending", ()), ()))
         await engine.wait_idle()
         assert json.loads(path.read_text())["result"] == "pending"
+
+
+async def test_a_failed_job_gets_its_id_from_the_engines_records(tmp_path: Path) -> None:
+    @p.builder("failing")
+    async def failing(job: p.Job, key: str) -> dict[str, str]:
+        raise RuntimeError("dune failed")
+
+    build = failing("k")
+
+    def publication(output: p.Output) -> St.Publication:
+        status = St.CommitStatus("hello", "main", "a" * 40, "failed",
+                                 (St.job_status("build", output),))
+        return St.Publication(status, (St.JobSpec("build", "failing", p.digest("k")),))
+
+    async with p.Engine(St.publish("hello", "main", p.state(build).map(publication)),
+                        state_dir=tmp_path) as engine:
+        await engine.wait_idle()
+        node = engine.node_for(build)
+        assert node is not None and node.state == "failed" and node.job_id is not None
+        written = json.loads(St.status_path(tmp_path, "hello", "main").read_text())
+        assert written["jobs"] == [{"name": "build", "state": "failed", "job_id": node.job_id,
+                                    "reason": "RuntimeError: dune failed"}]

@@ -7,7 +7,7 @@ when its value (state, description, target URL) changes, also across restarts.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -30,6 +30,41 @@ _REPO = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+")
 _SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
 
+@dataclasses.dataclass(frozen=True)
+class GitHubAPI:
+    """Which GitHub the statuses go to (`api_url`, no trailing slash) and the file holding the
+    token allowed to set them."""
+
+    api_url: str
+    token_file: Path
+
+
+def _key_digest(key: tuple[str, str, str], api: GitHubAPI) -> str:
+    # A status set on one server (say, a GitHub Enterprise) is not set on another; the token
+    # file is not part of it: a new token does not send the statuses again.
+    return p.digest([api.api_url, *key])
+
+
+@p.publisher("github-status", level=Level.ABOVE_AVERAGE, config=GitHubAPI,
+             key_digest=_key_digest, pp=lambda key: f"{key[0]}@{str(key[1])[:12]} {key[2]}")
+async def _publish(job: p.Job, key: tuple[str, str, str], value: dict[str, Any],
+                   api: GitHubAPI) -> None:
+    repo, sha, context = key
+    url = f"{api.api_url}/repos/{repo}/statuses/{sha}"
+    body = status_body(key, value)
+    token = _read_token(api.token_file)
+    job.log(f"POST {url}: {body['state']}: {body['description']}")
+    headers = {"Authorization": f"Bearer {token}", "Accept": "application/vnd.github+json",
+               "X-GitHub-Api-Version": "2022-11-28", "User-Agent": "pipeline-ocaml-ci"}
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session, \
+            session.post(url, json=body, headers=headers) as response:
+        text = await response.text()
+        if not 200 <= response.status < 300:
+            raise RuntimeError(f"GitHub answered {response.status} {response.reason} "
+                               f"for {repo}@{sha}: {_message(text)}")
+    job.log(f"GitHub answered {response.status}: {context} is {body['state']} on {sha}")
+
+
 def github_status(key: Term[tuple[str, str, str]] | tuple[str, str, str],
                   value: Term[dict[str, Any]] | dict[str, Any], *, token_file: Path,
                   api_url: str = DEFAULT_API_URL) -> Term[None]:
@@ -41,36 +76,7 @@ def github_status(key: Term[tuple[str, str, str]] | tuple[str, str, str],
     read at each publication, so it may be replaced while the pipeline runs. A non-2xx answer
     fails the job with GitHub's status code and message.
     """
-    return _operation(Path(token_file), api_url.rstrip("/"))(key, value)
-
-
-@functools.cache
-def _operation(token_file: Path, api_url: str) -> p.PublisherOp[tuple[str, str, str]]:
-    """One publisher per token file and API: the engine keeps one instance per (id, key)."""
-
-    def key_digest(key: Any) -> str:
-        # A status set on one server (say, a GitHub Enterprise) is not set on another.
-        return p.digest([api_url, *key])
-
-    @p.publisher("github-status", level=Level.ABOVE_AVERAGE, key_digest=key_digest,
-                 pp=lambda key: f"{key[0]}@{str(key[1])[:12]} {key[2]}")
-    async def publish(job: p.Job, key: tuple[str, str, str], value: dict[str, Any]) -> None:
-        repo, sha, context = key
-        url = f"{api_url}/repos/{repo}/statuses/{sha}"
-        body = status_body(key, value)
-        token = _read_token(token_file)
-        job.log(f"POST {url}: {body['state']}: {body['description']}")
-        headers = {"Authorization": f"Bearer {token}", "Accept": "application/vnd.github+json",
-                   "X-GitHub-Api-Version": "2022-11-28", "User-Agent": "pipeline-ocaml-ci"}
-        async with aiohttp.ClientSession(timeout=TIMEOUT) as session, \
-                session.post(url, json=body, headers=headers) as response:
-            text = await response.text()
-            if not 200 <= response.status < 300:
-                raise RuntimeError(f"GitHub answered {response.status} {response.reason} "
-                                   f"for {repo}@{sha}: {_message(text)}")
-        job.log(f"GitHub answered {response.status}: {context} is {body['state']} on {sha}")
-
-    return publish
+    return _publish(key, value, config=GitHubAPI(api_url.rstrip("/"), Path(token_file)))
 
 
 def status_body(key: tuple[str, str, str], value: dict[str, Any]) -> dict[str, str]:

@@ -17,17 +17,16 @@ The file is replaced atomically (written aside, then renamed), so a reader never
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import os
-import sqlite3
 import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import pipeline as p
+from pipeline.cache.storage import Database
 from pipeline.output import Active, Failed, Ok, Output
 
 JobState = Literal["passed", "failed", "skipped", "pending"]
@@ -39,8 +38,8 @@ STATUS_DIR = Path("ocaml-ci") / "status"
 @dataclasses.dataclass(frozen=True)
 class JobSpec:
     """Where a job's state comes from: its name, the cache operation and key digest that find
-    its job id in the database when its value does not carry one (a failed job has no value),
-    and whether its failure is tolerated."""
+    its job id in the engine's records when its value does not carry one (a failed job has no
+    value), and whether its failure is tolerated."""
 
     name: str
     op: str
@@ -135,22 +134,16 @@ def status_path(state_dir: Path, repo: str, branch: str) -> Path:
     return state_dir / STATUS_DIR / repo / f"{urllib.parse.quote(branch, safe='')}.json"
 
 
-def _job_ids(db: Path, specs: Sequence[JobSpec]) -> dict[str, str]:
+def _job_ids(records: Database, specs: Sequence[JobSpec]) -> dict[str, str]:
     """The latest job id stored for each spec's key, by job name.
 
-    Read from the engine's database because a failed builder has no value to carry its id.
+    Read from the engine's records because a failed builder has no value to carry its id.
     """
     found: dict[str, str] = {}
-    if not db.exists():
-        return found
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as connection:
-        for spec in specs:
-            row = connection.execute(
-                "SELECT job_id FROM jobs WHERE op = ? AND key = ?"
-                " ORDER BY finished DESC, rowid DESC LIMIT 1",
-                (spec.op, spec.key_digest)).fetchone()
-            if row is not None:
-                found[spec.name] = row[0]
+    for spec in specs:
+        entry = records.latest(spec.op, spec.key_digest)
+        if entry is not None:
+            found[spec.name] = entry.job_id
     return found
 
 
@@ -177,10 +170,10 @@ class Publication:
     specs: tuple[JobSpec, ...]
 
 
-def _failed_job_ids(db: Path, publication: Publication) -> CommitStatus:
+def _failed_job_ids(records: Database, publication: Publication) -> CommitStatus:
     status = publication.status
     failed = {job.name for job in status.jobs if job.state == "failed" and job.job_id is None}
-    ids = _job_ids(db, [spec for spec in publication.specs if spec.name in failed])
+    ids = _job_ids(records, [spec for spec in publication.specs if spec.name in failed])
     jobs = tuple(dataclasses.replace(job, job_id=ids.get(job.name, job.job_id))
                  for job in status.jobs)
     return dataclasses.replace(status, jobs=jobs)
@@ -188,10 +181,11 @@ def _failed_job_ids(db: Path, publication: Publication) -> CommitStatus:
 
 @p.publisher("ocaml-ci-status", pp=lambda key: f"{key.repo} {key.branch}")
 async def _publish(job: p.Job, key: StatusKey, publication: Publication) -> None:
-    # The engine commits a job's outcome one loop iteration after recording it, and the change
-    # that scheduled this publication may be that very outcome: let the commit happen first.
-    await asyncio.sleep(0)
-    status = await asyncio.to_thread(_failed_job_ids, job.state_dir / "db.sqlite", publication)
+    if job.records is None:
+        raise RuntimeError("the status publisher runs only in an engine (it reads its records)")
+    # The engine's own records: they hold the outcome that scheduled this publication even
+    # before it is committed.
+    status = _failed_job_ids(job.records, publication)
     path = status_path(job.state_dir, key.repo, key.branch)
     job.log(f"Writing {status.result} for {status.commit} to {path}")
     await asyncio.to_thread(_write, path, status.to_json())

@@ -49,7 +49,17 @@ class BuildKey:
         default=(), compare=False, repr=False)
 
 
-def _key_digest(key: BuildKey) -> str:
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    """How one application of the build runs, not what it builds (so not part of the key): the
+    pool it waits for a slot in and its risk level."""
+
+    pool: p.Pool | None = None
+    level: p.Level = p.Level.AVERAGE
+
+
+def _key_digest(key: BuildKey, _config: BuildConfig) -> str:
+    # Not the config: a build's outcome is found whichever pool or level asks for it again.
     # The commit's hash, not its repository or ref: the same commit seen on two branches (or in
     # two clones) is one build.
     commit_hash = key.commit.hash if key.commit is not None else None
@@ -176,33 +186,22 @@ async def _context_dir(commit: Commit | None) -> AsyncIterator[Path]:
         await asyncio.to_thread(os.rmdir, empty)
 
 
-async def _build(job: p.Job, key: BuildKey) -> str:
-    """Build `key` and return the result id.
+@p.builder(OP_ID, auto_cancel=True, config=BuildConfig, starts_job=True, pp=_pp,
+           key_digest=_key_digest)
+async def _build(job: p.Job, key: BuildKey, config: BuildConfig) -> str:
+    """Build `key`, in `config`'s pool at its level, and return the result id.
 
     Fails (the job's error, also the last line of its log) with the spec error, located by
     line and column, if the spec does not parse; with the builder's error naming the step if a
     step fails; with git's error if the commit cannot be checked out. Cancelling the job cancels
     the build: the running step's sandbox is killed unless another build waits for that step.
     """
+    await job.start(pool=config.pool, level=config.level)
     parsed = S.parse(key.spec, filename="spec")
     builder = await shared_builder(key.store, key.fetcher, job.state_dir)
     async with _context_dir(key.commit) as context:
         job.log(f"Building in {context}")
         return await builder.build(parsed, context, log=job.write, secrets=dict(key.secrets))
-
-
-# The cache's options are fixed per operation, so each (pool, level) gets its own operation. They
-# share one id, so that a build's outcome is found whichever pool or level asks for it again.
-_ops: dict[tuple[p.Pool | None, p.Level], p.BuilderOp[BuildKey, str]] = {}
-
-
-def _op(pool: p.Pool | None, level: p.Level) -> p.BuilderOp[BuildKey, str]:
-    op = _ops.get((pool, level))
-    if op is None:
-        op = p.builder(OP_ID, auto_cancel=True, pool=pool, level=level, pp=_pp,
-                       key_digest=_key_digest)(_build)
-        _ops[(pool, level)] = op
-    return op
 
 
 def build(
@@ -244,5 +243,5 @@ def build(
     def key(pair: tuple[str, Commit | None]) -> BuildKey:
         return BuildKey(pair[0], pair[1], store, fetcher, secret_items)
 
-    return _op(pool, level)(p.pair(spec_term, context_term).map(key, label="build key"),
-                            label=label)
+    return _build(p.pair(spec_term, context_term).map(key, label="build key"),
+                  config=BuildConfig(pool, level), label=label)

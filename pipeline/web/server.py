@@ -16,7 +16,7 @@ import re
 import string
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import pipeline as p
+from pipeline.cache.storage import Entry
 from pipeline.primitives import git
 from pipeline.web.ansi import AnsiConverter
 from pipeline.web.auth import LOGIN_COOKIE, Access, Role, is_loopback
@@ -282,27 +283,18 @@ def _job_id(request: web.Request) -> str:
         path = engine.jobs.log_path(job_id)
     except ValueError:
         raise web.HTTPNotFound(text=f"no job {job_id}") from None
-    if engine.jobs.get(job_id) is None and not engine.cache.stored(job_id) \
+    if engine.jobs.get(job_id) is None and engine.cache.db.entry(job_id) is None \
             and not path.exists():
         raise web.HTTPNotFound(text=f"no job {job_id}")
     return job_id
 
 
-def _stored_row(engine: p.Engine, job_id: str) -> dict[str, Any] | None:
-    row = engine.cache.db.execute(
-        "SELECT op, key, key_pp, ok, outcome, started, finished FROM jobs WHERE job_id = ?",
-        (job_id,)).fetchone()
-    if row is None:
-        return None
-    return dict(zip(("op", "key", "key_pp", "ok", "outcome", "started", "finished"), row,
-                    strict=True))
-
-
-def _history(engine: p.Engine, job_id: str, row: dict[str, Any] | None) -> list[dict[str, Any]]:
+def _history(engine: p.Engine, job_id: str, entry: Entry | None) -> list[Entry]:
+    """The stored runs of the key of `job_id` (running, or stored as `entry`), newest first."""
     instance = engine.cache.find(job_id)
     if instance is not None:
-        return engine.cache.history(instance.op.id, instance.key_digest)
-    return engine.cache.history(row["op"], row["key"]) if row is not None else []
+        return engine.cache.db.history(instance.op.id, instance.key_digest)
+    return engine.cache.db.history(entry.op, entry.key_digest) if entry is not None else []
 
 
 async def job_page(request: web.Request) -> web.Response:
@@ -310,19 +302,19 @@ async def job_page(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     job_id = _job_id(request)
     job = engine.jobs.get(job_id)
-    row = _stored_row(engine, job_id)
+    entry = engine.cache.db.entry(job_id)
     if job is not None:
         state, label, error = str(job.state), job.label, job.error
         started, finished = job.started, job.finished
-    elif row is not None:
-        state = "ok" if row["ok"] else "failed"
-        label = row["op"]
-        error = None if row["ok"] else row["outcome"]
-        started, finished = row["started"], row["finished"]
+    elif entry is not None:
+        state = "ok" if entry.ok else "failed"
+        label = entry.op
+        error = entry.error
+        started, finished = _stored_time(entry.started), _stored_time(entry.finished)
     else:
         state, label, error, started, finished = "unknown", "", None, None, None
-    if row is not None:
-        label = f"{label} {row['key_pp']}"
+    if entry is not None:
+        label = f"{label} {entry.key_pp}"
     allowed = engine.job_actions(job_id)
     # Rebuild is there, hidden, while the job runs: the page shows it when the job ends.
     actions = "".join(
@@ -331,10 +323,10 @@ async def job_page(request: web.Request) -> web.Response:
         for action, (name, _method, label) in _ACTIONS.items()
         if name in allowed or name == "rebuild")
     history = "".join(
-        f'<li class="{"ok" if run["ok"] else "failed"}">{_job_link(run["job_id"])} '
-        f'{_e(run["finished"])} {"ok" if run["ok"] else _e(run["outcome"])}'
-        f'{" (this job)" if run["job_id"] == job_id else ""}</li>'
-        for run in _history(engine, job_id, row))
+        f'<li class="{"ok" if run.ok else "failed"}">{_job_link(run.job_id)} '
+        f'{_e(_stored_time(run.finished))} {"ok" if run.ok else _e(run.error)}'
+        f'{" (this job)" if run.job_id == job_id else ""}</li>'
+        for run in _history(engine, job_id, entry))
     body = TEMPLATES["job"].substitute(
         job_id=_e(job_id), state=_e(state), label=_e(label), started=_e(started),
         finished=_e(finished), error=_e(error), actions=actions, history=history,
@@ -421,11 +413,11 @@ def _outcome(engine: p.Engine, job_id: str) -> dict[str, str | None]:
     job = engine.jobs.get(job_id)
     if job is not None:
         return {"state": str(job.state), "finished": str(job.finished), "error": job.error}
-    row = _stored_row(engine, job_id)
-    if row is None:
+    entry = engine.cache.db.entry(job_id)
+    if entry is None:
         return {"state": "unknown", "finished": None, "error": None}
-    return {"state": "ok" if row["ok"] else "failed", "finished": row["finished"],
-            "error": None if row["ok"] else row["outcome"]}
+    return {"state": "ok" if entry.ok else "failed", "finished": _stored_time(entry.finished),
+            "error": entry.error}
 
 
 async def _nothing() -> AsyncIterator[bytes]:
@@ -454,26 +446,27 @@ async def jobs_page(request: web.Request) -> web.Response:
     return page(request, "Jobs", TEMPLATES["jobs"].substitute(rows=rows))
 
 
-def _query_filter(request: web.Request) -> tuple[str, list[str]]:
-    """The WHERE clause and its parameters for /query's filters; 400 for a bad one."""
-    clauses, params = [], []
+def _query_filter(request: web.Request) -> dict[str, Any]:
+    """The filters of /query, as arguments of the records' `query`; 400 for a bad one."""
+    filters: dict[str, Any] = {}
     if op := request.query.get("op"):
-        clauses.append("op = ?")
-        params.append(op)
+        filters["op"] = op
     ok = request.query.get("ok", "")
     if ok not in ("", "true", "false"):
         raise web.HTTPBadRequest(text="ok must be true or false")
     if ok:
-        clauses.append("ok = ?")
-        params.append("1" if ok == "true" else "0")
+        filters["ok"] = ok == "true"
     if since := request.query.get("since"):
         try:
-            date.fromisoformat(since)
+            filters["since"] = date.fromisoformat(since)
         except ValueError:
             raise web.HTTPBadRequest(text="since must be a date, YYYY-MM-DD") from None
-        clauses.append("finished >= ?")
-        params.append(since)
-    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+    return filters
+
+
+def _stored_time(moment: datetime | None) -> str | None:
+    """A stored time as the records' queries have always shown it (ISO 8601)."""
+    return moment.isoformat() if moment is not None else None
 
 
 def _options(values: Iterable[tuple[str, str]], selected: str) -> str:
@@ -484,17 +477,14 @@ def _options(values: Iterable[tuple[str, str]], selected: str) -> str:
 async def query_page(request: web.Request) -> web.Response:
     """Cache entries filtered by operation, outcome and date, with "rebuild selected"."""
     db = request.app[ENGINE].cache.db
-    where, params = _query_filter(request)
-    entries = db.execute(
-        "SELECT job_id, op, key_pp, ok, outcome, finished FROM jobs" + where +
-        f" ORDER BY finished DESC, rowid DESC LIMIT {QUERY_LIMIT}", params).fetchall()
+    entries = db.query(**_query_filter(request), limit=QUERY_LIMIT)
     rows = "".join(
-        f'<tr><td><input type="checkbox" name="job" value="{_e(job_id)}"></td>'
-        f"<td>{_job_link(job_id)}</td><td>{_e(op)}</td><td>{_e(key_pp)}</td>"
-        f'<td class="{"ok" if ok else "failed"}">{"ok" if ok else _e(outcome)}</td>'
-        f"<td>{_e(finished)}</td></tr>"
-        for job_id, op, key_pp, ok, outcome, finished in entries)
-    ops = [row[0] for row in db.execute("SELECT DISTINCT op FROM jobs ORDER BY op")]
+        f'<tr><td><input type="checkbox" name="job" value="{_e(entry.job_id)}"></td>'
+        f"<td>{_job_link(entry.job_id)}</td><td>{_e(entry.op)}</td><td>{_e(entry.key_pp)}</td>"
+        f'<td class="{"ok" if entry.ok else "failed"}">{"ok" if entry.ok else _e(entry.error)}'
+        f"</td><td>{_e(_stored_time(entry.finished))}</td></tr>"
+        for entry in entries)
+    ops = db.ops()
     body = TEMPLATES["query"].substitute(
         ops=_options(((op, op) for op in ops), request.query.get("op", "")),
         outcomes=_options((("", "(any)"), ("true", "ok"), ("false", "failed")),
