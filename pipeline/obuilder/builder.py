@@ -154,7 +154,7 @@ class Builder:
 
     def __init__(self, store: Store, sandbox: Sandbox, fetcher: Fetcher) -> None:
         """Build with these backends; `store` is normally a `DbStore`, whose `mark_used`
-        records cache hits for pruning (other stores have none and are not told)."""
+        records cache hits for pruning (a bare backend ignores them)."""
         self.store = store
         self.sandbox = sandbox
         self.fetcher = fetcher
@@ -374,9 +374,7 @@ class Builder:
         return True; else False."""
         if await self.store.result(id) is None:
             return False
-        mark_used = getattr(self.store, "mark_used", None)
-        if mark_used is not None:
-            await mark_used(id)
+        await self.store.mark_used(id)
         saved = self.store.log_file(id)
         if saved.exists():
             live.write(await asyncio.to_thread(saved.read_bytes))
