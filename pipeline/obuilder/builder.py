@@ -1,6 +1,7 @@
 """The builder: runs a spec step by step, each step's result cached in the store under its id.
 
-A step's id is the SHA-256 of everything that determines its result (DESIGN.md §4):
+A step's id is the SHA-256 of everything that determines its result (see "Step ids" in
+`docs/architecture.md`):
 
 - `from`: the image reference;
 - `run`: the parent id, workdir, user, whole environment, shell, command, network and secrets
