@@ -14,6 +14,7 @@ import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from obuilder_fakes import Command, FakeFetcher, FakeStore, ScriptedSandbox
@@ -69,23 +70,44 @@ def context(tmp_path: Path) -> Path:
     return directory
 
 
-def start(builder: Builder, text: str, context: Path, log: RecordingLog,
-          **options: object) -> asyncio.Task[str]:
-    """Build the spec `text` in a task of its own, its output going to `log`."""
-    return asyncio.create_task(
+class Running(NamedTuple):
+    """A build running in a task of its own, and its output so far."""
+
+    task: asyncio.Task[str]
+    log: RecordingLog
+
+
+def start(builder: Builder, text: str, context: Path, **options: object) -> Running:
+    """Start building the spec `text`."""
+    log = RecordingLog()
+    task = asyncio.create_task(
         builder.build(S.parse(text), context, log=log, **options))  # type: ignore[arg-type]
+    return Running(task, log)
 
 
 async def build(builder: Builder, text: str, context: Path, **options: object) -> tuple[str, str]:
     """Build the spec `text`; its result id and output."""
-    log = RecordingLog()
+    running = start(builder, text, context, **options)
     async with asyncio.timeout(HANG_GUARD):
-        return await start(builder, text, context, log, **options), log.text
+        return await running.task, running.log.text
 
 
 async def started(command: Command) -> None:
     async with asyncio.timeout(HANG_GUARD):
         await command.started.wait()
+
+
+async def two_builds_sharing_a_step(builder: Builder, sandbox: ScriptedSandbox, context: Path,
+                                    step: Command) -> tuple[Running, Running]:
+    """Two builds of TWO_STEPS, the second joining the first's "build" step, which does what
+    `step` (a blocked command) says; returns once both wait for that step."""
+    sandbox.script("prepare")
+    sandbox.script("build", step)
+    first = start(builder, TWO_STEPS, context)
+    await started(step)
+    second = start(builder, TWO_STEPS, context)
+    await second.log.wait_for("(run (shell build))")
+    return first, second
 
 
 def test_the_fakes_implement_the_protocols(
@@ -152,36 +174,27 @@ async def test_a_cache_hit_is_recorded_as_a_use_by_the_result_table(
 
 async def test_two_builds_needing_a_step_at_once_run_it_once_and_both_get_its_log(
         builder: Builder, sandbox: ScriptedSandbox, context: Path) -> None:
-    sandbox.script("prepare")
-    build_ = sandbox.script("build", Command(output=b"early output\n", blocked=True))
-    first_log, second_log = RecordingLog(), RecordingLog()
-    first = start(builder, TWO_STEPS, context, first_log)
-    await started(build_)
-    second = start(builder, TWO_STEPS, context, second_log)
+    build_ = Command(output=b"early output\n", blocked=True)
+    first, second = await two_builds_sharing_a_step(builder, sandbox, context, build_)
     # The late joiner gets what the step wrote before it joined.
-    await second_log.wait_for("early output")
+    await second.log.wait_for("early output")
     build_.release()
     async with asyncio.timeout(HANG_GUARD):
-        result = await first
-        assert await second == result
+        result = await first.task
+        assert await second.task == result
     assert build_.runs == 1
     shared = f'/: (run (shell build))\nearly output\n---> saved as "{result}"\n'
-    assert first_log.text.endswith(shared)
-    assert second_log.text.endswith(shared)
+    assert first.log.text.endswith(shared)
+    assert second.log.text.endswith(shared)
 
 
 async def test_two_builds_sharing_a_failing_step_both_get_its_failure(
         builder: Builder, store: FakeStore, sandbox: ScriptedSandbox, context: Path) -> None:
-    sandbox.script("prepare")
-    build_ = sandbox.script("build", Command(blocked=True, exit_status=2))
-    first = start(builder, TWO_STEPS, context, RecordingLog())
-    await started(build_)
-    second_log = RecordingLog()
-    second = start(builder, TWO_STEPS, context, second_log)
-    await second_log.wait_for("(run (shell build))")
+    build_ = Command(blocked=True, exit_status=2)
+    first, second = await two_builds_sharing_a_step(builder, sandbox, context, build_)
     build_.release()
-    outcomes = await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True),
-                                      HANG_GUARD)
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(first.task, second.task, return_exceptions=True), HANG_GUARD)
     assert [(type(e), str(e)) for e in outcomes] == [
         (BuildError, "step /: (run (shell build)) failed: command exited with status 2")] * 2
     assert build_.runs == 1
@@ -193,37 +206,27 @@ async def test_two_builds_sharing_a_failing_step_both_get_its_failure(
 
 async def test_cancelling_one_of_two_builds_sharing_a_step_keeps_the_step(
         builder: Builder, store: FakeStore, sandbox: ScriptedSandbox, context: Path) -> None:
-    sandbox.script("prepare")
-    build_ = sandbox.script("build", Command(blocked=True))
-    first = start(builder, TWO_STEPS, context, RecordingLog())
-    await started(build_)
-    second_log = RecordingLog()
-    second = start(builder, TWO_STEPS, context, second_log)
-    await second_log.wait_for('(run (shell build))')
-    first.cancel()
+    build_ = Command(blocked=True)
+    first, second = await two_builds_sharing_a_step(builder, sandbox, context, build_)
+    first.task.cancel()
     with pytest.raises(asyncio.CancelledError):
-        await first
+        await first.task
     assert build_.cancellations == 0
     build_.release()
-    result = await asyncio.wait_for(second, HANG_GUARD)
+    result = await asyncio.wait_for(second.task, HANG_GUARD)
     assert await store.result(result) is not None
     assert build_.runs == 1
 
 
 async def test_cancelling_the_last_build_waiting_for_a_step_kills_it(
         builder: Builder, store: FakeStore, sandbox: ScriptedSandbox, context: Path) -> None:
-    sandbox.script("prepare")
-    build_ = sandbox.script("build", Command(blocked=True))
-    first = start(builder, TWO_STEPS, context, RecordingLog())
-    await started(build_)
-    second_log = RecordingLog()
-    second = start(builder, TWO_STEPS, context, second_log)
-    await second_log.wait_for('(run (shell build))')
+    build_ = Command(blocked=True)
+    first, second = await two_builds_sharing_a_step(builder, sandbox, context, build_)
     results_before = await store.results()
-    for task in (first, second):
-        task.cancel()
+    for running in (first, second):
+        running.task.cancel()
         with pytest.raises(asyncio.CancelledError):
-            await task
+            await running.task
     # Cancelling the last waiter returns only once the step has ended and been discarded.
     assert build_.cancellations == 1
     assert await store.results() == results_before
@@ -237,20 +240,21 @@ async def test_a_build_needing_a_step_being_cancelled_runs_it_afresh(
         builder: Builder, sandbox: ScriptedSandbox, context: Path) -> None:
     sandbox.script("prepare")
     build_ = sandbox.script("build", Command(blocked=True, dies_slowly=True))
-    first = start(builder, TWO_STEPS, context, RecordingLog())
+    first = start(builder, TWO_STEPS, context)
     await started(build_)
-    first.cancel()
+    first.task.cancel()
     # The step is dying, slowly: a newcomer must not join it (it would be cancelled with it),
     # but wait for it to end and run the step again.
     await asyncio.wait_for(build_.killed.wait(), HANG_GUARD)
     build_.started.clear()
-    second = start(builder, TWO_STEPS, context, RecordingLog())
+    second = start(builder, TWO_STEPS, context)
+    await second.log.wait_for("(run (shell build))")
     build_.let_die()
     with pytest.raises(asyncio.CancelledError):
-        await first
+        await first.task
     await started(build_)
     build_.release()
-    await asyncio.wait_for(second, HANG_GUARD)
+    await asyncio.wait_for(second.task, HANG_GUARD)
     assert (build_.runs, build_.cancellations) == (2, 1)
 
 
