@@ -5,6 +5,7 @@
   as `busybox.tar` (the `--image-dir` layout: image `busybox` -> `busybox.tar`).
 - `btrfs_mount`, `xfs_mount`: loop-mounted filesystem images (xfs with reflink=1).
 - `tmpfs_mount`: a tmpfs, for overlayfs.
+- `new_store_root`: a fresh directory for a store of a given kind, on the filesystem it needs.
 Each fails (never skips) when a tool is missing: CI installs them.
 """
 
@@ -15,12 +16,22 @@ import os
 import shutil
 import subprocess
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 BUSYBOX = Path("/bin/busybox")
+
+STORE_FILESYSTEMS: dict[str, str | None] = {
+    "btrfs": "btrfs_mount",
+    "overlayfs": "tmpfs_mount",
+    "xfs": "xfs_mount",
+    "rsync": None,
+}
+"""The filesystem fixture stores of each kind (`pipeline.obuilder.stores.KINDS`) are tested on;
+None: the test's own temporary directory. `test_stores` checks that every kind has one."""
 # Only a guard against a hung test, never a measurement.
 HANG_GUARD = 60
 
@@ -47,6 +58,14 @@ class RecordingLog:
             while text not in self.text:
                 self._changed.clear()
                 await self._changed.wait()
+
+
+def new_store_root(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """A fresh, empty directory for a store of `kind` (`KIND` or `KIND-MODE`, as `rsync-hardlink`),
+    on the filesystem it needs: several per test may live side by side."""
+    filesystem = STORE_FILESYSTEMS[kind.partition("-")[0]]
+    parent = tmp_path if filesystem is None else request.getfixturevalue(filesystem)
+    return Path(tempfile.mkdtemp(dir=parent, prefix="store-"))
 
 
 def run(*argv: str | Path) -> None:

@@ -18,13 +18,12 @@ import random
 import re
 import stat
 import tarfile
-import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from obuilder_fixtures import HANG_GUARD, RecordingLog
+from obuilder_fixtures import HANG_GUARD, STORE_FILESYSTEMS, RecordingLog, new_store_root
 
 from pipeline.obuilder import spec as S
 from pipeline.obuilder.builder import Builder
@@ -36,14 +35,8 @@ from pipeline.obuilder.stores import open_store
 
 ID = r'"[0-9a-f]{64}"'
 
-# The filesystem fixture each store kind lives on (None: the test's own temporary directory).
-STORE_KINDS = {
-    "rsync": None,
-    "rsync-hardlink": None,
-    "btrfs": "btrfs_mount",
-    "xfs": "xfs_mount",
-    "overlayfs": "tmpfs_mount",
-}
+# Every kind of store, and rsync's second mode.
+STORE_KINDS = [*STORE_FILESYSTEMS, "rsync-hardlink"]
 MAIN_KINDS = ["rsync", "btrfs"]
 
 
@@ -107,13 +100,7 @@ async def gate() -> AsyncIterator[Gate]:
 
 
 async def make_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> DbStore:
-    mount = STORE_KINDS[kind]
-    if mount is None:
-        root = tmp_path / "store"
-        root.mkdir()
-    else:
-        # One store per test, side by side on the session's filesystem.
-        root = Path(tempfile.mkdtemp(dir=request.getfixturevalue(mount)))
+    root = new_store_root(kind, request, tmp_path)
     backend, _, mode = kind.partition("-")
     store = DbStore(open_store(f"{backend}:{root}", rsync_mode=mode or "copy"))
     await store.open()
@@ -175,7 +162,7 @@ THREE_STEPS = """((from busybox)
  (run (shell "cat /one hello.txt > both; cat both")))"""
 
 
-@pytest.mark.parametrize("kind", list(STORE_KINDS))
+@pytest.mark.parametrize("kind", STORE_KINDS)
 async def test_a_build_is_saved_then_replayed_from_cache(
         kind: str, request: pytest.FixtureRequest, tmp_path: Path, sandbox: RuncSandbox,
         fetcher: LocalFetcher, context: Path) -> None:
@@ -487,7 +474,7 @@ async def test_no_network_without_network_host(builder: Builder, context: Path,
 # --- Stress --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", list(STORE_KINDS))
+@pytest.mark.parametrize("kind", STORE_KINDS)
 async def test_stress_random_builds_share_and_agree(
         kind: str, tmp_path: Path, request: pytest.FixtureRequest, sandbox: RuncSandbox,
         fetcher: LocalFetcher, context: Path, gate: Gate) -> None:

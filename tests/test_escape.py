@@ -30,8 +30,7 @@ from pipeline.obuilder.db_store import DbStore
 from pipeline.obuilder.fetchers.local import LocalFetcher
 from pipeline.obuilder.protocols import BuildError
 from pipeline.obuilder.sandboxes.runc import RuncSandbox
-
-KINDS = ["btrfs", "overlayfs", "xfs", "rsync"]
+from pipeline.obuilder.stores import KINDS
 
 Snapshot = dict[str, tuple[object, ...]]
 
@@ -61,7 +60,7 @@ def victim(tmp_path: Path) -> Path:
     return directory
 
 
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=list(KINDS))
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> DbStore:
     return await make_store(request.param, request, tmp_path)
 

@@ -7,10 +7,10 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+from obuilder_fixtures import STORE_FILESYSTEMS, new_store_root
 from oci_images import OciLayout, file, tar_bytes, tar_directory
 from registry_fixtures import Registry, push_oci_layout
 
@@ -25,9 +25,6 @@ SPEC = """\
 """
 GOT = re.compile(r'^Got: "([0-9a-f]{64})"$')
 
-# Where each store kind lives: a session fixture's filesystem, or the test's tmp_path.
-STORE_MOUNTS = {"btrfs": "btrfs_mount", "xfs": "xfs_mount", "overlayfs": "tmpfs_mount",
-                "rsync": None}
 
 
 def obuilder(*args: str | Path, env: dict[str, str] | None = None
@@ -47,22 +44,13 @@ def project(tmp_path: Path) -> tuple[Path, Path]:
     return spec, context
 
 
-def store_root(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Path:
-    mount = STORE_MOUNTS[kind]
-    if mount is None:
-        root = tmp_path / "store"
-        root.mkdir()
-        return root
-    return Path(tempfile.mkdtemp(dir=request.getfixturevalue(mount)))
-
-
-@pytest.mark.parametrize("kind", sorted(STORE_MOUNTS))
+@pytest.mark.parametrize("kind", sorted(STORE_FILESYSTEMS))
 def test_build_then_everything_from_cache(
     kind: str, project: tuple[Path, Path], busybox_images: Path,
     request: pytest.FixtureRequest, tmp_path: Path,
 ) -> None:
     spec, context = project
-    store = f"{kind}:{store_root(kind, request, tmp_path)}"
+    store = f"{kind}:{new_store_root(kind, request, tmp_path)}"
     args = ["build", "-f", spec, context, "--store", store, "--image-dir", busybox_images]
     first = obuilder(*args)
     assert first.returncode == 0, first.stderr

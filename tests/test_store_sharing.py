@@ -16,28 +16,18 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from obuilder_fixtures import STORE_FILESYSTEMS, new_store_root
 
 from pipeline.obuilder.stores.overlayfs import OverlayfsStore
 
 ROOT = Path(__file__).resolve().parent.parent
-STORE_MOUNTS = {"btrfs": "btrfs_mount", "xfs": "xfs_mount", "overlayfs": "tmpfs_mount",
-                "rsync": None}
-KINDS = sorted(STORE_MOUNTS)
+KINDS = sorted(STORE_FILESYSTEMS)
 PROCESSES = 20
 OUTCOME = re.compile(r'^---> (saved as|using) "([0-9a-f]{64})"', re.MULTILINE)
 # Only a guard against a hung test, never a measurement.
 HANG_GUARD = 300
 STARTED = "42-started"
 """What a step prints once running (its header, which shows the command, does not say it)."""
-
-
-def store_root(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Path:
-    mount = STORE_MOUNTS[kind]
-    if mount is None:
-        root = tmp_path / f"store-{len(list(tmp_path.iterdir()))}"
-        root.mkdir()
-        return root
-    return Path(tempfile.mkdtemp(dir=request.getfixturevalue(mount)))
 
 
 def obuilder_argv(*args: str | Path) -> list[str]:
@@ -101,7 +91,7 @@ def context(tmp_path: Path) -> Path:
 def test_twenty_processes_build_shared_steps_once(
         kind: str, busybox_images: Path, context: Path, request: pytest.FixtureRequest,
         tmp_path: Path) -> None:
-    root = store_root(kind, request, tmp_path)
+    root = new_store_root(kind, request, tmp_path)
     store = f"{kind}:{root}"
     specs = []
     for n in range(PROCESSES):
@@ -143,9 +133,9 @@ def test_twenty_processes_build_shared_steps_once(
 def test_start_up_spares_a_live_build_and_cleans_a_killed_one(
         kind: str, busybox_images: Path, context: Path, request: pytest.FixtureRequest,
         tmp_path: Path) -> None:
-    root = store_root(kind, request, tmp_path)
+    root = new_store_root(kind, request, tmp_path)
     store = f"{kind}:{root}"
-    other_root = store_root(kind, request, tmp_path)
+    other_root = new_store_root(kind, request, tmp_path)
     other = f"{kind}:{other_root}"
     slow = tmp_path / "slow.spec"
     slow.write_text('((from busybox) (run (cache (c (target /c))) '

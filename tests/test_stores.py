@@ -12,23 +12,24 @@ import os
 import shutil
 import stat
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from obuilder_fixtures import STORE_FILESYSTEMS, new_store_root
 
+from pipeline.obuilder import stores
 from pipeline.obuilder.db_store import DbStore
-from pipeline.obuilder.protocols import BuildError, MissingTool, Store
+from pipeline.obuilder.full_store import store_spec
+from pipeline.obuilder.protocols import STATE_DIR, BuildError, MissingTool, Store
 from pipeline.obuilder.stores import open_store
 from pipeline.obuilder.stores.btrfs import BtrfsStore
 from pipeline.obuilder.stores.rsync import RsyncStore
 from pipeline.obuilder.stores.xfs import XfsStore
 
 KINDS = ["btrfs", "xfs", "overlayfs", "rsync-copy", "rsync-hardlink"]
-MOUNTS = {"btrfs": "btrfs_mount", "xfs": "xfs_mount", "overlayfs": "tmpfs_mount"}
 REPO = Path(__file__).resolve().parents[1]
 # Only a guard against a hang turning into a stuck test run; no test relies on it for timing.
 HANG_GUARD = 60.0
@@ -47,13 +48,7 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def store_root(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Path:
-    """A fresh, empty directory on the filesystem `kind` needs."""
-    if kind in MOUNTS:
-        mount = request.getfixturevalue(MOUNTS[kind])
-        return Path(tempfile.mkdtemp(dir=mount, prefix="store-"))
-    root = tmp_path / "store"
-    root.mkdir()
-    return root
+    return new_store_root(kind, request, tmp_path)
 
 
 @pytest.fixture
@@ -113,6 +108,21 @@ def writes(files: dict[str, str], log: str = "") -> Callable[[Path], Awaitable[N
 async def read_cache(store: Store, name: str) -> dict[str, str]:
     async with store.cache(name, 0, 0) as copy:
         return {p.name: p.read_text() for p in copy.iterdir()}
+
+
+def test_every_kind_of_store_is_tested() -> None:
+    assert {kind.partition("-")[0] for kind in KINDS} == set(stores.KINDS) == set(
+        STORE_FILESYSTEMS)
+
+
+async def test_store_names_its_kind_and_keeps_a_private_state_dir(
+        kind: str, store: Store, store_root: Path) -> None:
+    assert isinstance(store, Store)
+    assert store.kind == kind.partition("-")[0]
+    assert store.root == store_root
+    assert store_spec(store) == f"{store.kind}:{store_root}"
+    assert store.state_dir == store_root / STATE_DIR
+    assert stat.S_IMODE(store.state_dir.stat().st_mode) == 0o700
 
 
 # Builds and results.
@@ -279,6 +289,34 @@ async def test_clean_removes_what_a_killed_process_left(
     assert await restarted.result("crashed") is not None
 
 
+async def test_results_lists_committed_results_only(store: Store) -> None:
+    assert await store.results() == []
+    await store.build(None, "b", writes({"f": "b"}))
+    await store.build("b", "a", writes({"f": "a"}))
+    started = asyncio.Event()
+
+    async def hanging(tmpdir: Path) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    build = asyncio.create_task(store.build("a", "in-progress", hanging))
+    await asyncio.wait_for(started.wait(), HANG_GUARD)
+    assert await store.results() == ["a", "b"]
+    build.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await build
+    await store.delete("b")
+    assert await store.results() == ["a"]
+
+
+async def test_backends_keep_no_record_of_use(store: Store, store_root: Path) -> None:
+    await store.build(None, "a", writes({"f": "a"}))
+    before = snapshot(store_root)
+    await store.mark_used("a")
+    await store.mark_used("unknown")
+    assert snapshot(store_root) == before
+
+
 async def test_delete(store: Store) -> None:
     await store.build(None, "a", writes({"f": "a"}))
     await store.build(None, "x", writes({"f": "x"}))
@@ -376,6 +414,15 @@ async def db(store: Store, clock: Clock) -> AsyncIterator[DbStore]:
     db = DbStore(store, clock=clock)
     await db.open()
     yield db
+
+
+async def test_db_store_is_a_store_of_its_backends_kind(store: Store, db: DbStore) -> None:
+    assert isinstance(db, Store)
+    assert (db.kind, db.root, db.state_dir) == (store.kind, store.root, store.state_dir)
+    assert (db.state_dir / "db.sqlite").is_file()
+    await db.build(None, "a", writes({}))
+    await store.build(None, "unrecorded", writes({}))
+    assert await db.results() == ["a", "unrecorded"]
 
 
 async def test_db_delete_removes_descendants(db: DbStore) -> None:

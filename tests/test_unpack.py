@@ -20,8 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from obuilder_fixtures import STORE_FILESYSTEMS, new_store_root
 from oci_images import directory, file, member, tar_bytes
-from test_obuilder_cli import GOT, STORE_MOUNTS, obuilder, store_root
+from test_obuilder_cli import GOT, obuilder
 
 from pipeline.obuilder import confined
 from pipeline.obuilder.fetchers import unpack
@@ -240,10 +241,10 @@ def public_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path,
     through a bind mount of a directory on it."""
     root = public_dir / "store"
     root.mkdir()
-    if STORE_MOUNTS[kind] is None:
+    if STORE_FILESYSTEMS[kind] is None:
         yield root
         return
-    mounted = store_root(kind, request, tmp_path)
+    mounted = new_store_root(kind, request, tmp_path)
     os.chmod(mounted, 0o755)
     subprocess.run(["mount", "--bind", mounted, root], check=True)
     try:
@@ -288,10 +289,10 @@ def test_other_users_cannot_use_what_an_image_puts_in_the_store(
             name: 0o700 for name in LAYOUT}
 
 
-@pytest.mark.parametrize("kind", sorted(STORE_MOUNTS))
+@pytest.mark.parametrize("kind", sorted(STORE_FILESYSTEMS))
 def test_every_store_keeps_its_layout_private(
         kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    root = store_root(kind, request, tmp_path)
+    root = new_store_root(kind, request, tmp_path)
     names = LAYOUT + (OVERLAYFS_LAYOUT if kind == "overlayfs" else [])
     for name in names:
         (root / name).mkdir(mode=0o777)
@@ -301,7 +302,7 @@ def test_every_store_keeps_its_layout_private(
     assert {name: stat.S_IMODE((root / name).stat().st_mode) for name in names} == {
         name: 0o700 for name in names}
     (tmp_path / "fresh").mkdir()
-    fresh = store_root(kind, request, tmp_path / "fresh")
+    fresh = new_store_root(kind, request, tmp_path / "fresh")
     assert obuilder("df", "--store", f"{kind}:{fresh}").returncode == 0
     assert {name: stat.S_IMODE((fresh / name).stat().st_mode) for name in names} == {
         name: 0o700 for name in names}

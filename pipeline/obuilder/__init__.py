@@ -1,1 +1,2 @@
-"""The sandboxed builder of DESIGN.md §4 (OBuilder's model); it imports nothing from the engine."""
+"""The sandboxed builder, in OBuilder's model (see "The builder" in `docs/architecture.md`, and
+the protocols in `protocols.py`); it imports nothing from the engine."""

@@ -1,6 +1,7 @@
 """The builder: runs a spec step by step, each step's result cached in the store under its id.
 
-A step's id is the SHA-256 of everything that determines its result (DESIGN.md §4):
+A step's id is the SHA-256 of everything that determines its result (see "Step ids" in
+`docs/architecture.md`):
 
 - `from`: the image reference;
 - `run`: the parent id, workdir, user, whole environment, shell, command, network and secrets
@@ -154,7 +155,7 @@ class Builder:
 
     def __init__(self, store: Store, sandbox: Sandbox, fetcher: Fetcher) -> None:
         """Build with these backends; `store` is normally a `DbStore`, whose `mark_used`
-        records cache hits for pruning (other stores have none and are not told)."""
+        records cache hits for pruning (a bare backend ignores them)."""
         self.store = store
         self.sandbox = sandbox
         self.fetcher = fetcher
@@ -374,9 +375,7 @@ class Builder:
         return True; else False."""
         if await self.store.result(id) is None:
             return False
-        mark_used = getattr(self.store, "mark_used", None)
-        if mark_used is not None:
-            await mark_used(id)
+        await self.store.mark_used(id)
         saved = self.store.log_file(id)
         if saved.exists():
             live.write(await asyncio.to_thread(saved.read_bytes))

@@ -19,8 +19,10 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _store_option(parser: argparse.ArgumentParser) -> None:
+    from pipeline.obuilder.stores import spec_help
+
     parser.add_argument("--store", metavar="KIND:PATH", required=True,
-                        help="the store: btrfs:DIR, overlayfs:DIR, xfs:DIR or rsync:DIR")
+                        help=f"the store: {spec_help()}")
     parser.add_argument("--rsync-mode", choices=("copy", "hardlink"), default="copy",
                         help="how an rsync store copies results (default: copy)")
 
@@ -255,7 +257,7 @@ async def _pull(options: argparse.Namespace) -> int:
 
     image: str = options.image
     async with _opened_store(options) as store:
-        fetcher = choose(select_fetcher(store.root, **_fetcher_settings(options)), image)
+        fetcher = choose(select_fetcher(store.state_dir, **_fetcher_settings(options)), image)
         # Only the `from` step runs: the sandbox is never used.
         builder = Builder(store, open_sandbox(store.root), fetcher)
         try:

@@ -1,14 +1,15 @@
 """`DbStore`: any `Store` plus a table of its results, for deleting a result with everything
 built on it and for pruning the least recently used results (OBuilder's `Db_store`).
 
-The table lives in `ROOT/state/db.sqlite`: one row per committed result with its creation and
-last-use times, its parent (the base it was built on) and its number of children. Backends know
-nothing of it; the builder talks to a `DbStore` wrapping one.
+The table is `db.sqlite` in the store's state directory (`Store.state_dir`): one row per
+committed result with its creation and last-use times, its parent (the base it was built on) and
+its number of children. Backends know nothing of it; the builder talks to a `DbStore` wrapping
+one.
 
 Several processes may share the table, as they share the store: a writer waits up to
 `BUSY_TIMEOUT` seconds for another's transaction, and the store's step locks (`Store.lock`)
 keep a build, a deletion and start-up cleaning of one result from crossing each other. The
-table uses a rollback journal, never WAL (see `_SCHEMA`), and `ROOT/state/db-reserve` keeps room
+table uses a rollback journal, never WAL (see `_SCHEMA`), and `db-reserve` beside it keeps room
 for recording deletions on a full disk (see `RESERVE_BYTES`).
 """
 
@@ -30,7 +31,6 @@ from typing import TypeVar
 
 from pipeline.obuilder.locks import FileLock, if_free
 from pipeline.obuilder.protocols import BuildError, DiskUsage, Store
-from pipeline.obuilder.stores.common import RESULT, STATE
 
 _log = logging.getLogger(__name__)
 
@@ -41,9 +41,9 @@ BUSY_TIMEOUT = 600.0
 here are single statements, so any wait is short unless a process is stopped holding one."""
 
 RESERVE_BYTES = 2**20
-"""The size of `ROOT/state/db-reserve`, space kept so that deleting results can be recorded
-on a full disk (the table's journal needs some), released when that write finds no room and
-made again at the next start-up with room for it."""
+"""The size of `db-reserve` in the store's state directory, space kept so that deleting results
+can be recorded on a full disk (the table's journal needs some), released when that write finds
+no room and made again at the next start-up with room for it."""
 
 # `children` is kept by triggers, so no code path can forget it. A row is always removed after
 # its children's rows (see `DbStore.delete`).
@@ -128,18 +128,18 @@ class DbStore:
     """
 
     def __init__(self, store: Store, *, clock: Callable[[], float] = time.time) -> None:
-        """Open `ROOT/state/db.sqlite`, creating it if needed; `clock` gives the time recorded
-        as created/used (seconds since the epoch). Raises sqlite3.Error if the database is
-        unusable (not a database, unwritable)."""
+        """Open `db.sqlite` in the store's state directory, creating it if needed; `clock`
+        gives the time recorded as created/used (seconds since the epoch). Raises sqlite3.Error
+        if the database is unusable (not a database, unwritable)."""
         self.store = store
         self.root = store.root
+        self.state_dir = store.state_dir
         self._clock = clock
-        (store.root / STATE).mkdir(parents=True, exist_ok=True)
         # Calls run in worker threads (`_sql`), one at a time under `_lock`.
-        self._db = sqlite3.connect(store.root / STATE / "db.sqlite", check_same_thread=False,
+        self._db = sqlite3.connect(self.state_dir / "db.sqlite", check_same_thread=False,
                                    timeout=BUSY_TIMEOUT)
         self._db.executescript(_SCHEMA)
-        self._reserve = store.root / STATE / "db-reserve"
+        self._reserve = self.state_dir / "db-reserve"
         self._lock = threading.Lock()
         # Bases of builds running in this process now (with how many builds use each), and
         # results being deleted by it now: prune leaves the former alone; a build on one of the
@@ -173,7 +173,7 @@ class DbStore:
         """
         await self.store.clean()
         recorded = await self._sql(_ids)
-        present = await asyncio.to_thread(lambda: {p.name for p in (self.root / RESULT).iterdir()})
+        present = set(await self.store.results())
         for id in sorted(recorded - present):
             _log.warning("result %s is gone: forgetting it and deleting what was built on it", id)
             await self.delete(id)
@@ -212,13 +212,22 @@ class DbStore:
         await self._sql(_add, id, base, self._clock())
 
     async def mark_used(self, id: str) -> None:
-        """Record that result `id` was used now (a cache hit, or a build on it), for LRU
-        pruning. Nothing happens for an unknown id."""
+        """See `Store.mark_used`: records the time in the table, for `prune`. Nothing happens
+        for an id the table does not know."""
         await self._sql(_set_used, id, self._clock())
+
+    @property
+    def kind(self) -> str:
+        """See `Store.kind`: the wrapped store's."""
+        return self.store.kind
 
     async def result(self, id: str) -> Path | None:
         """See `Store.result`; this does not count as a use (see `mark_used`)."""
         return await self.store.result(id)
+
+    async def results(self) -> list[str]:
+        """See `Store.results`: the wrapped store's, whether the table knows them or not."""
+        return await self.store.results()
 
     async def delete(self, id: str) -> list[str]:
         """Remove result `id` and every result built on it, children before parents; returns

@@ -15,7 +15,6 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from pipeline.obuilder.db_store import DbStore
 from pipeline.obuilder.protocols import DiskUsage, Store, StoreFull
 
 MIN_FREE_BYTES = 100 * 2**20
@@ -33,10 +32,8 @@ def min_free(usage: DiskUsage) -> int:
 
 
 def store_spec(store: Store) -> str:
-    """The `KIND:PATH` naming `store` on the command line: each backend is the module of
-    `pipeline.obuilder.stores` named after its kind."""
-    backend = store.store if isinstance(store, DbStore) else store
-    return f"{type(backend).__module__.rpartition('.')[2]}:{store.root}"
+    """The `KIND:PATH` naming `store` on the command line."""
+    return f"{store.kind}:{store.root}"
 
 
 def is_disk_full(exc: BaseException) -> bool:

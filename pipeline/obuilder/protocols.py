@@ -1,7 +1,9 @@
 """The contracts between the builder and its backends: `Store`, `Sandbox`, `Fetcher`.
 
-Each backend is one module implementing one of these protocols; adding a backend touches no
-other module. Nothing here (or anywhere under `pipeline/obuilder/`) imports the engine.
+Each backend is one module implementing one of these protocols. Adding a backend touches that
+module and, for a store, the registry of kinds (`pipeline.obuilder.stores.KINDS`), nothing else:
+the builder, the result table (`DbStore`) and the command line use stores only through `Store`.
+Nothing here (or anywhere under `pipeline/obuilder/`) imports the engine.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ class StoreFull(BuildError):
     """The store's filesystem is full: the message names the store, says how much is free and
     what to run to free space (see `full_store.py`)."""
 
+STATE_DIR = "state"
+"""The name of every store's state directory under its root (see `Store.state_dir`)."""
+
 @dataclass(frozen=True)
 class DiskUsage:
     """Space on the store's filesystem, in bytes."""
@@ -44,8 +49,20 @@ class Store(Protocol):
     turns through `lock`, and `clean` removes only what crashed processes left.
     """
 
+    @property
+    def kind(self) -> str:
+        """The store's kind, as in `KIND:PATH` (its key in `pipeline.obuilder.stores.KINDS`)."""
+        ...
+
     root: Path
     """The directory (or mount point) holding the store."""
+
+    state_dir: Path
+    """`root / STATE_DIR`, whatever the kind: where the store's users keep their own state
+    beside it (the result table, the sandbox's bundles, the registry's layers), each in a
+    subdirectory of its own. It exists, private (mode 0700), once the store object is made, and
+    is shared by every process using the store. Its place is fixed so that it can be found from
+    `root` alone, without opening the store (`setup.sandbox_dir`)."""
 
     async def build(
         self, base: str | None, id: str, fn: Callable[[Path], Awaitable[None]]
@@ -75,6 +92,19 @@ class Store(Protocol):
         """The directory of result `id`, or None if there is no such result. Its `rootfs` is
         there to read as long as this store object is open (an overlayfs store mounts a view
         of it, held until `close`)."""
+        ...
+
+    async def results(self) -> list[str]:
+        """The ids of the committed results, sorted. Results that other processes commit or
+        delete while this runs may or may not be listed; builds in progress never are."""
+        ...
+
+    async def mark_used(self, id: str) -> None:
+        """Note that result `id` was used just now (a cache hit, or a build on it), so that
+        pruning removes the least recently used results first. A store that keeps no record of
+        use does nothing (the backends: `DbStore` keeps the record); so does an unknown id. The
+        caller promises nothing about locks: a use noted for a result deleted meanwhile is
+        lost."""
         ...
 
     async def delete(self, id: str) -> None:

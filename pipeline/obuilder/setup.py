@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.obuilder.builder import Builder
 from pipeline.obuilder.db_store import DbStore
-from pipeline.obuilder.protocols import Fetcher
+from pipeline.obuilder.protocols import STATE_DIR, Fetcher
 
 if TYPE_CHECKING:
     from pipeline.obuilder.sandboxes.runc import RuncSandbox
@@ -34,12 +34,13 @@ async def open_db_store(store_spec: str, *, rsync_mode: str = "copy") -> DbStore
     return store
 
 
-def select_fetcher(store_root: Path, *, fetcher: str | None = None, image_dir: str | None = None,
+def select_fetcher(state_dir: Path, *, fetcher: str | None = None, image_dir: str | None = None,
                    fetcher_map: Path | None = None, platform: str | None = None,
                    insecure: Sequence[str] = (), mirror: str | None = None) -> Fetcher:
     """The fetcher chosen as `pipeline obuilder` documents it: `image_dir` (short for
     `local:DIR`), else `fetcher` by name, else the default; `fetcher_map` sends chosen images
-    elsewhere. A registry keeps its layers and resolved tags in STORE_ROOT/state/registry.
+    elsewhere. A registry keeps its layers and resolved tags in `registry/` under `state_dir`,
+    the store's state directory (`Store.state_dir`).
 
     Raises BuildError for an unknown fetcher or a malformed fetcher map. Nothing is fetched,
     and nothing beyond the map is checked, until an image is asked for.
@@ -50,7 +51,7 @@ def select_fetcher(store_root: Path, *, fetcher: str | None = None, image_dir: s
         read_fetcher_map,
     )
 
-    settings = {"cache_dir": store_root / "state" / "registry", "platform": platform,
+    settings = {"cache_dir": state_dir / "registry", "platform": platform,
                 "insecure": insecure, "mirror": mirror}
     chosen: Fetcher
     if image_dir is not None:
@@ -65,8 +66,10 @@ def select_fetcher(store_root: Path, *, fetcher: str | None = None, image_dir: s
 
 
 def sandbox_dir(store_root: Path) -> Path:
-    """Where the runc sandbox of the store at `store_root` keeps its state and bundles."""
-    return store_root / "state" / "sandbox"
+    """Where the runc sandbox of the store at `store_root` keeps its state and bundles:
+    `sandbox/` in the store's state directory, found from the root alone (see
+    `Store.state_dir`) so that sandboxes can be cleaned without opening their store."""
+    return store_root / STATE_DIR / "sandbox"
 
 
 def open_sandbox(store_root: Path, *, memory: int | None = None, cpus: float | None = None,
@@ -95,7 +98,7 @@ async def open_builder(store_spec: str, *, rsync_mode: str = "copy", fetcher: st
 
     store = DbStore(open_store(store_spec, rsync_mode=rsync_mode))
     try:
-        chosen = select_fetcher(store.root, fetcher=fetcher, image_dir=image_dir,
+        chosen = select_fetcher(store.state_dir, fetcher=fetcher, image_dir=image_dir,
                                 fetcher_map=fetcher_map, platform=platform, insecure=insecure,
                                 mirror=mirror)
         sandbox = open_sandbox(store.root, memory=memory, cpus=cpus, fast_sync=fast_sync)

@@ -1,6 +1,6 @@
 """The builder's spec language: parsing, validation, a canonical printer and Dockerfile output.
 
-A spec is an s-expression (DESIGN.md §4)::
+A spec is an s-expression, in OBuilder's spec language (`builder.py` says what each op does)::
 
     SPEC ::= ((build NAME SPEC)* (from IMAGE) OP*)
     OP   ::= (comment TEXT) | (workdir DIR) | (shell ARG...) | (env NAME VALUE)

@@ -21,6 +21,8 @@ class BtrfsStore(DirectoryStore):
     `root` is not on a btrfs filesystem.
     """
 
+    kind = "btrfs"
+
     def __init__(self, root: Path) -> None:
         require("btrfs")
         require_filesystem(root, "btrfs", "btrfs", "mkfs.btrfs")

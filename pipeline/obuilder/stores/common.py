@@ -8,7 +8,8 @@ Layout of a store rooted at ROOT (OBuilder's):
     ROOT/result-tmp/ID/    builds in progress; committed by renaming into result/
     ROOT/cache/NAME/       the latest released version of each named cache
     ROOT/cache-tmp/TOKEN-N-NAME/  cache copies in use
-    ROOT/state/            the result database (db.sqlite) and other bookkeeping
+    ROOT/state/            the state directory (`Store.state_dir`): the result database
+                           (db.sqlite) and other bookkeeping
     ROOT/state/lock/       the locks several processes sharing the store take (`locks.py`):
                            `step/ID` per step, `cache/NAME` per named cache
     ROOT/state/owner/      one lock per live process using the store (`locks.Owner`)
@@ -44,13 +45,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.obuilder.locks import FileLock, LockDir, Owner, if_free, is_live_owner
-from pipeline.obuilder.protocols import BuildError, DiskUsage, MissingTool
+from pipeline.obuilder.protocols import STATE_DIR, BuildError, DiskUsage, MissingTool
 
 RESULT = "result"
 RESULT_TMP = "result-tmp"
 CACHE = "cache"
 CACHE_TMP = "cache-tmp"
-STATE = "state"
 LOCK = "lock"
 OWNER = "owner"
 # The mode of the layout's directories (see above).
@@ -185,8 +185,8 @@ def _run_in_reverse(callbacks: list[Callable[[], None]]) -> None:
 
 
 class DirectoryStore(ABC):
-    """The `Store` protocol over the layout above. A backend subclasses it and provides
-    `_copy`, and may override `_create`, `_remove` and `_commit`.
+    """The `Store` protocol over the layout above. A backend subclasses it, names its `kind`
+    and provides `_copy`, and may override `_create`, `_remove` and `_commit`.
 
     Several processes may share `root` (see the module's documentation); each should `close`
     its store when done (or it is closed at exit).
@@ -196,19 +196,25 @@ class DirectoryStore(ABC):
         """Create the layout under `root` (and `root` itself) if missing, make it private, and
         claim a token for this process's cache copies."""
         self.root = root
-        for name in (RESULT, RESULT_TMP, CACHE, CACHE_TMP, STATE):
+        self.state_dir = root / STATE_DIR
+        for name in (RESULT, RESULT_TMP, CACHE, CACHE_TMP, STATE_DIR):
             (root / name).mkdir(mode=PRIVATE, parents=True, exist_ok=True)
             os.chmod(root / name, PRIVATE)
         self._caches: dict[str, _Cache] = {}
         self._copies = itertools.count()
-        self._step_locks = LockDir(root / STATE / LOCK / "step")
-        self._cache_locks = LockDir(root / STATE / LOCK / "cache")
-        self._owners = root / STATE / OWNER
+        self._step_locks = LockDir(self.state_dir / LOCK / "step")
+        self._cache_locks = LockDir(self.state_dir / LOCK / "cache")
+        self._owners = self.state_dir / OWNER
         self._owner = Owner(self._owners)
         # What `close` does, last added first; run at exit too, should nobody call `close`.
         # (Callables that do not refer to the store, or it would never be collected.)
         self._on_close: list[Callable[[], None]] = [self._owner.release]
         self._finalizer = weakref.finalize(self, _run_in_reverse, self._on_close)
+
+    @property
+    @abstractmethod
+    def kind(self) -> str:
+        """See `Store.kind`."""
 
     # Backend primitives.
 
@@ -280,6 +286,14 @@ class DirectoryStore(ABC):
         """See `Store.result`."""
         path = self._result(id)
         return path if path.is_dir() else None
+
+    async def results(self) -> list[str]:
+        """See `Store.results`: the entries of `ROOT/result/`."""
+        return sorted(await asyncio.to_thread(os.listdir, self.root / RESULT))
+
+    async def mark_used(self, id: str) -> None:
+        """See `Store.mark_used`: the directory stores keep no record of use."""
+        return
 
     async def delete(self, id: str) -> None:
         """See `Store.delete`. Raises BuildError if the removal fails."""

@@ -65,7 +65,6 @@ from pipeline.obuilder.stores.common import (
     PRIVATE,
     RESULT,
     RESULT_TMP,
-    STATE,
     DirectoryStore,
     check_name,
     filesystem_type,
@@ -85,7 +84,8 @@ VIEW = "view"
 MAX_DEPTH = 40
 
 # Filesystems on which overlayfs can keep an upper layer (it needs trusted.* extended
-# attributes and d_type): those DESIGN.md names, and the other common local ones.
+# attributes and d_type): the ones the store's error message suggests, and the other common
+# local ones.
 _UPPER_FILESYSTEMS = ("ext4", "ext3", "ext2", "xfs", "btrfs", "tmpfs", "f2fs")
 
 # The same layers whatever the kernel's defaults. With metacopy or redirect_dir a layer can hold
@@ -103,6 +103,8 @@ class OverlayfsStore(DirectoryStore):
     `root` is on a filesystem that cannot hold overlayfs upper layers.
     """
 
+    kind = "overlayfs"
+
     def __init__(self, root: Path) -> None:
         require("cp")
         found = filesystem_type(root)
@@ -119,7 +121,7 @@ class OverlayfsStore(DirectoryStore):
         self._page_size = os.sysconf("SC_PAGE_SIZE")
         # Serialises mounting views in this process (the view-mount locks do across processes).
         self._views_lock = asyncio.Lock()
-        self._views = _Views(root)
+        self._views = _Views(root, self.state_dir)
         self._on_close.append(self._views.close)
 
     async def _copy(self, src: Path, dst: Path) -> None:
@@ -395,10 +397,10 @@ class OverlayfsStore(DirectoryStore):
 class _Views:
     """The views this process holds (a shared lock each), and their unmounting at close."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, state_dir: Path) -> None:
         self.root = root
-        self.locks = LockDir(root / STATE / LOCK / VIEW)
-        self.mount_locks = LockDir(root / STATE / LOCK / "view-mount")
+        self.locks = LockDir(state_dir / LOCK / VIEW)
+        self.mount_locks = LockDir(state_dir / LOCK / "view-mount")
         self.held: dict[str, FileLock] = {}
 
     async def hold(self, id: str) -> None:

@@ -32,6 +32,8 @@ class RsyncStore(DirectoryStore):
     another mode, MissingTool if rsync is not installed.
     """
 
+    kind = "rsync"
+
     def __init__(self, root: Path, mode: str = "copy") -> None:
         if mode not in MODES:
             raise BuildError(f"unknown rsync mode {mode!r}: expected copy or hardlink")

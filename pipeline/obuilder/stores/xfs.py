@@ -31,6 +31,8 @@ class XfsStore(DirectoryStore):
     on xfs or the filesystem was made without reflink support.
     """
 
+    kind = "xfs"
+
     def __init__(self, root: Path) -> None:
         require("cp")
         require_filesystem(root, "xfs", "xfs", _MKFS)
