@@ -292,7 +292,7 @@ def _web_options(options: argparse.Namespace) -> WebOptions | None:
         host=options.host, port=DEFAULT_PORT if options.port is None else options.port,
         admin_token=token.decode(errors="replace") if token is not None else None,
         webhook_secret=secret(options.webhook_secret_file, "webhook secret"))
-    from pipeline.web.server import check_host
+    from pipeline.web.auth import check_host
 
     try:
         check_host(ui.host, ui.admin_token)

@@ -34,7 +34,8 @@ With `--github-token-file`, each branch head's result is also set as the commit 
 `--github-repo OWNER/NAME` (`--github-api-url` for GitHub Enterprise or a stand-in).
 
 The web UI gains pages in the style of ocaml-ci's site: `/ocaml` (repositories), then their
-branches with each head's result, then a commit's jobs linking to their logs.
+branches with each head's result, then a commit's jobs linking to their logs; and the git
+webhook, `POST /webhooks/git`, when `pipeline run` is given `--webhook-secret-file`.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from pipeline.ocaml import github as GH
 from pipeline.ocaml import platforms as P
 from pipeline.ocaml import status as St
 from pipeline.ocaml import web as ocaml_web
-from pipeline.primitives import git
+from pipeline.primitives import git, git_webhook
 from pipeline.primitives.git import Commit
 from pipeline.primitives.obuilder import shared_builder
 
@@ -66,8 +67,10 @@ web_links = [("/ocaml", "OCaml CI")]
 
 
 def web_routes(state_dir: Path) -> list[Any]:
-    """The OCaml CI pages, read from the status files under `state_dir`."""
-    return ocaml_web.routes(state_dir)
+    """The OCaml CI pages, read from the status files under `state_dir`, and the git webhook
+    (`POST /webhooks/git`, on with `--webhook-secret-file`), which makes a push to a `--remote`
+    seen at once."""
+    return [*ocaml_web.routes(state_dir), *git_webhook.routes()]
 
 
 # The analysis

@@ -6,7 +6,10 @@ the result travel to the GitHub stand-in and to the pipeline's pages.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +23,7 @@ import pipeline as p
 from pipeline.web.server import make_app
 
 TOKEN = "ghp_stand-in-token"
+HOOK_SECRET = b"hook-secret"
 
 
 def _load_ocaml_ci() -> ModuleType:
@@ -70,7 +74,7 @@ async def test_result_goes_to_github_and_to_the_pages(tmp_path: Path) -> None:
             assert all(r.body["context"] == "ocaml-ci" for r in github.requests)
 
             app = make_app(engine, extra_routes=ocaml_ci.web_routes(state_dir),
-                           extra_links=ocaml_ci.web_links)
+                           extra_links=ocaml_ci.web_links, webhook_secret=HOOK_SECRET)
             async with TestClient(TestServer(app)) as client:
                 index = await client.get("/ocaml")
                 assert index.status == 200 and "project" in await index.text()
@@ -80,3 +84,10 @@ async def test_result_goes_to_github_and_to_the_pages(tmp_path: Path) -> None:
                 assert commit[:7] in text and "No opam files found" in text
                 home = await client.get("/")
                 assert 'href="/ocaml"' in await home.text()
+                # The pipeline adds the git primitive's webhook: a push to the watched
+                # repository makes its monitor read it again.
+                body = json.dumps({"repository": {"url": str(tmp_path / "project")}}).encode()
+                signature = hmac.new(HOOK_SECRET, body, hashlib.sha256).hexdigest()
+                hook = await client.post("/webhooks/git", data=body, headers={
+                    "X-Hub-Signature-256": f"sha256={signature}", "X-GitHub-Delivery": "d1"})
+                assert hook.status == 200 and await hook.json() == {"refreshed": 1}

@@ -24,13 +24,14 @@ from xml.etree import ElementTree
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 import pipeline as p
-from pipeline.primitives import git
-from pipeline.web import diagram
+from pipeline.primitives import git, git_webhook
+from pipeline.web import diagram, webhooks
 from pipeline.web.ansi import AnsiConverter, ansi_to_html
-from pipeline.web.server import Deliveries, bound_port, make_app, sse_event, start_server
+from pipeline.web.server import bound_port, make_app, sse_event, start_server
 
 TOKEN = "s3cret-admin-token"
 HOOK_SECRET = b"hook-secret"
@@ -644,10 +645,11 @@ async def test_webhook_checks_the_signature(tmp_path: Path, refreshed: list[str]
     body = json.dumps({"ref": "refs/heads/main", "repository": {
         "clone_url": "https://github.com/o/r.git", "ssh_url": "git@github.com:o/r.git",
         "html_url": "https://github.com/o/r", "url": "https://github.com/o/r"}}).encode()
-    async with serve(tmp_path, p.const(1)) as s:
-        assert (await s.client.post("/webhooks/git", data=body, headers=signed(body))).status \
-            == 404, "no secret configured"
-    async with serve(tmp_path, p.const(1), webhook_secret=HOOK_SECRET) as s:
+    async with serve(tmp_path, p.const(1), extra_routes=git_webhook.routes()) as s:
+        response = await s.client.post("/webhooks/git", data=body, headers=signed(body))
+        assert response.status == 404 and "no webhook secret" in await response.text()
+    async with serve(tmp_path, p.const(1), webhook_secret=HOOK_SECRET,
+                     extra_routes=git_webhook.routes()) as s:
         for headers in ({}, signed(body, b"wrong"), signed(body + b" ")):
             response = await s.client.post("/webhooks/git", data=body, headers=headers)
             assert response.status == 403
@@ -669,7 +671,8 @@ async def test_webhook_refuses_malformed_bodies_and_replays(tmp_path: Path,
                  b'{"repository": {"url": "\xff\xfe"}}', b"\xff\xfe\x00{",
                  b'{"repository": {"url": "a"}, "n": ' + b"9" * 5000 + b"}",
                  b"[" * 100_000 + b"]" * 100_000, b""]
-    async with serve(tmp_path, p.const(1), webhook_secret=HOOK_SECRET) as s:
+    async with serve(tmp_path, p.const(1), webhook_secret=HOOK_SECRET,
+                     extra_routes=git_webhook.routes()) as s:
         for body in malformed:
             response = await s.client.post("/webhooks/git", data=body, headers=signed(body))
             assert response.status == 400, (body[:40], response.status)
@@ -694,12 +697,34 @@ async def test_webhook_refuses_malformed_bodies_and_replays(tmp_path: Path,
 
 
 def test_deliveries_are_forgotten_after_the_window() -> None:
-    deliveries = Deliveries(window=0.2)
+    deliveries = webhooks.Deliveries(window=0.2)
     assert deliveries.first_time("d1", "sha256=a")
     assert not deliveries.first_time("d1", "sha256=b") and not deliveries.first_time("d2",
                                                                                     "sha256=a")
     time.sleep(0.3)
     assert deliveries.first_time("d1", "sha256=a"), "an hour later it is a new delivery"
+
+
+async def test_only_handlers_marked_as_webhooks_skip_the_csrf_check(tmp_path: Path) -> None:
+    received: list[str] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(request.path)
+        return web.json_response({"secret": webhooks.secret(request).decode()})
+
+    # The same work under two paths: only the first handler is marked as a webhook.
+    async def page(request: web.Request) -> web.Response:
+        return await hook(request)
+
+    routes = [web.post("/hooks/mine", webhooks.webhook(hook)), web.post("/pages/mine", page)]
+    async with serve(tmp_path, p.const(1), webhook_secret=HOOK_SECRET,
+                     extra_routes=routes) as s:
+        response = await s.client.post("/pages/mine", data=b"{}")
+        assert response.status == 403 and "CSRF" in await response.text()
+        assert received == []
+        response = await s.client.post("/hooks/mine", data=b"{}")
+        assert response.status == 200 and await response.json() == {"secret": "hook-secret"}
+        assert received == ["/hooks/mine"]
 
 
 async def test_webhook_refreshes_a_real_local_repository_monitor(tmp_path: Path) -> None:
@@ -715,7 +740,8 @@ async def test_webhook_refreshes_a_real_local_repository_monitor(tmp_path: Path)
 
     root = git.local_heads(repo).map(count)
     body = json.dumps({"repository": {"url": str(repo)}}).encode()
-    async with serve(tmp_path, root, webhook_secret=HOOK_SECRET) as s:
+    async with serve(tmp_path, root, webhook_secret=HOOK_SECRET,
+                     extra_routes=git_webhook.routes()) as s:
         await s.engine.wait_idle()
         assert reads == [1]
         response = await s.client.post("/webhooks/git", data=body, headers=signed(body))

@@ -1,4 +1,4 @@
-"""Who may do what: roles, the login cookie and CSRF tokens.
+"""Who may do what: roles, the login cookie, CSRF tokens, and where the UI may listen.
 
 Anyone may view. Actions need the builder role, which only the admin has: a request carrying
 `Authorization: Bearer TOKEN`, or a browser that logged in with the token (a cookie). When no
@@ -40,6 +40,15 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def check_host(host: str, admin_token: str | None) -> None:
+    """Raise ValueError if listening on `host` without an admin token would let others act."""
+    if admin_token is None and not is_loopback(host):
+        raise ValueError(
+            f"refusing to serve the web UI on {host} without an admin token: anyone who can "
+            "reach it could rebuild and cancel jobs. Give --admin-token-file, or listen on "
+            "127.0.0.1")
 
 
 class Access:

@@ -1,4 +1,4 @@
-"""The aiohttp application: pages, live updates (server-sent events), actions, metrics, webhook.
+"""The aiohttp application: pages, live updates (server-sent events), actions, metrics.
 
 The application runs on the engine's event loop and reads the engine directly; everything it
 shares between requests is stored on the application under the keys below.
@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import html
 import json
 import re
 import string
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import date, datetime
 from pathlib import Path
@@ -25,9 +22,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import pipeline as p
 from pipeline.cache.storage import Entry
-from pipeline.primitives import git
+from pipeline.web import webhooks
 from pipeline.web.ansi import AnsiConverter
-from pipeline.web.auth import LOGIN_COOKIE, Access, Role, is_loopback
+from pipeline.web.auth import LOGIN_COOKIE, Access, Role, check_host
 from pipeline.web.diagram import DiagramCache
 from pipeline.web.metrics import NODE_STATES, Metrics
 
@@ -55,7 +52,6 @@ ACCESS = web.AppKey("access", Access)
 DIAGRAMS = web.AppKey("diagrams", DiagramCache)
 METRICS = web.AppKey("metrics", Metrics)
 STREAMS = web.AppKey("streams", set)
-WEBHOOK_SECRET = web.AppKey("webhook_secret", object)
 NAV_LINKS = web.AppKey("nav_links", str)
 """The nav bar's links to pages a pipeline added, as HTML."""
 
@@ -547,78 +543,6 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-async def git_webhook(request: web.Request) -> web.Response:
-    """A GitHub push webhook: re-read the pushed repository's monitors now.
-
-    The body must be signed (`X-Hub-Signature-256: sha256=HEX`, HMAC-SHA256 under the secret);
-    otherwise 403 and nothing happens. 404 when no secret is configured. A signed delivery
-    seen in the last hour (the same `X-GitHub-Delivery` id, or the same signed body, since the
-    id is not signed) is a replay: 409. A body that is not a JSON object whose `repository` is
-    an object with string URLs is 400.
-    """
-    secret = request.app[WEBHOOK_SECRET]
-    if not isinstance(secret, bytes):
-        raise web.HTTPNotFound(text="no webhook secret is configured")
-    body = await request.read()
-    expected = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
-    signature = request.headers.get("X-Hub-Signature-256", "")
-    if not hmac.compare_digest(signature.encode(), expected.encode()):
-        raise web.HTTPForbidden(text="bad or missing X-Hub-Signature-256")
-    delivery = request.headers.get("X-GitHub-Delivery", "")
-    if not 0 < len(delivery) <= 100:
-        raise web.HTTPBadRequest(text="missing or overlong X-GitHub-Delivery")
-    urls = _pushed_urls(body)
-    if not request.app[DELIVERIES].first_time(delivery, expected):
-        raise web.HTTPConflict(text=f"delivery {delivery} was already received: a replay")
-    refreshed = sum(git.refresh(url) for url in urls)
-    return web.json_response({"refreshed": refreshed})
-
-
-def _pushed_urls(body: bytes) -> set[str]:
-    """The repository URLs of a push event's body; 400 unless it has that shape."""
-    try:
-        event = json.loads(body)
-    except (ValueError, RecursionError):
-        # ValueError covers bytes that are not UTF-8 and integers of over 4,300 digits.
-        raise web.HTTPBadRequest(text="the body is not JSON") from None
-    repository = event.get("repository") if isinstance(event, dict) else None
-    if not isinstance(repository, dict):
-        raise web.HTTPBadRequest(text="the body is not a JSON object with a repository object")
-    urls = {field: repository[field] for field in _URL_FIELDS if field in repository}
-    if not urls or not all(isinstance(url, str) and url for url in urls.values()):
-        raise web.HTTPBadRequest(
-            text=f"the repository needs one of {', '.join(_URL_FIELDS)}, as non-empty strings")
-    return set(urls.values())
-
-
-_URL_FIELDS = ("clone_url", "ssh_url", "html_url", "url")
-
-
-class Deliveries:
-    """The webhook deliveries accepted in the last `window` seconds, to refuse replays."""
-
-    def __init__(self, window: float = 3600.0) -> None:
-        """Remember deliveries for `window` seconds."""
-        self.window = window
-        self._seen: dict[str, float] = {}  # insertion order is arrival order
-
-    def first_time(self, delivery: str, signature: str) -> bool:
-        """Record a delivery (its id and its body's signature); False if either was seen."""
-        now = time.monotonic()
-        for key, when in list(self._seen.items()):
-            if now - when < self.window:
-                break
-            del self._seen[key]
-        keys = ("id:" + delivery, "body:" + signature)
-        if any(key in self._seen for key in keys):
-            return False
-        self._seen.update(dict.fromkeys(keys, now))
-        return True
-
-
-DELIVERIES = web.AppKey("deliveries", Deliveries)
-
-
 # The application
 
 
@@ -628,11 +552,11 @@ async def _guard(request: web.Request,
                  ) -> web.StreamResponse:
     """Check the CSRF token of POSTs; give a browser without a session its session cookie.
 
-    Every POST but the webhook carries the CSRF token of its session, or the bearer token (which
-    a browser cannot be made to send).
+    Every POST but a webhook's (which checks its delivery's signature) carries the CSRF token of
+    its session, or the bearer token (which a browser cannot be made to send).
     """
     access = request.app[ACCESS]
-    if request.method == "POST" and request.path != "/webhooks/git" \
+    if request.method == "POST" and not webhooks.is_webhook(request) \
             and not access.has_bearer(request):
         form = await request.post()
         if not access.check_csrf(request, str(form.get("csrf", ""))):
@@ -666,10 +590,12 @@ def make_app(engine: p.Engine, *, admin_token: str | None = None,
              extra_links: Sequence[tuple[str, str]] = ()) -> web.Application:
     """The web UI of a started `engine`.
 
-    `admin_token` is needed for actions (None: anyone on loopback may act); `webhook_secret`
-    enables `POST /webhooks/git`. Metrics count from now. `extra_routes` are pages a pipeline
-    adds (a list of route definitions or a `RouteTableDef`): they get the same security headers
-    and CSRF checks; `extra_links` are (URL, label) pairs added to the nav bar.
+    `admin_token` is needed for actions (None: anyone on loopback may act); `webhook_secret` is
+    the secret that webhooks check their deliveries' signatures against (`pipeline.web.webhooks`;
+    None: they are off). Metrics count from now. `extra_routes` are pages and webhooks a
+    pipeline adds (a list of route definitions or a `RouteTableDef`): they get the same security
+    headers and, but for webhooks, CSRF checks; `extra_links` are (URL, label) pairs added to the
+    nav bar.
     """
     app = web.Application(middlewares=[_guard])
     app[ENGINE] = engine
@@ -678,8 +604,8 @@ def make_app(engine: p.Engine, *, admin_token: str | None = None,
     app[METRICS] = Metrics(engine)
     app[CHANGES] = ChangeFeed(engine)
     app[STREAMS] = set()
-    app[WEBHOOK_SECRET] = webhook_secret
-    app[DELIVERIES] = Deliveries()
+    app[webhooks.SECRET] = webhook_secret
+    app[webhooks.DELIVERIES] = webhooks.Deliveries()
     app[NAV_LINKS] = "".join(f'<a href="{_e(url)}">{_e(label)}</a>\n' for url, label in extra_links)
     app.on_response_prepare.append(_headers)
     app.on_shutdown.append(_end_streams)
@@ -699,21 +625,11 @@ def make_app(engine: p.Engine, *, admin_token: str | None = None,
         web.post("/login", login),
         web.post("/logout", logout),
         web.get("/metrics", metrics),
-        web.post("/webhooks/git", git_webhook),
         web.static("/static", HERE / "static"),
     ])
     # Added after the UI's own, which aiohttp tries first: a pipeline cannot replace them.
     app.add_routes(extra_routes)
     return app
-
-
-def check_host(host: str, admin_token: str | None) -> None:
-    """Raise ValueError if listening on `host` without an admin token would let others act."""
-    if admin_token is None and not is_loopback(host):
-        raise ValueError(
-            f"refusing to serve the web UI on {host} without an admin token: anyone who can "
-            "reach it could rebuild and cancel jobs. Give --admin-token-file, or listen on "
-            "127.0.0.1")
 
 
 async def start_server(engine: p.Engine, *, host: str, port: int,
