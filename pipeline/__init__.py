@@ -22,7 +22,7 @@ _EXPORTS = {
     "pipeline.jobs": ["Job", "JobCancelled", "JobRegistry", "JobState", "follow_log"],
     "pipeline.level": ["Level"],
     "pipeline.monitor": ["Monitor"],
-    "pipeline.output": ["Active", "Failed", "Ok", "Output"],
+    "pipeline.output": ["Active", "Failed", "NodeState", "Ok", "Output"],
     "pipeline.pool": ["Pool"],
     "pipeline.term": [
         "Term", "Variable", "all", "all_labelled", "as_term", "bind", "catch", "collapse",

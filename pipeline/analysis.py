@@ -16,15 +16,10 @@ import networkx as nx
 
 from pipeline import term as t
 from pipeline.nodes import Node, error_message
-from pipeline.output import Failed
+from pipeline.output import Failed, NodeState
 
 if TYPE_CHECKING:
     from pipeline.engine import Engine
-
-STATE_ORDER = ("ok", "pending", "blocked", "ready", "running", "waiting-for-confirmation",
-               "failed")
-"""Diagram states from best to worst: a collapsed group shows its worst member's state."""
-
 
 def _placeholder_sub(term: t.ListMap[Any] | t.OptionMap[Any]) -> t.Term[Any]:
     """The per-item sub-pipeline applied to a placeholder item.
@@ -91,7 +86,7 @@ class _Builder:
         subs = live.sub_terms() if live is not None else []
         if not subs:
             sub_id = f"{node_id}_sub"
-            self.graph.add_node(sub_id, label="…", state="pending", kind="placeholder",
+            self.graph.add_node(sub_id, label="…", state=NodeState.PENDING, kind="placeholder",
                                 placeholder=True, job_id=None, refreshing=None, error=None)
             self.graph.add_edge(source, sub_id, style="dashed")
             self.graph.add_edge(sub_id, node_id, style="dashed")
@@ -151,7 +146,7 @@ class _Builder:
                     hidden.discard(member)
                     stack.extend(p for p in graph.predecessors(member) if p in hidden)
             states = [graph.nodes[m]["state"] for m in hidden] + [graph.nodes[box]["state"]]
-            worst = max(states, key=STATE_ORDER.index)
+            worst = max(states, key=lambda state: NodeState(state).severity)
             inputs: dict[str, str] = {}
             for member in hidden:
                 for pred in graph.predecessors(member):
@@ -168,7 +163,7 @@ class _Builder:
 
 
 def _attributes(term: t.Term[Any], live: Node | None, placeholder: bool) -> dict[str, Any]:
-    state = live.state if live is not None else "pending"
+    state = live.state if live is not None else NodeState.PENDING
     error = live.output.message if live is not None and isinstance(live.output, Failed) else None
     return {
         "label": term.label,
@@ -187,13 +182,13 @@ def pipeline_graph(
 ) -> nx.DiGraph:
     """The pipeline under `root` as a directed graph (edges run from input to reader).
 
-    Node attributes: `label`, `kind`, `state` (ok, ready, running, waiting-for-confirmation,
-    failed, blocked, pending), `job_id`, `refreshing` (the new state of a latched node re-running),
-    `cached`, `placeholder` (a part not evaluated yet), `error`, and `collapsed` (the expand id
-    of a collapsed group). Groups made with `collapse` are one node unless their id is in `expand`;
-    a member that a node outside the group reads stays visible, as in OCurrent. The graph
-    attribute `groups` is the set of the expand ids of every group drawn (collapsed or not).
-    Node ids (`n0`, `n1`, ...) follow a depth-first walk, so equal pipelines give equal graphs.
+    Node attributes: `label`, `kind`, `state` (a `NodeState`), `job_id`, `refreshing` (the new
+    state of a latched node re-running), `cached`, `placeholder` (a part not evaluated yet),
+    `error`, and `collapsed` (the expand id of a collapsed group). Groups made with `collapse`
+    are one node unless their id is in `expand`; a member that a node outside the group reads
+    stays visible, as in OCurrent. The graph attribute `groups` is the set of the expand ids of
+    every group drawn (collapsed or not). Node ids (`n0`, `n1`, ...) follow a depth-first walk,
+    so equal pipelines give equal graphs.
     """
     builder = _Builder(engine)
     builder.visit(t.as_term(root))

@@ -8,16 +8,18 @@ import urllib.parse
 import graphviz
 import networkx as nx
 
+from pipeline.output import NodeState
+
 COLOURS = {
-    "ok": "#90ee90",
-    "ready": "#ffff00",
-    "running": "#ffa500",
-    "waiting-for-confirmation": "#4975ff",
-    "failed": "#ff4500",
-    "blocked": "#d3d3d3",
-    "pending": "#ffffff",
+    NodeState.OK: "#90ee90",
+    NodeState.READY: "#ffff00",
+    NodeState.RUNNING: "#ffa500",
+    NodeState.WAITING_FOR_CONFIRMATION: "#4975ff",
+    NodeState.FAILED: "#ff4500",
+    NodeState.BLOCKED: "#d3d3d3",
+    NodeState.PENDING: "#ffffff",
 }
-"""Fill colour of each node state (DESIGN.md §3); `pending` is a node waiting for its inputs."""
+"""Fill colour of each node state (the README's table of states)."""
 
 
 class DiagramError(Exception):

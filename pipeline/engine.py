@@ -28,7 +28,7 @@ from pipeline.jobs import Confirmation, JobRegistry
 from pipeline.level import Level
 from pipeline.monitor import Monitor, Watcher
 from pipeline.nodes import NODE_CLASSES, Node
-from pipeline.output import Output
+from pipeline.output import NodeState, Output
 from pipeline.term import Term, as_term
 from pipeline.usercode import Interrupted
 
@@ -384,7 +384,7 @@ class Engine:
 
     # Introspection
 
-    def state_counts(self) -> Counter[str]:
+    def state_counts(self) -> Counter[NodeState]:
         """How many live nodes are in each diagram state."""
         return Counter(node.state for node in self._nodes.values())
 

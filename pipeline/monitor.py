@@ -19,7 +19,7 @@ import contextlib
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar
 
-from pipeline.output import Active, Failed, Ok, Output
+from pipeline.output import Active, Failed, NodeState, Ok, Output
 from pipeline.term import Term, Watch
 
 T = TypeVar("T")
@@ -71,7 +71,7 @@ class Watcher:
 
     def __init__(self, monitor: Monitor[Any], loop: asyncio.AbstractEventLoop) -> None:
         self.monitor = monitor
-        self.output: Output = Active("running")
+        self.output: Output = Active(NodeState.RUNNING)
         self.refcount = 0
         self.reads = 0
         self.listeners: set[Callable[[], None]] = set()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import term as t
 from pipeline import usercode
-from pipeline.output import Active, Failed, Ok, Output
+from pipeline.output import Active, Failed, NodeState, Ok, Output
 
 if TYPE_CHECKING:
     from pipeline.engine import Engine
@@ -46,7 +46,7 @@ class Node:
         self.dependents: set[Node] = set()
         self.height = 1 + max((i.height for i in inputs), default=-1)
         # Not evaluated yet: drawn as pending until the first evaluation.
-        self.output: Output = Active("running")
+        self.output: Output = Active(NodeState.RUNNING)
         self.refcount = 0
         self.dirty = False
         self.dead = False
@@ -76,15 +76,15 @@ class Node:
         self.engine.set_output(self, Failed(message, self.uid))
 
     @property
-    def state(self) -> str:
-        """The diagram state: ok, ready, running, waiting-for-confirmation, failed, blocked, or
-        pending (waiting for an input that is not finished)."""
+    def state(self) -> NodeState:
+        """The diagram state: its job's (ready, running, waiting for confirmation) if its output
+        arose here, pending if it waits for an input; failed or blocked likewise for an error."""
         out = self.output
         if isinstance(out, Ok):
-            return "ok"
+            return NodeState.OK
         if isinstance(out, Failed):
-            return "failed" if out.origin == self.uid else "blocked"
-        return out.state if out.origin == self.uid else "pending"
+            return NodeState.FAILED if out.origin == self.uid else NodeState.BLOCKED
+        return out.state if out.origin == self.uid else NodeState.PENDING
 
     @property
     def job_id(self) -> str | None:
@@ -92,7 +92,7 @@ class Node:
         return None
 
     @property
-    def refreshing(self) -> str | None:
+    def refreshing(self) -> NodeState | None:
         """For a latched node showing its old value while re-running: the new job's state."""
         return None
 

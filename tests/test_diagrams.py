@@ -32,9 +32,11 @@ from xml.etree import ElementTree
 from golden import assert_golden
 
 from pipeline import (
+    COLOURS,
     Engine,
     Failed,
     Job,
+    NodeState,
     Term,
     Variable,
     all_labelled,
@@ -229,6 +231,16 @@ async def test_chain(tmp_path: Path) -> None:
         assert_state(dot, "test", "ok")
         assert dot.count('URL="/job/JOB"') == 3
     golden.check()
+
+
+def test_every_node_state_has_a_colour_and_a_rank() -> None:
+    assert set(COLOURS) == set(NodeState)
+    for state, fill in SPEC_FILL.items():
+        assert f'fillcolor="{COLOURS[NodeState(state)]}"' == fill
+    ranked = sorted(NodeState, key=lambda state: state.severity)
+    assert ranked[0] == "ok" and ranked[-1] == "failed"
+    assert ranked.index(NodeState.PENDING) < ranked.index(NodeState.RUNNING), \
+        "a group with a running member shows it running, not pending"
 
 
 def test_static_diagram_renders_to_svg() -> None:

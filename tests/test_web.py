@@ -607,6 +607,7 @@ async def test_metrics(tmp_path: Path) -> None:
         assert 'pipeline_pool_queue_length{pool="workers"} 1.0' in text
         assert 'pipeline_nodes{state="running"} 1.0' in text
         assert 'pipeline_nodes{state="ready"} 1.0' in text
+        assert all(f'pipeline_nodes{{state="{state}"}}' in text for state in p.NodeState)
         assert "pipeline_jobs_started_total 1.0" in text
         gates.of("good")[1].set()
         gates.of("bad")[1].set()

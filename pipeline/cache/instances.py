@@ -16,7 +16,7 @@ from pipeline.cache.storage import INTERRUPTED, Database, Entry
 from pipeline.clock import Clock, Timer
 from pipeline.jobs import Job, JobCancelled, JobRegistry, JobState
 from pipeline.nodes import NODE_CLASSES, Node, error_message
-from pipeline.output import Active, Failed, Ok, Output
+from pipeline.output import Active, Failed, NodeState, Ok, Output
 from pipeline.pool import Pool
 from pipeline.term import Primitive
 
@@ -251,9 +251,9 @@ class Instance:
             if ((self.op.options.latched and outcome is not None and outcome.ok
                     and not self.is_publisher) or self._latched_publisher(outcome)):
                 return self._ok()
-            return Active(_ACTIVE_STATE.get(job.state, "ready"), node.uid)
+            return Active(_ACTIVE_STATE.get(job.state, NodeState.READY), node.uid)
         if outcome is None or (self.is_publisher and self.needs_run()):
-            return Active("ready", node.uid)
+            return Active(NodeState.READY, node.uid)
         if not outcome.ok:
             return Failed(outcome.error or "failed", node.uid)
         return self._ok()
@@ -266,11 +266,11 @@ class Instance:
         return Ok(None) if self.is_publisher else Ok(self.value)
 
 
-_ACTIVE_STATE: dict[JobState, Any] = {
-    JobState.CREATED: "ready",
-    JobState.READY: "ready",
-    JobState.WAITING_FOR_CONFIRMATION: "waiting-for-confirmation",
-    JobState.RUNNING: "running",
+_ACTIVE_STATE: dict[JobState, NodeState] = {
+    JobState.CREATED: NodeState.READY,
+    JobState.READY: NodeState.READY,
+    JobState.WAITING_FOR_CONFIRMATION: NodeState.WAITING_FOR_CONFIRMATION,
+    JobState.RUNNING: NodeState.RUNNING,
 }
 
 
@@ -346,11 +346,11 @@ class PrimitiveNode(Node):
             self.instance.outcome is not None and not self.instance.ran_here
 
     @property
-    def refreshing(self) -> str | None:
+    def refreshing(self) -> NodeState | None:
         instance = self.instance
         if instance is None or instance.job is None or not isinstance(self.output, Ok):
             return None
-        return _ACTIVE_STATE.get(instance.job.state, "ready")
+        return _ACTIVE_STATE.get(instance.job.state, NodeState.READY)
 
 
 NODE_CLASSES[Primitive] = PrimitiveNode

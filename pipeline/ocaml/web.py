@@ -16,14 +16,15 @@ from urllib.parse import quote, unquote
 from aiohttp import web
 
 from pipeline.ocaml.status import STATUS_DIR
+from pipeline.output import NodeState
 from pipeline.web.server import page
 
-# A result or job state -> the web UI's CSS class of the state of that colour (see app.css).
+# A result or job state -> the node state of that colour (app.css has a class per node state).
 _COLOURS = {
-    "passed": "ok", "ok": "ok", "success": "ok",
-    "failed": "failed", "error": "failed", "failure": "failed",
-    "pending": "running", "running": "running", "active": "running", "ready": "ready",
-    "skipped": "blocked", "cancelled": "blocked",
+    "passed": NodeState.OK, "ok": NodeState.OK, "success": NodeState.OK,
+    "failed": NodeState.FAILED, "error": NodeState.FAILED, "failure": NodeState.FAILED,
+    "pending": NodeState.RUNNING, "running": NodeState.RUNNING, "active": NodeState.RUNNING,
+    "ready": NodeState.READY, "skipped": NodeState.BLOCKED, "cancelled": NodeState.BLOCKED,
 }
 
 
@@ -159,7 +160,7 @@ def _url(repo: str, branch: str | None = None) -> str:
 def _result(result: object) -> str:
     """A result or job state, labelled and coloured as the UI colours node states."""
     text = "unknown" if result is None else str(result)
-    colour = _COLOURS.get(text, "pending")
+    colour = _COLOURS.get(text, NodeState.PENDING)
     return f'<span class="state state-{colour}" data-result="{_e(text)}">{_e(text)}</span>'
 
 

@@ -10,9 +10,6 @@ from prometheus_client.registry import Collector
 
 import pipeline as p
 
-NODE_STATES = ("ok", "ready", "running", "waiting-for-confirmation", "failed", "blocked",
-               "pending")
-
 
 class _EngineGauges(Collector):
     """Gauges read from the engine at scrape time, so they are never stale."""
@@ -24,7 +21,7 @@ class _EngineGauges(Collector):
         nodes = GaugeMetricFamily("pipeline_nodes", "Live pipeline nodes per state",
                                   labels=["state"])
         counts = self.engine.state_counts()
-        for state in NODE_STATES:
+        for state in p.NodeState:
             nodes.add_metric([state], counts.get(state, 0))
         yield nodes
         queue = GaugeMetricFamily("pipeline_pool_queue_length", "Jobs waiting for a pool slot",

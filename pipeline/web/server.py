@@ -26,7 +26,7 @@ from pipeline.web import webhooks
 from pipeline.web.ansi import AnsiConverter
 from pipeline.web.auth import LOGIN_COOKIE, Access, Role, check_host
 from pipeline.web.diagram import DiagramCache
-from pipeline.web.metrics import NODE_STATES, Metrics
+from pipeline.web.metrics import Metrics
 
 HERE = Path(__file__).parent
 EVENT_INTERVAL = 0.1
@@ -142,23 +142,23 @@ def _require(request: web.Request, role: Role) -> None:
                                 "or send the admin token as a bearer header")
 
 
-def overall_state(engine: p.Engine) -> str:
+def overall_state(engine: p.Engine) -> p.NodeState:
     """The state of the pipeline as a whole: that of the root's output."""
     output = engine.root_output()
     if isinstance(output, p.Ok):
-        return "ok"
+        return p.NodeState.OK
     if isinstance(output, p.Failed):
-        return "failed"
+        return p.NodeState.FAILED
     if isinstance(output, p.Active):
         return output.state
-    return "pending"
+    return p.NodeState.PENDING
 
 
 def summary(engine: p.Engine, revision: int) -> dict[str, Any]:
     """What the main page shows besides the diagram."""
     counts = engine.state_counts()
     return {"revision": revision, "state": overall_state(engine),
-            "counts": {state: counts.get(state, 0) for state in NODE_STATES}}
+            "counts": {state: counts.get(state, 0) for state in p.NodeState}}
 
 
 def _expand(request: web.Request) -> list[str]:
