@@ -23,6 +23,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from pipeline import usercode
+from pipeline.nodes import error_message
 from pipeline.usercode import Interrupted, StopSignals
 
 if TYPE_CHECKING:
@@ -103,7 +104,8 @@ def _web_extras(module: ModuleType, path: Path, state_dir: Path
 
 
 def _located(exc: BaseException, path: Path) -> str:
-    """`FILE:LINE: Type: message`, at the deepest frame of the traceback inside the file."""
+    """`FILE:LINE: Type: message` (see `error_message`), at the deepest frame of the traceback
+    inside the file."""
     frames = traceback.extract_tb(exc.__traceback__)
     target = str(path.resolve())
     inside = [f for f in frames if Path(f.filename).resolve().as_posix() == target]
@@ -111,7 +113,7 @@ def _located(exc: BaseException, path: Path) -> str:
     if isinstance(exc, SystemExit):
         # Left alone, it would end `pipeline` itself with the file's status and no word why.
         return f"{frame.filename}:{frame.lineno}: called sys.exit({exc.code!r}) while loading"
-    return f"{frame.filename}:{frame.lineno}: {type(exc).__name__}: {exc}"
+    return f"{frame.filename}:{frame.lineno}: {error_message(exc)}"
 
 
 def _split_args(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -23,7 +23,7 @@ COLOURS = {
 
 
 class DiagramError(Exception):
-    """The diagram could not be drawn (e.g. graphviz is not installed)."""
+    """Graphviz could not draw the diagram: it is not installed, or `dot` failed."""
 
 
 MAX_TEXT = 1000
@@ -103,13 +103,22 @@ def to_dot(graph: nx.DiGraph, *, job_url: str = "/job/{job_id}", expand_url: str
 
 
 def dot_to_svg(dot: str) -> str:
-    """Render DOT text to SVG with graphviz's `dot`."""
+    """Render DOT text to SVG with graphviz's `dot`, run as a subprocess (the web UI calls this
+    in a worker thread, so that its event loop keeps serving meanwhile).
+
+    Raises DiagramError if `dot` is missing or fails (its complaint is in the message).
+    """
     try:
-        return graphviz.Source(dot).pipe(format="svg", encoding="utf-8")
+        # Quiet: a failure's complaint goes into the error rather than onto our stderr.
+        return graphviz.Source(dot).pipe(format="svg", encoding="utf-8", quiet=True)
     except graphviz.ExecutableNotFound as exc:
         raise DiagramError(
             "graphviz's `dot` program was not found: install the Debian package graphviz"
         ) from exc
+    except graphviz.CalledProcessError as exc:
+        complaint = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) \
+            else str(exc.stderr or "")
+        raise DiagramError(f"dot failed: {complaint.strip()}") from exc
 
 
 def to_svg(graph: nx.DiGraph, **links: str) -> str:

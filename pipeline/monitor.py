@@ -19,6 +19,7 @@ import contextlib
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar
 
+from pipeline.nodes import error_message
 from pipeline.output import Active, Failed, NodeState, Ok, Output
 from pipeline.term import Term, Watch
 
@@ -142,7 +143,7 @@ class Watcher:
                 try:
                     value = await self.monitor.read()
                 except Exception as exc:
-                    output: Output = Failed(_message(exc))
+                    output: Output = Failed(error_message(exc, with_type=False))
                 else:
                     output = Ok(value)
                 self.reads += 1
@@ -163,13 +164,8 @@ class Watcher:
             try:
                 return await self.monitor.watch(self.refresh)
             except Exception as exc:
-                self._publish(Failed(f"cannot watch: {_message(exc)}"))
+                self._publish(Failed(f"cannot watch: {error_message(exc, with_type=False)}"))
             self._set_busy(False)
             await asyncio.sleep(delay)
             delay = min(2 * delay, WATCH_RETRY_MAX_S)
             self._set_busy(True)
-
-
-def _message(exc: BaseException) -> str:
-    text = str(exc)
-    return text if text else type(exc).__name__

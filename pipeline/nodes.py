@@ -26,10 +26,17 @@ if TYPE_CHECKING:
 _UNSET: Any = object()
 
 
-def error_message(exc: BaseException) -> str:
-    """A one-line description of an exception raised by user code."""
+def error_message(exc: BaseException, *, with_type: bool = True) -> str:
+    """The message of an exception raised by user code: `Type: text`, or only its text
+    `with_type=False` (the type's name when it has no text).
+
+    The type is half of what a bug says (`KeyError: 'x'`); a monitor's read reports the world
+    (a missing repository) in a message written for people, which is then shown alone.
+    """
     text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if with_type else text
 
 
 class Node:

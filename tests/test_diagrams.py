@@ -29,10 +29,12 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
+import pytest
 from golden import assert_golden
 
 from pipeline import (
     COLOURS,
+    DiagramError,
     Engine,
     Failed,
     Job,
@@ -51,6 +53,7 @@ from pipeline import (
     to_dot,
     to_svg,
 )
+from pipeline.diagram import dot_to_svg
 
 EXPECTED_DIR = Path(__file__).parent / "expected"
 JOB_URL = re.compile(r'/job/[^"]+')
@@ -241,6 +244,11 @@ def test_every_node_state_has_a_colour_and_a_rank() -> None:
     assert ranked[0] == "ok" and ranked[-1] == "failed"
     assert ranked.index(NodeState.PENDING) < ranked.index(NodeState.RUNNING), \
         "a group with a running member shows it running, not pending"
+
+
+def test_dot_that_graphviz_refuses_is_a_diagram_error_with_its_complaint() -> None:
+    with pytest.raises(DiagramError, match=r"dot failed: .*syntax error"):
+        dot_to_svg("digraph { a -> }")
 
 
 def test_static_diagram_renders_to_svg() -> None:

@@ -207,13 +207,13 @@ async def test_svg_is_drawn_again_only_after_a_change(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     drawn: list[str] = []
-    real_render = diagram.render_svg
+    real_render = diagram.dot_to_svg
 
-    async def counting_render(dot: str) -> str:
+    def counting_render(dot: str) -> str:
         drawn.append(dot)
-        return await real_render(dot)
+        return real_render(dot)
 
-    monkeypatch.setattr(diagram, "render_svg", counting_render)
+    monkeypatch.setattr(diagram, "dot_to_svg", counting_render)
     gates = Gates()
     root = gated(gates)("a")
     async with serve(tmp_path, root) as s:

@@ -7,7 +7,6 @@ up among the files present: nothing a request says becomes part of a path.
 
 from __future__ import annotations
 
-import html
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from aiohttp import web
 
 from pipeline.ocaml.status import STATUS_DIR
 from pipeline.output import NodeState
-from pipeline.web.server import page
+from pipeline.web.server import escape, page
 
 # A result or job state -> the node state of that colour (app.css has a class per node state).
 _COLOURS = {
@@ -69,8 +68,8 @@ class StatusPages:
             for status in map(_read, _branches(directory).values()):
                 results[status["result"]] = results.get(status["result"], 0) + 1
             counts = " ".join(f"{_result(result)} {n}" for result, n in sorted(results.items()))
-            rows.append(f'<tr data-repo="{_e(name)}"><td><a href="{_e(_url(name))}">{_e(name)}'
-                        f"</a></td><td>{counts}</td></tr>")
+            rows.append(f'<tr data-repo="{escape(name)}"><td><a href="{escape(_url(name))}">'
+                        f"{escape(name)}</a></td><td>{counts}</td></tr>")
         body = ('<h1>Repositories</h1>\n<table id="repositories">'
                 "<tr><th>Repository</th><th>Branches</th></tr>\n" + "\n".join(rows) + "</table>"
                 if rows else "<h1>Repositories</h1>\n<p>No repository has been built yet.</p>")
@@ -83,8 +82,8 @@ class StatusPages:
         for branch, path in _branches(directory).items():
             status = _read(path)
             rows.append(
-                f'<tr data-branch="{_e(branch)}"><td><a href="{_e(_url(name, branch))}">'
-                f"{_e(branch)}</a></td><td><code>{_e(status['commit'][:12])}</code></td>"
+                f'<tr data-branch="{escape(branch)}"><td><a href="{escape(_url(name, branch))}">'
+                f"{escape(branch)}</a></td><td><code>{escape(status['commit'][:12])}</code></td>"
                 f"<td>{_result(status['result'])}</td></tr>")
         body = (f"<h1>{_crumbs(name)}</h1>\n"
                 '<table id="branches"><tr><th>Branch</th><th>Commit</th><th>Result</th></tr>\n'
@@ -103,19 +102,19 @@ class StatusPages:
         for job in status["jobs"]:
             job_id = job.get("job_id")
             # A job that has not started (or was skipped before running) has no page yet.
-            link = (f'<a href="{_e("/job/" + quote(str(job_id), safe="/"))}">{_e(job_id)}</a>'
-                    if job_id else "")
+            link = (f'<a href="{escape("/job/" + quote(str(job_id), safe="/"))}">'
+                    f"{escape(job_id)}</a>" if job_id else "")
             # A failure of an experimental job does not fail the commit: say so.
             experimental = " (experimental)" if job.get("experimental") else ""
-            rows.append(f'<tr data-job="{_e(job.get("name"))}"><td>{_e(job.get("name"))}'
+            rows.append(f'<tr data-job="{escape(job.get("name"))}"><td>{escape(job.get("name"))}'
                         f"{experimental}</td>"
                         f'<td>{_result(job.get("state"))}</td><td>{link}</td>'
-                        f'<td class="reason">{_e(job.get("reason"))}</td></tr>')
+                        f'<td class="reason">{escape(job.get("reason"))}</td></tr>')
         body = (f"<h1>{_crumbs(name, branch)}</h1>\n<dl>"
-                f"<dt>Repository</dt><dd>{_e(status['repo'])}</dd>"
-                f'<dt>Commit</dt><dd><code id="commit">{_e(status["commit"])}</code></dd>'
+                f"<dt>Repository</dt><dd>{escape(status['repo'])}</dd>"
+                f'<dt>Commit</dt><dd><code id="commit">{escape(status["commit"])}</code></dd>'
                 f'<dt>Result</dt><dd id="result">{_result(status["result"])} '
-                f"{_e(status['reason'])}</dd></dl>\n"
+                f"{escape(status['reason'])}</dd></dl>\n"
                 '<table id="jobs"><tr><th>Job</th><th>State</th><th>Log</th><th>Reason</th>'
                 "</tr>\n" + "\n".join(rows) + "</table>")
         return page(request, f"{name} {branch}", body)
@@ -148,10 +147,6 @@ def _read(path: Path) -> dict[str, Any]:
             else []}
 
 
-def _e(value: object) -> str:
-    return html.escape("" if value is None else str(value))
-
-
 def _url(repo: str, branch: str | None = None) -> str:
     url = "/ocaml/" + quote(repo, safe="")
     return url if branch is None else url + "/" + quote(branch, safe="/")
@@ -161,10 +156,11 @@ def _result(result: object) -> str:
     """A result or job state, labelled and coloured as the UI colours node states."""
     text = "unknown" if result is None else str(result)
     colour = _COLOURS.get(text, NodeState.PENDING)
-    return f'<span class="state state-{colour}" data-result="{_e(text)}">{_e(text)}</span>'
+    return f'<span class="state state-{colour}" data-result="{escape(text)}">{escape(text)}</span>'
 
 
 def _crumbs(repo: str, branch: str | None = None) -> str:
     """Where the page is: links back up to the repositories and the repository."""
-    crumbs = f'<a href="/ocaml">Repositories</a> / <a href="{_e(_url(repo))}">{_e(repo)}</a>'
-    return crumbs if branch is None else f"{crumbs} / {_e(branch)}"
+    crumbs = (f'<a href="/ocaml">Repositories</a> / '
+              f'<a href="{escape(_url(repo))}">{escape(repo)}</a>')
+    return crumbs if branch is None else f"{crumbs} / {escape(branch)}"

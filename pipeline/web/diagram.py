@@ -15,26 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import pipeline as p
+from pipeline.diagram import dot_to_svg
 
 _KEPT_VIEWS = 16
 """How many different `expand` sets keep a drawing (each browser may open other groups)."""
 _GZIP_LEVEL = 6
 """zlib's default: a 942 KB drawing shrinks to about 150 KB in some 30 ms (in a worker thread)."""
-
-
-class DiagramError(Exception):
-    """Graphviz failed to draw the diagram."""
-
-
-async def render_svg(dot: str) -> str:
-    """Run graphviz's `dot` on `dot` in a subprocess (the event loop keeps serving meanwhile)."""
-    process = await asyncio.create_subprocess_exec(
-        "dot", "-Tsvg", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
-    out, err = await process.communicate(dot.encode())
-    if process.returncode != 0:
-        raise DiagramError(f"dot failed: {err.decode(errors='replace').strip()}")
-    return out.decode()
 
 
 class _FrozenNode:
@@ -100,9 +86,10 @@ class DiagramCache:
     """DOT and SVG of an engine's pipeline per set of expanded groups.
 
     Nothing slow runs on the event loop: the graph and its DOT text are made in a worker thread
-    from a copy of the engine's nodes, graphviz runs in a subprocess, and the SVG is compressed
-    in a worker thread. While the next drawing is made, requests get the previous one (marked as
-    not current), so a thousand-node redraw never holds a request up.
+    from a copy of the engine's nodes, graphviz runs in a subprocess (awaited in a worker
+    thread), and the SVG is compressed in a worker thread. While the next drawing is made,
+    requests get the previous one (marked as not current), so a thousand-node redraw never holds
+    a request up.
     """
 
     def __init__(self, engine: p.Engine) -> None:
@@ -147,7 +134,7 @@ class DiagramCache:
         try:
             dot = await asyncio.to_thread(_to_dot, _Frozen(self.engine), expand)
             if dot != view.dot or view.drawing is None:
-                svg = (await render_svg(dot)).encode()
+                svg = (await asyncio.to_thread(dot_to_svg, dot)).encode()
                 compressed = await asyncio.to_thread(gzip.compress, svg, _GZIP_LEVEL)
                 view.dot, view.drawing = dot, Drawing(svg, compressed, True)
             view.evaluations, view.failed = evaluations, None

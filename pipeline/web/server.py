@@ -101,7 +101,8 @@ CHANGES = web.AppKey("changes", ChangeFeed)
 # Building blocks
 
 
-def _e(value: object) -> str:
+def escape(value: object) -> str:
+    """`value` as HTML text (quotes escaped too, for attributes); None as nothing."""
     return html.escape("" if value is None else str(value))
 
 
@@ -117,7 +118,7 @@ def page(request: web.Request, title: str, body: str, *, status: int = 200) -> w
             if access.admin_token is not None else "builder (loopback)"
     else:
         login = 'viewer <a id="login-link" href="/login">Log in</a>'
-    text = TEMPLATES["base"].substitute(title=_e(title), body=body, role=login,
+    text = TEMPLATES["base"].substitute(title=escape(title), body=body, role=login,
                                         links=request.app[NAV_LINKS])
     return web.Response(text=text, content_type="text/html", status=status)
 
@@ -126,14 +127,14 @@ def _post_button(request: web.Request, action: str, label: str, element_id: str,
                  hidden: bool = False) -> str:
     """A form posting to `action` with the CSRF token: one button."""
     csrf = request.app[ACCESS].csrf_token(request)
-    return (f'<form class="action" method="post" action="{_e(action)}"'
+    return (f'<form class="action" method="post" action="{escape(action)}"'
             f'{" hidden" if hidden else ""}>'
-            f'<input type="hidden" name="csrf" value="{_e(csrf)}">'
-            f'<button id="{_e(element_id)}" type="submit">{_e(label)}</button></form>')
+            f'<input type="hidden" name="csrf" value="{escape(csrf)}">'
+            f'<button id="{escape(element_id)}" type="submit">{escape(label)}</button></form>')
 
 
 def _job_link(job_id: str) -> str:
-    return f'<a href="/job/{_e(job_id)}">{_e(job_id)}</a>'
+    return f'<a href="/job/{escape(job_id)}">{escape(job_id)}</a>'
 
 
 def _require(request: web.Request, role: Role) -> None:
@@ -213,10 +214,11 @@ async def index(request: web.Request) -> web.Response:
     drawing = await request.app[DIAGRAMS].drawing(_expand(request))
     svg = drawing.svg.decode()
     counts = "".join(
-        f'<li data-state="{_e(state)}"><span class="state state-{_e(state)}">{_e(state)}</span> '
-        f'<span class="count">{n}</span></li>' for state, n in info["counts"].items())
+        f'<li data-state="{escape(state)}"><span class="state state-{escape(state)}">'
+        f'{escape(state)}</span> <span class="count">{n}</span></li>'
+        for state, n in info["counts"].items())
     body = TEMPLATES["index"].substitute(
-        state=_e(info["state"]), counts=counts,
+        state=escape(info["state"]), counts=counts,
         # An older drawing makes the page's script fetch the current one at its first event.
         revision=info["revision"] if drawing.current else -1, svg=svg[svg.find("<svg"):])
     return page(request, "Pipeline", body)
@@ -320,13 +322,13 @@ async def job_page(request: web.Request) -> web.Response:
         if name in allowed or name == "rebuild")
     history = "".join(
         f'<li class="{"ok" if run.ok else "failed"}">{_job_link(run.job_id)} '
-        f'{_e(_stored_time(run.finished))} {"ok" if run.ok else _e(run.error)}'
+        f'{escape(_stored_time(run.finished))} {"ok" if run.ok else escape(run.error)}'
         f'{" (this job)" if run.job_id == job_id else ""}</li>'
         for run in _history(engine, job_id, entry))
     body = TEMPLATES["job"].substitute(
-        job_id=_e(job_id), state=_e(state), label=_e(label), started=_e(started),
-        finished=_e(finished), error=_e(error), actions=actions, history=history,
-        log_url=_e(f"/job/{job_id}/log"))
+        job_id=escape(job_id), state=escape(state), label=escape(label), started=escape(started),
+        finished=escape(finished), error=escape(error), actions=actions, history=history,
+        log_url=escape(f"/job/{job_id}/log"))
     return page(request, job_id, body)
 
 
@@ -435,9 +437,10 @@ async def job_action(request: web.Request) -> web.Response:
 async def jobs_page(request: web.Request) -> web.Response:
     """The jobs that are running, queued or waiting for confirmation."""
     rows = "".join(
-        f'<tr data-state="{_e(job.state)}"><td>{_job_link(job.id)}</td><td>{_e(job.label)}</td>'
-        f'<td class="state state-{_e(job.state)}">{_e(job.state)}</td>'
-        f"<td>{_e(job.started)}</td></tr>"
+        f'<tr data-state="{escape(job.state)}"><td>{_job_link(job.id)}</td>'
+        f"<td>{escape(job.label)}</td>"
+        f'<td class="state state-{escape(job.state)}">{escape(job.state)}</td>'
+        f"<td>{escape(job.started)}</td></tr>"
         for job in request.app[ENGINE].jobs.active())
     return page(request, "Jobs", TEMPLATES["jobs"].substitute(rows=rows))
 
@@ -466,7 +469,7 @@ def _stored_time(moment: datetime | None) -> str | None:
 
 
 def _options(values: Iterable[tuple[str, str]], selected: str) -> str:
-    return "".join(f'<option value="{_e(v)}"{" selected" if v == selected else ""}>{_e(t)}'
+    return "".join(f'<option value="{escape(v)}"{" selected" if v == selected else ""}>{escape(t)}'
                    "</option>" for v, t in values)
 
 
@@ -475,18 +478,18 @@ async def query_page(request: web.Request) -> web.Response:
     db = request.app[ENGINE].cache.db
     entries = db.query(**_query_filter(request), limit=QUERY_LIMIT)
     rows = "".join(
-        f'<tr><td><input type="checkbox" name="job" value="{_e(entry.job_id)}"></td>'
-        f"<td>{_job_link(entry.job_id)}</td><td>{_e(entry.op)}</td><td>{_e(entry.key_pp)}</td>"
-        f'<td class="{"ok" if entry.ok else "failed"}">{"ok" if entry.ok else _e(entry.error)}'
-        f"</td><td>{_e(_stored_time(entry.finished))}</td></tr>"
+        f'<tr><td><input type="checkbox" name="job" value="{escape(entry.job_id)}"></td>'
+        f"<td>{_job_link(entry.job_id)}</td><td>{escape(entry.op)}</td><td>{escape(entry.key_pp)}</td>"
+        f'<td class="{"ok" if entry.ok else "failed"}">{"ok" if entry.ok else escape(entry.error)}'
+        f"</td><td>{escape(_stored_time(entry.finished))}</td></tr>"
         for entry in entries)
     ops = db.ops()
     body = TEMPLATES["query"].substitute(
         ops=_options(((op, op) for op in ops), request.query.get("op", "")),
         outcomes=_options((("", "(any)"), ("true", "ok"), ("false", "failed")),
                           request.query.get("ok", "")),
-        since=_e(request.query.get("since", "")), rows=rows,
-        csrf=_e(request.app[ACCESS].csrf_token(request)))
+        since=escape(request.query.get("since", "")), rows=rows,
+        csrf=escape(request.app[ACCESS].csrf_token(request)))
     return page(request, "Query", body)
 
 
@@ -511,8 +514,8 @@ def _login_form(request: web.Request, message: str, status: int = 200) -> web.Re
     access = request.app[ACCESS]
     if access.admin_token is None:
         message = "No admin token is configured: anyone on this machine may act."
-    body = TEMPLATES["login"].substitute(message=_e(message),
-                                         csrf=_e(access.csrf_token(request)))
+    body = TEMPLATES["login"].substitute(message=escape(message),
+                                         csrf=escape(access.csrf_token(request)))
     return page(request, "Log in", body, status=status)
 
 
@@ -606,7 +609,8 @@ def make_app(engine: p.Engine, *, admin_token: str | None = None,
     app[STREAMS] = set()
     app[webhooks.SECRET] = webhook_secret
     app[webhooks.DELIVERIES] = webhooks.Deliveries()
-    app[NAV_LINKS] = "".join(f'<a href="{_e(url)}">{_e(label)}</a>\n' for url, label in extra_links)
+    app[NAV_LINKS] = "".join(f'<a href="{escape(url)}">{escape(label)}</a>\n'
+                             for url, label in extra_links)
     app.on_response_prepare.append(_headers)
     app.on_shutdown.append(_end_streams)
     job = "/job/{day}/{rest}"
