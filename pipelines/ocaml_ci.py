@@ -58,7 +58,7 @@ from pipeline.ocaml import status as St
 from pipeline.ocaml import web as ocaml_web
 from pipeline.primitives import git, git_webhook
 from pipeline.primitives.git import Commit
-from pipeline.primitives.obuilder import shared_builder
+from pipeline.primitives.obuilder import build_in_job, resolve_store
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "ocaml-hello"
 
@@ -186,24 +186,14 @@ async def _missing(job: p.Job, key: PlatformJob, platform: P.Platform) -> str | 
     """
     if not key.packages:
         return None
-    builder = await shared_builder(key.store, key.fetcher, job.state_dir)
     output = bytearray()
     names = sorted({package for package, _ in key.packages})
     job.log(f"Checking that {platform.name} has the packages {', '.join(names)}")
-    empty = Path(job.state_dir) / "ocaml-ci" / "empty"
-    await asyncio.to_thread(empty.mkdir, parents=True, exist_ok=True)
-    await builder.build(S.parse(_probe_spec(platform, names, key.opam_repository)), empty,
-                        log=output.extend)
+    await build_in_job(job, _probe_spec(platform, names, key.opam_repository), None,
+                       store=key.store, fetcher=key.fetcher, log=output.extend)
     missing = set(MISSING.findall(output.decode(errors="replace")))
     reasons = [reason for package, reason in key.packages if package in missing]
     return "; ".join(reasons) if reasons else None
-
-
-def _absolute(store: str, state_dir: Path) -> str:
-    """`store` with a relative PATH made absolute as the build primitive does (under the state
-    directory), for a reader who runs the build by hand elsewhere."""
-    kind, _, path = store.partition(":")
-    return store if Path(path).is_absolute() else f"{kind}:{Path(state_dir).absolute() / path}"
 
 
 @p.builder("ocaml-job", auto_cancel=True, pp=_pp_job, key_digest=_job_digest)
@@ -211,16 +201,15 @@ async def _run_job(job: p.Job, key: PlatformJob) -> dict[str, Any]:
     """Run one platform job: `{"job_id", "result"}`, or `{"job_id", "skipped"}`; fails with the
     failing step's error, its output being in the log."""
     if key.spec is not None:
-        # First, so that a reader of the log sees at once how to run this job by hand.
-        job.write(P.reproduce_block(key.spec, store=_absolute(key.store, job.state_dir)) + "\n")
+        # First, so that a reader of the log sees at once how to run this job by hand (the
+        # store as an absolute path: the reader runs it elsewhere).
+        job.write(P.reproduce_block(key.spec, store=resolve_store(key.store, job.state_dir))
+                  + "\n")
     skip = key.skip or await _missing(job, key, P.PLATFORMS[key.platform])
     if skip is not None or key.spec is None:
         job.log(f"Skipped: {skip}")
         return {"job_id": job.id, "skipped": skip}
-    builder = await shared_builder(key.store, key.fetcher, job.state_dir)
-    async with git.checkout(key.commit) as context:
-        result = await builder.build(S.parse(key.spec, filename="spec"), Path(context),
-                                     log=job.write)
+    result = await build_in_job(job, key.spec, key.commit, store=key.store, fetcher=key.fetcher)
     return {"job_id": job.id, "result": result}
 
 

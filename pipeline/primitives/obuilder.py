@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 import weakref
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 import pipeline as p
@@ -87,15 +87,14 @@ _builders: weakref.WeakKeyDictionary[
 ] = weakref.WeakKeyDictionary()
 
 
-def _resolve_store(store: str, state_dir: Path) -> tuple[str, Path | None]:
-    """`store` with a relative PATH made absolute under `state_dir`, and that directory (to be
-    created) if it was relative; a malformed `store` is returned as it is, for `open_store` to
+def resolve_store(store: str, state_dir: Path) -> str:
+    """`store` (`KIND:PATH`) as the build primitive opens it: a relative PATH is under
+    `state_dir`, made absolute; a malformed `store` is returned as it is, for `open_store` to
     refuse with its message."""
     kind, sep, path = store.partition(":")
     if kind not in KINDS or not sep or not path or Path(path).is_absolute():
-        return store, None
-    directory = state_dir.absolute() / path
-    return f"{kind}:{directory}", directory
+        return store
+    return f"{kind}:{Path(state_dir).absolute() / path}"
 
 
 STORES_FILE = "obuilder-stores.json"
@@ -154,7 +153,9 @@ async def shared_builder(store: str, fetcher: str | None, state_dir: Path) -> Bu
     opening is forgotten, so that the next build tries again.
     """
     loop = asyncio.get_running_loop()
-    resolved, create = _resolve_store(store, state_dir)
+    resolved = resolve_store(store, state_dir)
+    # A store under the state directory is ours to create; an absolute one must exist.
+    create = Path(resolved.partition(":")[2]) if resolved != store else None
     builders = _builders.setdefault(loop, {})
     memo = (resolved, fetcher)
     task = builders.get(memo)
@@ -186,22 +187,35 @@ async def _context_dir(commit: Commit | None) -> AsyncIterator[Path]:
         await asyncio.to_thread(os.rmdir, empty)
 
 
+async def build_in_job(job: p.Job, spec: str, commit: Commit | None, *, store: str,
+                       fetcher: str | None, log: Callable[[bytes], None] | None = None,
+                       secrets: Mapping[str, bytes] | None = None) -> str:
+    """Build the spec `spec` (its text) with a clean checkout of `commit` as the context (None:
+    an empty directory), inside the running `job`, on the shared builder of `store` (see
+    `shared_builder`) and `fetcher`; return the result id.
+
+    Each step's output goes to `log` (default: the job's log). Raises (failing the job) the
+    spec error, located by line and column, if the spec does not parse; the builder's error
+    naming the step if a step fails; git's error if the commit cannot be checked out.
+    Cancelling the job cancels the build: the running step's sandbox is killed unless another
+    build waits for that step.
+    """
+    parsed = S.parse(spec, filename="spec")
+    builder = await shared_builder(store, fetcher, job.state_dir)
+    async with _context_dir(commit) as context:
+        job.log(f"Building in {context}")
+        return await builder.build(parsed, context, log=log or job.write,
+                                   secrets=dict(secrets or {}))
+
+
 @p.builder(OP_ID, auto_cancel=True, config=BuildConfig, starts_job=True, pp=_pp,
            key_digest=_key_digest)
 async def _build(job: p.Job, key: BuildKey, config: BuildConfig) -> str:
-    """Build `key`, in `config`'s pool at its level, and return the result id.
-
-    Fails (the job's error, also the last line of its log) with the spec error, located by
-    line and column, if the spec does not parse; with the builder's error naming the step if a
-    step fails; with git's error if the commit cannot be checked out. Cancelling the job cancels
-    the build: the running step's sandbox is killed unless another build waits for that step.
-    """
+    """Build `key`, in `config`'s pool at its level, and return the result id; fails as
+    `build_in_job` describes."""
     await job.start(pool=config.pool, level=config.level)
-    parsed = S.parse(key.spec, filename="spec")
-    builder = await shared_builder(key.store, key.fetcher, job.state_dir)
-    async with _context_dir(key.commit) as context:
-        job.log(f"Building in {context}")
-        return await builder.build(parsed, context, log=job.write, secrets=dict(key.secrets))
+    return await build_in_job(job, key.spec, key.commit, store=key.store, fetcher=key.fetcher,
+                              secrets=dict(key.secrets))
 
 
 def build(
