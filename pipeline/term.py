@@ -76,7 +76,7 @@ class Const(Term[T]):
     kind = "const"
 
     def __init__(self, value: T, *, label: str | None = None) -> None:
-        super().__init__((), label if label is not None else _short_repr(value))
+        super().__init__((), label if label is not None else _value_label(value))
         self.value = value
 
 
@@ -340,9 +340,19 @@ class Primitive(Term[T]):
         self.config = config
 
 
-def _short_repr(value: Any, limit: int = 40) -> str:
+_SCALARS = (str, bytes, int, float, bool, type(None))
+MAX_DEFAULT_LABEL = 40
+"""The longest label a constant gets from its value."""
+
+
+def _value_label(value: Any) -> str:
+    """A constant's label when none is given: the repr of a scalar (`'main'`, `42`), shortened;
+    the type's name for anything else, whose repr is code rather than a name
+    (`Commit(repo='/tmp/...`)."""
+    if type(value) not in _SCALARS:
+        return type(value).__name__
     text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return text if len(text) <= MAX_DEFAULT_LABEL else text[: MAX_DEFAULT_LABEL - 1] + "…"
 
 
 def as_term(value: Term[T] | T) -> Term[T]:
@@ -354,7 +364,8 @@ def as_term(value: Term[T] | T) -> Term[T]:
 
 
 def const(value: T, *, label: str | None = None) -> Term[T]:
-    """A term whose value is always `value`."""
+    """A term whose value is always `value`, drawn as `label` (default: the repr of a scalar
+    value, the type's name of any other)."""
     return Const(value, label=label)
 
 

@@ -124,8 +124,13 @@ class PlatformJob:
 
     @property
     def name(self) -> str:
-        """The job's name in the status file and the diagram."""
+        """The job's name in the status file (as ocaml-ci names its jobs)."""
         return self.platform if self.kind == "build" else f"{self.platform} (lint-{self.kind})"
+
+    @property
+    def label(self) -> str:
+        """The job's name in the diagram: "debian-12-system build", "... lint-fmt"."""
+        return f"{self.platform} {'build' if self.kind == 'build' else 'lint-' + self.kind}"
 
 
 def _pp_job(key: PlatformJob) -> str:
@@ -309,7 +314,8 @@ def branch(head: p.Term[Commit], platforms: list[P.Platform], store: str,
         keys = [key for platform in platforms
                 for key in platform_jobs(value, platform, store, fetcher, opam_repository)]
         experimental = {platform.name: platform.experimental for platform in platforms}
-        states = [p.state(_run_job(p.const(key), label=key.name)) for key in keys]
+        states = [p.state(_run_job(p.const(key, label=f"{key.label} spec"), label=key.label))
+                  for key in keys]
         specs = [St.JobSpec(key.name, "ocaml-job", _job_digest(key),
                             experimental[key.platform]) for key in keys]
         return p.all(*states).map(lambda outputs: [specs, outputs], label="job states")
@@ -351,8 +357,9 @@ def branch(head: p.Term[Commit], platforms: list[P.Platform], store: str,
             target = _github_repo(head_commit.repo, github)
             if target is None:
                 return p.const(None, label="no GitHub repository")
-            return GH.github_status((target, head_commit.hash, "ocaml-ci"),
-                                    publication.map(_github_value, label="github state"),
+            key = p.const((target, head_commit.hash, "ocaml-ci"),
+                          label=f"{target}@{head_commit.short}")
+            return GH.github_status(key, publication.map(_github_value, label="github state"),
                                     token_file=github.token_file, api_url=github.api_url)
 
         published = p.pair(published, head.bind(report, label="github")).map(

@@ -1,7 +1,9 @@
-"""The OCaml CI tests' shared session store: Debian 12 debootstrapped once for every module."""
+"""The OCaml CI tests' shared session store (Debian 12 debootstrapped once for every module), and
+the check that its diagram's labels are for people."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -38,3 +40,28 @@ def ocaml_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         for point in mounts_under(directory):
             subprocess.run(["umount", "--lazy", point], check=False)
+
+
+LABEL_LIMIT = 40
+"""The longest label the OCaml CI pipeline's diagram may show."""
+_DOT_LABEL = re.compile(r'\[label=("(?:[^"\\]|\\.)*"|[^ \]]+)')
+# What Python's reprs look like: `Commit(repo=...`, a quoted absolute path, `<X object at 0x...>`.
+_REPR = re.compile(r"\(.*=|'/|object at")
+
+
+def drawn_labels(dot: str) -> list[str]:
+    """The label of every node in DOT text, unquoted."""
+    labels = []
+    for found in _DOT_LABEL.findall(dot):
+        labels.append(found[1:-1].replace('\\"', '"') if found.startswith('"') else found)
+    return labels
+
+
+def assert_labels_for_people(dot: str) -> list[str]:
+    """Check that every label drawn is short and no Python repr; return the labels."""
+    labels = drawn_labels(dot)
+    assert labels, dot
+    for label in labels:
+        assert len(label) <= LABEL_LIMIT, f"label over {LABEL_LIMIT} characters: {label!r}"
+        assert not _REPR.search(label), f"a Python repr as a label: {label!r}"
+    return labels

@@ -13,12 +13,13 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from ocaml_fixtures import HANG_GUARD, PIPELINE
+from ocaml_fixtures import HANG_GUARD, PIPELINE, assert_labels_for_people
 from test_build_primitive import Repo
 
 import pipeline as p
 from pipeline.cli import load_pipeline
 from pipeline.ocaml import status as St
+from pipeline.web.diagram import DiagramCache
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE_FILE = ROOT / "pipelines" / "ocaml_ci.py"
@@ -84,9 +85,11 @@ async def test_a_broken_test_fails_the_build_and_a_fix_passes_while_a_branch_bui
         tmp_path: Path, ocaml_store: str) -> None:
     repo = await hello_repo(tmp_path / "hello")
     state = tmp_path / "var"
-    async with p.Engine(ci(repo, ocaml_store), state_dir=state):
+    async with p.Engine(ci(repo, ocaml_store), state_dir=state) as engine:
         status = await final_status(state, repo, "main", await head(repo, "main"))
         assert status["result"] == "passed", status
+        labels = assert_labels_for_people(await DiagramCache(engine).dot())
+        assert {"analysis", "debian-12-system build"} <= set(labels), labels
         jobs = jobs_of(status)
         assert {name: job["state"] for name, job in jobs.items()} == {
             "(analysis)": "passed", "debian-12-system": "passed",

@@ -1,7 +1,9 @@
-"""The OCaml CI pipeline's reporting: GitHub commit statuses and its pages in the web UI.
+"""The OCaml CI pipeline's reporting: GitHub commit statuses, its pages in the web UI and its
+diagram.
 
 A repository without opam files fails at the analysis, which needs no sandbox: enough to see
-the result travel to the GitHub stand-in and to the pipeline's pages.
+the result travel to the GitHub stand-in and to the pipeline's pages. The demo project with a
+fetcher that has no images draws every node without running a step.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from types import ModuleType
 
 from aiohttp.test_utils import TestClient, TestServer
 from github_statuses import github_statuses
+from ocaml_fixtures import assert_labels_for_people
 
 import pipeline as p
 from pipeline.web.server import make_app
@@ -91,3 +94,28 @@ async def test_result_goes_to_github_and_to_the_pages(tmp_path: Path) -> None:
                 hook = await client.post("/webhooks/git", data=body, headers={
                     "X-Hub-Signature-256": f"sha256={signature}", "X-GitHub-Delivery": "d1"})
                 assert hook.status == 200 and await hook.json() == {"refreshed": 1}
+
+
+async def test_the_live_diagram_of_the_demo_has_labels_for_people(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    no_images = tmp_path / "no-images"
+    no_images.mkdir()
+    async with github_statuses(TOKEN) as github:
+        root = ocaml_ci.pipeline([
+            "--demo", "--demo-dir", str(tmp_path / "demo"), "--store", "rsync:store",
+            "--fetcher", f"local:{no_images}",
+            "--github-token-file", str(token_file), "--github-api-url", github.url,
+            "--github-repo", "owner/demo"])
+        commit = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=tmp_path / "demo",
+                                check=True, capture_output=True, text=True).stdout.strip()
+        async with p.Engine(root, state_dir=tmp_path / "var") as engine, \
+                TestClient(TestServer(make_app(engine))) as client:
+            await engine.wait_idle()
+            response = await client.get("/pipeline.dot")
+            assert response.status == 200
+            labels = assert_labels_for_people(await response.text())
+    # Every part was drawn: the analysis, each platform job (which failed for want of an image)
+    # and the GitHub status of the commit.
+    assert {"analysis", "debian-12-system build", "debian-12-system lint-opam",
+            "demo main", f"owner/demo@{commit}"} <= set(labels), labels

@@ -193,4 +193,5 @@ async def _publish(job: p.Job, key: StatusKey, publication: Publication) -> None
 
 def publish(repo: str, branch: str, publication: p.Term[Publication]) -> p.Term[None]:
     """Keep the status file of `branch` of `repo` up to date with `publication`."""
-    return _publish(StatusKey(repo, branch), publication, label="status")
+    return _publish(p.const(StatusKey(repo, branch), label=f"{repo} {branch}"), publication,
+                    label="status")
