@@ -445,6 +445,7 @@ def print_states(engine: Engine) -> None:
     import networkx as nx
 
     from pipeline.analysis import pipeline_graph
+    from pipeline.output import NodeState
 
     graph = pipeline_graph(engine.root, engine)
     order = {node_id: i for i, node_id in enumerate(graph)}
@@ -453,7 +454,7 @@ def print_states(engine: Engine) -> None:
         job = attrs["job_id"] or ""
         if job and attrs["cached"]:
             job += " (cached)"
-        error = attrs["error"] if attrs["state"] == "failed" else None
+        error = attrs["error"] if attrs["state"] == NodeState.FAILED else None
         if error:
             # One line per node, whatever the message holds.
             job = f"{job} {' '.join(error.split())}".lstrip()
