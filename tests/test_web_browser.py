@@ -38,7 +38,7 @@ WAIT_MS = 60_000
 """How long a browser-side condition may take before the test fails (generous on purpose)."""
 
 COLOURS = {"ok": "#90ee90", "running": "#ffa500", "failed": "#ff4500", "blocked": "#d3d3d3"}
-"""Node fills of DESIGN.md §3."""
+"""Node fills from the README's table of states."""
 
 NODE_FILL_JS = """
 (label) => {
