@@ -58,8 +58,8 @@ from pipeline.diagram import dot_to_svg
 EXPECTED_DIR = Path(__file__).parent / "expected"
 JOB_URL = re.compile(r'/job/[^"]+')
 
-# Fill colours from the README's table of states, written out here so that the table in pipeline.diagram is
-# checked rather than trusted.
+# Fill colours from the README's table of states, written out here so that the table in
+# pipeline.diagram is checked rather than trusted.
 SPEC_FILL = {
     "ok": 'fillcolor="#90ee90"',
     "running": 'fillcolor="#ffa500"',
