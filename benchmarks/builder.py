@@ -90,7 +90,7 @@ SNAPSHOT_BASES = {
 async def snapshot_times(store_spec: str) -> dict[str, float]:
     """Seconds to snapshot a tiny rootfs, one of 512 MB in 4 files, and one of 20,000 files."""
     store = DbStore(open_store(store_spec))
-    await store.open()
+    await store.clean()
     times = {}
     for name, (files, size) in SNAPSHOT_BASES.items():
         base_id = f"bench-{name}-base"

@@ -307,9 +307,11 @@ async def _healthcheck(options: argparse.Namespace) -> int:
 async def _clean(options: argparse.Namespace) -> int:
     from pipeline.obuilder.setup import open_builder
 
-    # Opening a builder cleans what crashed processes left: containers, then the store.
     builder = await open_builder(options.store, rsync_mode=options.rsync_mode)
-    builder.close()
+    try:
+        await builder.clean()
+    finally:
+        builder.close()
     return EXIT_OK
 
 

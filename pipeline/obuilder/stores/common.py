@@ -39,7 +39,7 @@ import re
 import shutil
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,7 +291,7 @@ class DirectoryStore(ABC):
         """See `Store.results`: the entries of `ROOT/result/`."""
         return sorted(await asyncio.to_thread(os.listdir, self.root / RESULT))
 
-    async def mark_used(self, id: str) -> None:
+    async def mark_used(self, ids: Iterable[str]) -> None:
         """See `Store.mark_used`: the directory stores keep no record of use."""
         return
 
