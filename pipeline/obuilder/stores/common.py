@@ -30,7 +30,6 @@ power failure a committed result may lack data the filesystem had not yet writte
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import functools
 import itertools
@@ -143,6 +142,9 @@ def check_name(what: str, name: str) -> str:
 
 @functools.cache
 def _renameat2() -> Callable[..., int]:
+    # ctypes is imported when first needed (releasing a cache copy), not by every command.
+    import ctypes
+
     renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
                           ctypes.c_uint]
@@ -154,6 +156,8 @@ def exchange(a: Path, b: Path) -> None:
     reader, or a crash, sees either the old pair or the new one. Raises OSError on failure."""
     at_fdcwd, rename_exchange = -100, 2
     if _renameat2()(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
+        import ctypes  # loaded by `_renameat2` already
+
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), str(a), None, str(b))
 
