@@ -209,14 +209,25 @@ class Builder:
         the current step unless another build is waiting for it too.
         """
         request = _Request(log, secrets)
-        async with self._space_guard():
+        async with self._space_guard(), self._noting_cache_hits(request):
+            return await self._build(spec, context, request, {})
+
+    @asynccontextmanager
+    async def _noting_cache_hits(self, request: _Request) -> AsyncIterator[None]:
+        """When the block ends, tell the store in one call which results `request` found in it
+        (`Store.mark_used`). If the block failed, its error is the one raised: failing to note
+        the uses as well (on the full disk that failed the build, say) only adds a note to it."""
+        try:
+            yield
+        except BaseException as failure:
             try:
-                return await self._build(spec, context, request, {})
-            finally:
                 await self._note_cache_hits(request)
+            except Exception as error:
+                failure.add_note(f"its cache hits were not noted as uses: {error}")
+            raise
+        await self._note_cache_hits(request)
 
     async def _note_cache_hits(self, request: _Request) -> None:
-        """Tell the store, in one call, which results `request` found in it."""
         if request.cache_hits:
             await self.store.mark_used(request.cache_hits)
 
@@ -252,11 +263,8 @@ class Builder:
         BuildError naming the step if the fetcher fails (nothing is saved then), StoreFull as
         `build` does."""
         request = _Request(log, _NO_SECRETS)
-        async with self._space_guard():
-            try:
-                id, _ = await self._from(image, request)
-            finally:
-                await self._note_cache_hits(request)
+        async with self._space_guard(), self._noting_cache_hits(request):
+            id, _ = await self._from(image, request)
         return id
 
     async def _from(self, image: str, request: _Request) -> tuple[str, dict[str, str]]:
