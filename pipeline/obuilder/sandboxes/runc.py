@@ -8,8 +8,9 @@ a tmpfs /dev, /dev/shm, /dev/pts, /dev/mqueue, a read-only /sys; hostname `build
 
 Several processes may share a state directory (they share the store it belongs to): each takes
 an owner token (`locks.Owner`) and names its bundles `bundle-TOKEN-*` and its containers
-`pipeline-TOKEN-*`. `clean` (at start-up) kills the containers and removes the bundles of
-tokens whose process has gone, e.g. a build killed with SIGKILL while its command ran on.
+`pipeline-TOKEN-*`. `clean` (before a builder's first step) kills the containers and removes the
+bundles of tokens whose process has gone, e.g. a build killed with SIGKILL while its command ran
+on.
 
 The rootfs is a build result in the making, so the sandbox leaves nothing of its own in it: the
 mount points it has to create (for /etc/hosts, caches, secrets, ...) are removed after the run, and

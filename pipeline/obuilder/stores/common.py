@@ -21,10 +21,10 @@ reach them through the store (`ROOT` itself may be world-accessible).
 
 Everything under the two -tmp directories is temporary. Several processes may use one store at
 once: a build in `result-tmp/ID` belongs to whoever holds the lock of step ID, a cache copy
-`cache-tmp/TOKEN-N-NAME` to the live owner TOKEN, and `clean()` (run at every start-up) removes
-only what nobody holds, i.e. what crashed processes left. Commits are renames, so a process
-killed at any point leaves a result complete or absent; nothing is synced to disk, so after a
-power failure a committed result may lack data the filesystem had not yet written.
+`cache-tmp/TOKEN-N-NAME` to the live owner TOKEN, and `clean()` (run before a builder's first
+step) removes only what nobody holds, i.e. what crashed processes left. Commits are renames, so a
+process killed at any point leaves a result complete or absent; nothing is synced to disk, so
+after a power failure a committed result may lack data the filesystem had not yet written.
 """
 
 from __future__ import annotations
