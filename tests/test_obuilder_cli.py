@@ -55,6 +55,14 @@ def project(tmp_path: Path) -> tuple[Path, Path]:
     return spec, context
 
 
+@pytest.fixture
+def rsync_root(tmp_path: Path) -> Path:
+    """An empty directory for an rsync store, which needs no filesystem of its own."""
+    root = tmp_path / "store"
+    root.mkdir()
+    return root
+
+
 @pytest.mark.parametrize("kind", sorted(STORE_FILESYSTEMS))
 def test_build_then_everything_from_cache(
     kind: str, project: tuple[Path, Path], busybox_images: Path,
@@ -79,11 +87,10 @@ def test_build_then_everything_from_cache(
 
 
 def test_a_cached_build_imports_no_engine_and_leaves_cleaning_to_a_build_that_runs_a_step(
-    project: tuple[Path, Path], busybox_images: Path, tmp_path: Path,
+    project: tuple[Path, Path], busybox_images: Path, rsync_root: Path,
 ) -> None:
     spec, context = project
-    root = tmp_path / "store"
-    root.mkdir()
+    root = rsync_root
     args = ["build", "-f", spec, context, "--store", f"rsync:{root}", "--image-dir",
             busybox_images]
     assert obuilder(*args).returncode == 0
@@ -194,11 +201,10 @@ def test_unreadable_spec_files_are_one_line_errors(tmp_path: Path) -> None:
 
 
 def test_store_upkeep_commands(
-    project: tuple[Path, Path], busybox_images: Path, tmp_path: Path,
+    project: tuple[Path, Path], busybox_images: Path, rsync_root: Path,
 ) -> None:
     spec, context = project
-    store = tmp_path / "store"
-    store.mkdir()
+    store = rsync_root
     option = ["--store", f"rsync:{store}"]
     built = obuilder("build", "-f", spec, context, *option, "--image-dir", busybox_images)
     assert built.returncode == 0, built.stderr
