@@ -96,6 +96,10 @@ class FakeStore:
         path = self._result(id)
         return path if path.is_dir() else None
 
+    async def has_result(self, id: str) -> bool:
+        """See `Store.has_result`."""
+        return self._result(id).is_dir()
+
     async def results(self) -> list[str]:
         """See `Store.results`."""
         return sorted(path.name for path in (self.root / "result").iterdir())

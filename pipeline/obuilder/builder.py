@@ -437,7 +437,7 @@ class Builder:
     async def _replay(self, id: str, live: _LiveLog) -> bool:
         """If result `id` is in the store, write its saved log to `live` and return True; else
         False."""
-        if await self.store.result(id) is None:
+        if not await self.store.has_result(id):
             return False
         saved = self.store.log_file(id)
         if saved.exists():

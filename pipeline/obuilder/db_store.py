@@ -229,6 +229,10 @@ class DbStore:
         """See `Store.result`; this does not count as a use (see `mark_used`)."""
         return await self.store.result(id)
 
+    async def has_result(self, id: str) -> bool:
+        """See `Store.has_result`; this does not count as a use (see `mark_used`)."""
+        return await self.store.has_result(id)
+
     async def results(self) -> list[str]:
         """See `Store.results`: the wrapped store's, whether the table knows them or not."""
         return await self.store.results()
@@ -240,7 +244,7 @@ class DbStore:
         process) on a result to be removed to finish first. Raises what the store raises if a
         removal fails; the results removed before that stay removed."""
         descendants = await self._sql(_descendants, id)
-        if not descendants and await self.store.result(id) is None:
+        if not descendants and not await self.store.has_result(id):
             await self._forget_deleted(id)
             return []
         doomed = [*descendants, id]

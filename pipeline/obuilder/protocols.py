@@ -94,6 +94,11 @@ class Store(Protocol):
         of it, held until `close`)."""
         ...
 
+    async def has_result(self, id: str) -> bool:
+        """Whether result `id` is in the store. Unlike `result`, it makes nothing readable: a
+        cache lookup needs no more (an overlayfs store would mount a view for `result`)."""
+        ...
+
     async def results(self) -> list[str]:
         """The ids of the committed results, sorted. Results that other processes commit or
         delete while this runs may or may not be listed; builds in progress never are."""

@@ -291,6 +291,10 @@ class DirectoryStore(ABC):
         path = self._result(id)
         return path if path.is_dir() else None
 
+    async def has_result(self, id: str) -> bool:
+        """See `Store.has_result`: whether `ROOT/result/ID` exists."""
+        return self._result(id).is_dir()
+
     async def results(self) -> list[str]:
         """See `Store.results`: the entries of `ROOT/result/`."""
         return sorted(await asyncio.to_thread(os.listdir, self.root / RESULT))
