@@ -79,7 +79,7 @@ async def pull_ours(image: str, work: Path) -> float:
     root = work / "store"
     root.mkdir()
     store = DbStore(open_store(f"rsync:{root}"))
-    await store.open()
+    await store.clean()
     fetcher = RegistryFetcher(work / "layer-cache")
 
     async def fetch(tmpdir: Path) -> None:

@@ -200,12 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `pipeline` command; returns the exit status."""
+    """Run the engine's commands, `pipeline run` and `pipeline diagram` (`pipeline.__main__`
+    sends `pipeline obuilder` to the builder's command line); returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["obuilder"]:
-        from pipeline.obuilder.cli import main as obuilder_main
-
-        return obuilder_main(args[1:])
     own, passed = _split_args(args)
     options = build_parser().parse_args(own)
     try:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,13 +96,17 @@ class FakeStore:
         path = self._result(id)
         return path if path.is_dir() else None
 
+    async def has_result(self, id: str) -> bool:
+        """See `Store.has_result`."""
+        return self._result(id).is_dir()
+
     async def results(self) -> list[str]:
         """See `Store.results`."""
         return sorted(path.name for path in (self.root / "result").iterdir())
 
-    async def mark_used(self, id: str) -> None:
+    async def mark_used(self, ids: Iterable[str]) -> None:
         """See `Store.mark_used`: appended to `used`."""
-        self.used.append(id)
+        self.used.extend(ids)
 
     async def delete(self, id: str) -> None:
         """See `Store.delete`."""

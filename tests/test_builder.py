@@ -103,7 +103,7 @@ async def make_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path) 
     root = new_store_root(kind, request, tmp_path)
     backend, _, mode = kind.partition("-")
     store = DbStore(open_store(f"{backend}:{root}", rsync_mode=mode or "copy"))
-    await store.open()
+    await store.clean()
     return store
 
 

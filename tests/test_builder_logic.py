@@ -152,7 +152,7 @@ async def test_a_cache_hit_is_recorded_as_a_use_by_the_result_table(
         return now
 
     db = DbStore(store, clock=clock)
-    await db.open()
+    await db.clean()
     builder = Builder(db, sandbox, fetcher)
     try:
         prepared, _ = await build(builder, '((from base) (run (shell "prepare")))', context)

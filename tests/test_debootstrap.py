@@ -48,7 +48,7 @@ def debian12(btrfs_mount: Path, tmp_path_factory: pytest.TempPathFactory) -> Deb
 
     async def build() -> tuple[str, str]:
         store = DbStore(BtrfsStore(root))
-        await store.open()
+        await store.clean()
         builder = Builder(store, RuncSandbox(root / "state" / "sandbox"), DebootstrapFetcher())
         log = RecordingLog()
         result = await builder.build(S.parse(SPEC), images, log=log)

@@ -120,7 +120,7 @@ async def made(tmp: Path) -> None:
 
 async def test_prune_and_clean_leave_alone_what_another_process_holds(tmp_path: Path) -> None:
     db = DbStore(RsyncStore(tmp_path))
-    await db.open()
+    await db.clean()
     for id in ("a", "b"):
         async with db.lock(id):
             await db.build(None, id, made)

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -27,10 +28,20 @@ GOT = re.compile(r'^Got: "([0-9a-f]{64})"$')
 
 
 
-def obuilder(*args: str | Path, env: dict[str, str] | None = None
-             ) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "pipeline", "obuilder", *map(str, args)]
+def obuilder(*args: str | Path, env: dict[str, str] | None = None,
+             python_options: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, *python_options, "-m", "pipeline", "obuilder", *map(str, args)]
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+
+
+def imported_modules(importtime_report: str) -> set[str]:
+    """The modules a process imported, from what `python -X importtime` wrote on its stderr."""
+    modules = set()
+    for line in importtime_report.splitlines():
+        fields = line.removeprefix("import time:").split("|")
+        if line.startswith("import time:") and len(fields) == 3 and fields[1].strip().isdigit():
+            modules.add(fields[2].strip())
+    return modules
 
 
 @pytest.fixture
@@ -42,6 +53,14 @@ def project(tmp_path: Path) -> tuple[Path, Path]:
     spec = tmp_path / "build.spec"
     spec.write_text(SPEC)
     return spec, context
+
+
+@pytest.fixture
+def rsync_root(tmp_path: Path) -> Path:
+    """An empty directory for an rsync store, which needs no filesystem of its own."""
+    root = tmp_path / "store"
+    root.mkdir()
+    return root
 
 
 @pytest.mark.parametrize("kind", sorted(STORE_FILESYSTEMS))
@@ -65,6 +84,42 @@ def test_build_then_everything_from_cache(
     assert len([ln for ln in again if ln.startswith("---> using")]) == 4
     assert not [ln for ln in again if ln.startswith("---> saved")]
     assert "done: hello" in again, "the cached log is replayed"
+
+
+def test_a_cached_build_imports_no_engine_and_leaves_cleaning_to_a_build_that_runs_a_step(
+    project: tuple[Path, Path], busybox_images: Path, rsync_root: Path,
+) -> None:
+    spec, context = project
+    root = rsync_root
+    args = ["build", "-f", spec, context, "--store", f"rsync:{root}", "--image-dir",
+            busybox_images]
+    assert obuilder(*args).returncode == 0
+    # What crashed processes left: a build whose step nobody holds, and a cache copy of an owner
+    # that has gone.
+    unfinished = root / "result-tmp" / ("0" * 64)
+    unfinished.mkdir()
+    orphan_copy = root / "cache-tmp" / "p1x00000000-0-c"
+    orphan_copy.mkdir()
+
+    cached = obuilder(*args, python_options=["-X", "importtime"])
+    assert cached.returncode == 0, cached.stderr
+    assert "---> saved" not in cached.stdout
+    modules = imported_modules(cached.stderr)
+    assert "pipeline.obuilder.builder" in modules, "the report lists the builder's modules"
+    engine = sorted(name for name in modules
+                    if name.startswith("pipeline.") and not name.startswith("pipeline.obuilder"))
+    assert engine == []
+    # Neither the web's HTTP library nor the fetchers' image unpacking: nothing is fetched.
+    assert not modules & {"aiohttp", "tarfile", "pipeline.obuilder.fetchers.unpack"}
+    # Nothing ran, so nothing was cleaned ...
+    assert unfinished.exists() and orphan_copy.exists()
+
+    # ... until a build runs a step: the leftovers are gone before it.
+    spec.write_text(SPEC.replace("done:", "finished:"))
+    built = obuilder(*args)
+    assert built.returncode == 0, built.stderr
+    assert "finished: hello" in built.stdout.splitlines()
+    assert not unfinished.exists() and not orphan_copy.exists()
 
 
 def test_failed_step_exits_1_and_is_not_saved(
@@ -146,11 +201,10 @@ def test_unreadable_spec_files_are_one_line_errors(tmp_path: Path) -> None:
 
 
 def test_store_upkeep_commands(
-    project: tuple[Path, Path], busybox_images: Path, tmp_path: Path,
+    project: tuple[Path, Path], busybox_images: Path, rsync_root: Path,
 ) -> None:
     spec, context = project
-    store = tmp_path / "store"
-    store.mkdir()
+    store = rsync_root
     option = ["--store", f"rsync:{store}"]
     built = obuilder("build", "-f", spec, context, *option, "--image-dir", busybox_images)
     assert built.returncode == 0, built.stderr

@@ -122,6 +122,24 @@ async def test_build_and_result(root: Path) -> None:
     assert_no_build_left(root)
 
 
+async def test_looking_a_result_up_mounts_nothing(root: Path) -> None:
+    store = OverlayfsStore(root)
+
+    async def make(tmp: Path) -> None:
+        write(tmp / "rootfs" / "f", "f\n")
+
+    await store.build(None, "a", make)
+    await store.build("a", "b", make)
+    assert await store.has_result("b") and not await store.has_result("missing")
+    assert mounts_under(root) == []
+    # `result` mounts the view, to make the rootfs readable.
+    b = await store.result("b")
+    assert b is not None and (b / "rootfs" / "f").read_text() == "f\n"
+    assert mounts_under(root) == [str(b / "rootfs")]
+    store.close()
+    assert mounts_under(root) == []
+
+
 async def test_chain_deletes_and_replaces(root: Path, busybox_rootfs: Path) -> None:
     """Layer 3 deletes a file of layer 1, replaces a directory with a directory and another
     with a file, all by commands run in the merged rootfs; each result shows its own state."""

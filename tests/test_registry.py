@@ -500,7 +500,7 @@ async def test_a_build_from_a_registry_image_runs_then_is_cached(
     root = tmp_path / "store"
     root.mkdir()
     store = DbStore(open_store(f"rsync:{root}", rsync_mode="copy"))
-    await store.open()
+    await store.clean()
     builder = Builder(store, RuncSandbox(tmp_path / "runc"), RegistryFetcher(tmp_path / "cache"))
     spec = S.parse(f'((from {images.name("busybox:latest")})\n'
                    f' (run (shell "echo $GREETING > /out; cat /out")))')

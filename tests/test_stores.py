@@ -312,8 +312,7 @@ async def test_results_lists_committed_results_only(store: Store) -> None:
 async def test_backends_keep_no_record_of_use(store: Store, store_root: Path) -> None:
     await store.build(None, "a", writes({"f": "a"}))
     before = snapshot(store_root)
-    await store.mark_used("a")
-    await store.mark_used("unknown")
+    await store.mark_used(["a", "unknown"])
     assert snapshot(store_root) == before
 
 
@@ -412,7 +411,7 @@ def clock() -> Clock:
 @pytest.fixture
 async def db(store: Store, clock: Clock) -> AsyncIterator[DbStore]:
     db = DbStore(store, clock=clock)
-    await db.open()
+    await db.clean()
     yield db
 
 
@@ -445,14 +444,14 @@ async def test_db_delete_removes_descendants(db: DbStore) -> None:
 
 async def test_db_prune_least_recently_used_first(db: DbStore, clock: Clock) -> None:
     await db.build(None, "a", writes({}))       # a used at 1
-    await db.build("a", "b", writes({}))        # a used at 2, b at 3
-    await db.build(None, "x", writes({}))       # x at 4
-    await db.mark_used("b")                     # b at 5
-    # Only results with no children are candidates: x (4) before b (5); a has a child.
+    await db.build("a", "b", writes({}))        # a and b used at 2
+    await db.build(None, "x", writes({}))       # x at 3
+    await db.mark_used(["b"])                   # b at 4
+    # Only results with no children are candidates: x (3) before b (4); a has a child.
     assert await db.prune(FAR_FUTURE, limit=1) == ["x"]
     assert await db.result("x") is None
-    # Used at 5, so not used before 5.
-    assert await db.prune(datetime.fromtimestamp(5, UTC)) == []
+    # Used at 4, so not used before 4.
+    assert await db.prune(datetime.fromtimestamp(4, UTC)) == []
     # Once b is gone, a has no children and goes too.
     assert await db.prune(FAR_FUTURE) == ["b", "a"]
     assert await db.result("a") is None
@@ -492,7 +491,7 @@ async def test_db_open_reconciles_table_and_results(
     await store.build(None, "z", writes({}))
 
     reopened = DbStore(open_kind(kind, store_root), clock=clock)
-    await reopened.open()
+    await reopened.clean()
     assert await reopened.result("z") is None
     # What was built on the vanished result goes with it.
     assert await reopened.result("c") is None

@@ -12,7 +12,9 @@ A step's id is the SHA-256 of everything that determines its result (see "Step i
 
 `comment`, `workdir`, `env`, `user` and `shell` only change the context later steps see.
 
-A step whose id is in the store is not run again: its saved log is replayed. Steps that two
+A step whose id is in the store is not run again: its saved log is replayed, and the result is
+noted as used (`Store.mark_used`, for pruning) once the build ends, all its cache hits together
+in one write. Steps that two
 builds need at the same time run once: within a builder, the second build follows the first
 one's live log and gets the same result or error; across builders and processes sharing a
 store, the second waits for the step's lock (`Store.lock`) and then finds the result (or, if
@@ -29,6 +31,10 @@ container see, so they leave nothing behind even if the builder is killed (SIGKI
 and mounts them read-only (mode 0400, owned by the step's user). They are not part of the step
 id, so a build that joins a step already running shares the result made with the first build's
 secret values.
+
+Before the first step a builder runs, it cleans what crashed processes left (`Builder.clean`):
+not when it is made, so that a fully cached build does no start-up work beyond looking its
+results up.
 
 A build refuses to start on a full store (see `full_store`), and one that runs out of space (a
 write, a store tool, the result table) fails with `StoreFull`: one line naming the store, its free
@@ -50,7 +56,7 @@ import re
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, BinaryIO
@@ -134,6 +140,16 @@ class _Tee:
 
 
 @dataclass
+class _Request:
+    """One call of `Builder.build` (or `fetch_base`): where its output goes, the secret values
+    it was given, and the results it found in the store (noted as used when it ends)."""
+
+    log: Callable[[bytes], None]
+    secrets: Mapping[str, bytes]
+    cache_hits: list[str] = field(default_factory=list)
+
+
+@dataclass
 class _Step:
     """A step in progress (or being looked up in the store), shared by the builds needing it."""
 
@@ -160,6 +176,25 @@ class Builder:
         self.sandbox = sandbox
         self.fetcher = fetcher
         self._running: dict[str, _Step] = {}
+        # Start-up cleaning, done (or being done) before the first step runs; see `clean`.
+        self._cleaning: asyncio.Future[None] | None = None
+
+    async def clean(self) -> None:
+        """Remove what crashed processes left: their containers first (a crashed build's
+        command may still be writing in its rootfs), then the store's temporary state (and, for
+        a `DbStore`, reconcile its table). Live processes' work is spared. Done once before the
+        first step this builder runs; call it to clean without building."""
+        await self.sandbox.clean()
+        await self.store.clean()
+
+    async def _clean_before_first_step(self) -> None:
+        """Run `clean` unless it has run (or is running) for this builder; a failed or
+        cancelled attempt is tried again by the next step."""
+        attempt = self._cleaning
+        if attempt is None or (attempt.done() and (attempt.cancelled() or attempt.exception())):
+            attempt = self._cleaning = asyncio.ensure_future(self.clean())
+        # Shielded: a cancelled step must not cancel the cleaning other steps wait for.
+        await asyncio.shield(attempt)
 
     async def build(self, spec: S.Spec, context: Path, *, log: Callable[[bytes], None],
                     secrets: Mapping[str, bytes] = _NO_SECRETS) -> str:
@@ -173,8 +208,28 @@ class Builder:
         store is full (see `full_store`) or runs out of space. Cancelling the calling task stops
         the current step unless another build is waiting for it too.
         """
-        async with self._space_guard():
-            return await self._build(spec, context, log, secrets, {})
+        request = _Request(log, secrets)
+        async with self._space_guard(), self._noting_cache_hits(request):
+            return await self._build(spec, context, request, {})
+
+    @asynccontextmanager
+    async def _noting_cache_hits(self, request: _Request) -> AsyncIterator[None]:
+        """When the block ends, tell the store in one call which results `request` found in it
+        (`Store.mark_used`). If the block failed, its error is the one raised: failing to note
+        the uses as well (on the full disk that failed the build, say) only adds a note to it."""
+        try:
+            yield
+        except BaseException as failure:
+            try:
+                await self._note_cache_hits(request)
+            except Exception as error:
+                failure.add_note(f"its cache hits were not noted as uses: {error}")
+            raise
+        await self._note_cache_hits(request)
+
+    async def _note_cache_hits(self, request: _Request) -> None:
+        if request.cache_hits:
+            await self.store.mark_used(request.cache_hits)
 
     @asynccontextmanager
     async def _space_guard(self) -> AsyncIterator[None]:
@@ -186,20 +241,20 @@ class Builder:
         async with reporting_full(lambda: self.store):
             yield
 
-    async def _build(self, spec: S.Spec, context: Path, log: Callable[[bytes], None],
-                     secrets: Mapping[str, bytes], stages: Mapping[str, str]) -> str:
+    async def _build(self, spec: S.Spec, context: Path, request: _Request,
+                     stages: Mapping[str, str]) -> str:
         # A stage sees the stages of its enclosing scopes and its own earlier children.
         scope = dict(stages)
         for name, child in spec.child_builds:
-            scope[name] = await self._build(child, context, log, secrets, scope)
-        result, image_env = await self._from(spec.from_, log)
+            scope[name] = await self._build(child, context, request, scope)
+        result, image_env = await self._from(spec.from_, request)
         for op, ctx in S.contexts(spec.ops):
             match op:
                 case S.Run():
                     result = await self._run(result, ctx, {**image_env, **dict(ctx.env)}, op,
-                                             log, secrets)
+                                             request)
                 case S.Copy():
-                    result = await self._copy(result, ctx, op, context, scope, log)
+                    result = await self._copy(result, ctx, op, context, scope, request)
         return result
 
     async def fetch_base(self, image: str, *, log: Callable[[bytes], None]) -> str:
@@ -207,11 +262,12 @@ class Builder:
         not, and return its id; `log` gets the step's header, output and outcome. Raises
         BuildError naming the step if the fetcher fails (nothing is saved then), StoreFull as
         `build` does."""
-        async with self._space_guard():
-            id, _ = await self._from(image, log)
+        request = _Request(log, _NO_SECRETS)
+        async with self._space_guard(), self._noting_cache_hits(request):
+            id, _ = await self._from(image, request)
         return id
 
-    async def _from(self, image: str, log: Callable[[bytes], None]) -> tuple[str, dict[str, str]]:
+    async def _from(self, image: str, request: _Request) -> tuple[str, dict[str, str]]:
         """The result of `(from image)` and the image's environment."""
         id = from_id(image)
 
@@ -223,16 +279,18 @@ class Builder:
             if info.digest is not None:
                 (tmp / DIGEST).write_text(info.digest)
 
-        await self._step(id, None, S.from_text(image), log, work)
+        await self._step(id, None, S.from_text(image), request, work)
         directory = await self._result(id)
         return id, json.loads((directory / "env.json").read_text())
 
     async def _run(self, parent: str, ctx: S.Context, env: Mapping[str, str], op: S.Run,
-                   log: Callable[[bytes], None], secrets: Mapping[str, bytes]) -> str:
+                   request: _Request) -> str:
         id = step_id(op="run", parent=parent, workdir=ctx.workdir, user=_user_key(ctx.user),
                      env=sorted(env.items()), shell=ctx.shell, command=op.shell,
                      network=list(op.network),
                      secrets=[[s.id, s.target] for s in op.secrets])
+
+        secrets = request.secrets
 
         async def work(tmp: Path, step_log: Log) -> None:
             rootfs = tmp / "rootfs"
@@ -256,11 +314,11 @@ class Builder:
                                                 for s in op.secrets])
                 await self.sandbox.run(config, rootfs, log=step_log)
 
-        await self._step(id, parent, _header(ctx, op), log, work)
+        await self._step(id, parent, _header(ctx, op), request, work)
         return id
 
     async def _copy(self, parent: str, ctx: S.Context, op: S.Copy, context: Path,
-                    stages: Mapping[str, str], log: Callable[[bytes], None]) -> str:
+                    stages: Mapping[str, str], request: _Request) -> str:
         if isinstance(op.from_, S.Build):
             stage: str | None = stages[op.from_.name]
             src_dir = await self._result(stage) / "rootfs"
@@ -276,7 +334,7 @@ class Builder:
             uid, gid = _resolve_user(rootfs, ctx.user)
             await asyncio.to_thread(plan.write, rootfs, uid, gid)
 
-        await self._step(id, parent, _header(ctx, op), log, work)
+        await self._step(id, parent, _header(ctx, op), request, work)
         return id
 
     async def _result(self, id: str) -> Path:
@@ -285,10 +343,11 @@ class Builder:
             raise BuildError(f"result {id} has disappeared from the store (deleted or pruned)")
         return directory
 
-    async def _step(self, id: str, base: str | None, header: str,
-                    log: Callable[[bytes], None], work: Work) -> None:
+    async def _step(self, id: str, base: str | None, header: str, request: _Request,
+                    work: Work) -> None:
         """Make sure result `id` exists, doing `work` on a copy of `base` if it does not,
-        and write the step's header, output and outcome to `log`."""
+        and write the step's header, output and outcome to the build's log."""
+        log = request.log
         log(f"{header}\n".encode())
         while True:
             step = self._running.get(id)
@@ -312,6 +371,8 @@ class Builder:
             raise
         finally:
             step.log.unfollow(log)
+        if cached:
+            request.cache_hits.append(id)
         outcome = f'---> using "{id}" from cache' if cached else f'---> saved as "{id}"'
         log(f"{outcome}\n".encode())
 
@@ -352,6 +413,9 @@ class Builder:
         holding the step's lock so that no other process builds it at the same time."""
         if await self._replay(id, live):
             return True
+        # Before the step's lock is taken: cleaning never waits for a lock, but deleting what
+        # the result table says is gone may.
+        await self._clean_before_first_step()
 
         async def fn(tmp: Path) -> None:
             # The log is part of the result directory, so the store commits it with the rootfs.
@@ -371,11 +435,10 @@ class Builder:
         return False
 
     async def _replay(self, id: str, live: _LiveLog) -> bool:
-        """If result `id` is in the store, mark it used, write its saved log to `live` and
-        return True; else False."""
-        if await self.store.result(id) is None:
+        """If result `id` is in the store, write its saved log to `live` and return True; else
+        False."""
+        if not await self.store.has_result(id):
             return False
-        await self.store.mark_used(id)
         saved = self.store.log_file(id)
         if saved.exists():
             live.write(await asyncio.to_thread(saved.read_bytes))

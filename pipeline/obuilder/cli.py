@@ -11,9 +11,11 @@ import os
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from datetime import datetime
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -138,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _timestamp(text: str) -> datetime:
+    from datetime import UTC, datetime
+
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
@@ -307,9 +311,11 @@ async def _healthcheck(options: argparse.Namespace) -> int:
 async def _clean(options: argparse.Namespace) -> int:
     from pipeline.obuilder.setup import open_builder
 
-    # Opening a builder cleans what crashed processes left: containers, then the store.
     builder = await open_builder(options.store, rsync_mode=options.rsync_mode)
-    builder.close()
+    try:
+        await builder.clean()
+    finally:
+        builder.close()
     return EXIT_OK
 
 

@@ -23,7 +23,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from pathlib import Path
@@ -52,10 +52,13 @@ no room and made again at the next start-up with room for it."""
 # write) kills the process with SIGBUS. A rollback journal fails with "database or disk is full".
 # A database left in WAL mode is converted with the lock held exclusively, in which mode SQLite
 # keeps the WAL index in memory, not in `-shm`.
+# The tables are made in one transaction: each commit syncs the file and its journal several
+# times, which on btrfs costs milliseconds.
 _SCHEMA = """
 PRAGMA locking_mode = EXCLUSIVE;
 PRAGMA journal_mode = DELETE;
 PRAGMA locking_mode = NORMAL;
+BEGIN;
 CREATE TABLE IF NOT EXISTS results (
     id       TEXT PRIMARY KEY,
     created  REAL NOT NULL,
@@ -71,6 +74,7 @@ END;
 CREATE TRIGGER IF NOT EXISTS result_removed AFTER DELETE ON results BEGIN
     UPDATE results SET children = children - 1 WHERE id = OLD.parent;
 END;
+COMMIT;
 """
 
 
@@ -80,10 +84,14 @@ def _add(db: sqlite3.Connection, id: str, parent: str | None, now: float) -> Non
     db.execute("INSERT INTO results (id, created, used, parent) "
                "VALUES (?, ?, ?, (SELECT id FROM results WHERE id = ?))",
                (id, now, now, parent))
+    if parent is not None:
+        # Building on a result is a use of it: recorded in the same transaction, which is
+        # one commit (and its syncs) per step.
+        _set_used(db, [parent], now)
 
 
-def _set_used(db: sqlite3.Connection, id: str, now: float) -> None:
-    db.execute("UPDATE results SET used = ? WHERE id = ?", (now, id))
+def _set_used(db: sqlite3.Connection, ids: Iterable[str], now: float) -> None:
+    db.executemany("UPDATE results SET used = ? WHERE id = ?", [(now, id) for id in ids])
 
 
 def _remove(db: sqlite3.Connection, ids: list[str]) -> None:
@@ -123,8 +131,9 @@ def _least_recently_used(db: sqlite3.Connection, cutoff: float, busy: list[str])
 class DbStore:
     """A `Store` that records every result of the store it wraps, and can prune them.
 
-    Create it, then `await open()` before anything else. `delete`, `prune` and `open` are the
-    only ways results should be removed, or the table falls out of step until the next `open`.
+    Create it, then `await clean()` before building anything (a `Builder` does so before its
+    first step), so that what a crash left is gone. `delete`, `prune` and `clean` are the only
+    ways results should be removed, or the table falls out of step until the next `clean`.
     """
 
     def __init__(self, store: Store, *, clock: Callable[[], float] = time.time) -> None:
@@ -156,21 +165,16 @@ class DbStore:
 
         return await asyncio.to_thread(transaction)
 
-    async def open(self) -> None:
-        """Start-up: make the reserve if missing (see `RESERVE_BYTES`), and the store and its
-        table consistent after a crash (see `clean`)."""
-        await asyncio.to_thread(self._keep_reserve)
-        await self.clean()
-
     async def clean(self) -> None:
-        """Remove the wrapped store's temporary state, then reconcile the table with the
-        results on disk: results that are gone are forgotten, with everything built on them
-        (a store may keep only differences from a base, as overlayfs does, so they cannot be
-        trusted without it); results the table does not know (committed just before a crash,
-        before being recorded) are deleted, unless their step is locked (a live process has
-        just committed one and is recording it). Raises what the store raises if a removal
-        fails.
+        """Start-up work: make the reserve if missing (see `RESERVE_BYTES`), remove the wrapped
+        store's temporary state, then reconcile the table with the results on disk: results
+        that are gone are forgotten, with everything built on them (a store may keep only
+        differences from a base, as overlayfs does, so they cannot be trusted without it);
+        results the table does not know (committed just before a crash, before being recorded)
+        are deleted, unless their step is locked (a live process has just committed one and is
+        recording it). Raises what the store raises if a removal fails.
         """
+        await asyncio.to_thread(self._keep_reserve)
         await self.store.clean()
         recorded = await self._sql(_ids)
         present = set(await self.store.results())
@@ -187,8 +191,8 @@ class DbStore:
         self, base: str | None, id: str, fn: Callable[[Path], Awaitable[None]]
     ) -> None:
         """See `Store.build` (the caller holds `lock(id)` until this returns); on success `id`
-        is recorded as a child of `base`, and `base` is marked used. While it runs, `base`'s
-        lock is held shared, so no process prunes or deletes `base`.
+        is recorded as a child of `base`, and `base` is marked used. Until then `base`'s lock
+        is held shared, so no process prunes or deletes `base`.
 
         Raises BuildError if `base` is being deleted or pruned (by another process: if it was
         deleted before the build could start); otherwise whatever the store or `fn` raises,
@@ -203,18 +207,18 @@ class DbStore:
         self._in_progress[base] += 1
         try:
             async with self.store.lock(base, shared=True):
-                await self.mark_used(base)
                 await self.store.build(base, id, fn)
+                # Still holding `base`: once recorded, it has a child, which prune never takes.
+                await self._sql(_add, id, base, self._clock())
         finally:
             self._in_progress[base] -= 1
             if not self._in_progress[base]:
                 del self._in_progress[base]
-        await self._sql(_add, id, base, self._clock())
 
-    async def mark_used(self, id: str) -> None:
-        """See `Store.mark_used`: records the time in the table, for `prune`. Nothing happens
-        for an id the table does not know."""
-        await self._sql(_set_used, id, self._clock())
+    async def mark_used(self, ids: Iterable[str]) -> None:
+        """See `Store.mark_used`: records the time in the table, for `prune`, in one
+        transaction. Nothing happens for an id the table does not know."""
+        await self._sql(_set_used, list(ids), self._clock())
 
     @property
     def kind(self) -> str:
@@ -224,6 +228,10 @@ class DbStore:
     async def result(self, id: str) -> Path | None:
         """See `Store.result`; this does not count as a use (see `mark_used`)."""
         return await self.store.result(id)
+
+    async def has_result(self, id: str) -> bool:
+        """See `Store.has_result`; this does not count as a use (see `mark_used`)."""
+        return await self.store.has_result(id)
 
     async def results(self) -> list[str]:
         """See `Store.results`: the wrapped store's, whether the table knows them or not."""
@@ -236,7 +244,7 @@ class DbStore:
         process) on a result to be removed to finish first. Raises what the store raises if a
         removal fails; the results removed before that stay removed."""
         descendants = await self._sql(_descendants, id)
-        if not descendants and await self.store.result(id) is None:
+        if not descendants and not await self.store.has_result(id):
             await self._forget_deleted(id)
             return []
         doomed = [*descendants, id]

@@ -10,7 +10,6 @@ store tool saying "No space left on device", SQLite's "database or disk is full"
 from __future__ import annotations
 
 import errno
-import shlex
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -82,6 +81,8 @@ async def space_problem(store: Store) -> StoreFull | None:
 
 
 def _full_error(store: Store, usage: DiskUsage) -> StoreFull:
+    import shlex  # here: only a full store needs it
+
     spec = shlex.quote(store_spec(store))
     free, total, needed = (f"{n // 2**20} MiB" for n in (usage.free, usage.total,
                                                          min_free(usage)))

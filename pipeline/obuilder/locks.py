@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
-import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -153,7 +152,7 @@ class Owner:
     def __init__(self, directory: Path) -> None:
         """Take a new token and its lock. Raises OSError if `directory` cannot be written."""
         while True:
-            self.token = f"p{os.getpid()}x{secrets.token_hex(4)}"
+            self.token = f"p{os.getpid()}x{os.urandom(4).hex()}"
             self._lock = FileLock(directory / self.token)
             if self._lock.try_acquire():
                 break

@@ -9,7 +9,7 @@ Nothing here (or anywhere under `pipeline/obuilder/`) imports the engine.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,17 +94,22 @@ class Store(Protocol):
         of it, held until `close`)."""
         ...
 
+    async def has_result(self, id: str) -> bool:
+        """Whether result `id` is in the store. Unlike `result`, it makes nothing readable: a
+        cache lookup needs no more (an overlayfs store would mount a view for `result`)."""
+        ...
+
     async def results(self) -> list[str]:
         """The ids of the committed results, sorted. Results that other processes commit or
         delete while this runs may or may not be listed; builds in progress never are."""
         ...
 
-    async def mark_used(self, id: str) -> None:
-        """Note that result `id` was used just now (a cache hit, or a build on it), so that
-        pruning removes the least recently used results first. A store that keeps no record of
-        use does nothing (the backends: `DbStore` keeps the record); so does an unknown id. The
-        caller promises nothing about locks: a use noted for a result deleted meanwhile is
-        lost."""
+    async def mark_used(self, ids: Iterable[str]) -> None:
+        """Note that results `ids` were used just now (cache hits), so that pruning removes the
+        least recently used results first; one call notes them all at once. A store that keeps
+        no record of use does nothing (the backends: `DbStore` keeps the record); an unknown id
+        is ignored. The caller promises nothing about locks: a use noted for a result deleted
+        meanwhile is lost."""
         ...
 
     async def delete(self, id: str) -> None:

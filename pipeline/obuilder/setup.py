@@ -20,14 +20,14 @@ if TYPE_CHECKING:
 
 
 async def open_db_store(store_spec: str, *, rsync_mode: str = "copy") -> DbStore:
-    """The store `store_spec` (`KIND:PATH`) with its result table, opened (which also removes
-    what a crash left). Raises what `open_store` raises for a malformed spec, an unknown kind, a
+    """The store `store_spec` (`KIND:PATH`) with its result table, cleaned (what a crash left
+    is removed). Raises what `open_store` raises for a malformed spec, an unknown kind, a
     missing directory or a refused filesystem, and sqlite3.Error for an unusable table."""
     from pipeline.obuilder.stores import open_store
 
     store = DbStore(open_store(store_spec, rsync_mode=rsync_mode))
     try:
-        await store.open()
+        await store.clean()
     except BaseException:
         store.close()
         raise
@@ -88,8 +88,9 @@ async def open_builder(store_spec: str, *, rsync_mode: str = "copy", fetcher: st
                        cpus: float | None = None, fast_sync: bool = False) -> Builder:
     """A builder on the store `store_spec` with a runc sandbox (its state under the store's
     `state/sandbox`) and the fetcher `select_fetcher` chooses; `memory`, `cpus` and `fast_sync`
-    configure the sandbox (see `RuncSandbox`). What crashed processes left is cleaned first:
-    their containers, then the store's temporary state.
+    configure the sandbox (see `RuncSandbox`). What crashed processes left is cleaned before
+    the builder's first step runs (see `Builder.clean`), not here: a fully cached build needs
+    none of it.
 
     Raises what `open_db_store`, `select_fetcher` and `RuncSandbox` raise: BuildError for a
     bad store or fetcher, or when not running as root; MissingTool without runc.
@@ -105,12 +106,4 @@ async def open_builder(store_spec: str, *, rsync_mode: str = "copy", fetcher: st
     except BaseException:
         store.close()
         raise
-    builder = Builder(store, sandbox, chosen)
-    try:
-        # Containers first: a crashed build's command may still be writing in its rootfs.
-        await sandbox.clean()
-        await store.open()
-    except BaseException:
-        builder.close()
-        raise
-    return builder
+    return Builder(store, sandbox, chosen)

@@ -25,7 +25,6 @@ characters escaped, so that an error is one line that cannot drive the terminal 
 from __future__ import annotations
 
 import bisect
-import difflib
 import json
 import posixpath
 import re
@@ -437,6 +436,9 @@ _NAMES_SHOWN = 10
 def _unknown_build(name: str, scope: _Scope) -> str:
     message = f"unknown build `{_shown(name)}`"
     names = scope.names()
+    # Imported here: only a misspelt spec needs it, and a cached build starts faster without.
+    import difflib
+
     close = difflib.get_close_matches(name, names, n=1)
     if close:
         return f"{message}; did you mean `{_shown(close[0])}`?"

@@ -8,8 +8,9 @@ a tmpfs /dev, /dev/shm, /dev/pts, /dev/mqueue, a read-only /sys; hostname `build
 
 Several processes may share a state directory (they share the store it belongs to): each takes
 an owner token (`locks.Owner`) and names its bundles `bundle-TOKEN-*` and its containers
-`pipeline-TOKEN-*`. `clean` (at start-up) kills the containers and removes the bundles of
-tokens whose process has gone, e.g. a build killed with SIGKILL while its command ran on.
+`pipeline-TOKEN-*`. `clean` (before a builder's first step) kills the containers and removes the
+bundles of tokens whose process has gone, e.g. a build killed with SIGKILL while its command ran
+on.
 
 The rootfs is a build result in the making, so the sandbox leaves nothing of its own in it: the
 mount points it has to create (for /etc/hosts, caches, secrets, ...) are removed after the run, and
@@ -29,15 +30,13 @@ private mount namespace where they are files on a tmpfs that disappears with the
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
-import platform
 import shutil
 import signal
 import stat
 import sys
-import tempfile
-import uuid
 import weakref
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
@@ -47,7 +46,6 @@ from typing import Any
 from pipeline.obuilder import confined
 from pipeline.obuilder.locks import Owner, is_live_owner
 from pipeline.obuilder.protocols import BuildError, Log, MissingTool, SandboxConfig
-from pipeline.obuilder.sandboxes import secret_namespace
 
 CAPABILITIES = (
     "CAP_CHOWN",  # change file owners (package managers unpack files owned by other users)
@@ -84,6 +82,8 @@ quota."""
 
 _INSTALL_RUNC = "runc not found: apt-get install runc"
 _BUNDLE_PREFIX = "bundle-"
+_SECRET_NAMESPACE = Path(__file__).with_name("secret_namespace.py")
+"""The launcher of commands with secrets (`secret_namespace`), run as a file."""
 _CONTAINER_PREFIX = "pipeline-"
 
 
@@ -298,6 +298,7 @@ class RuncSandbox:
         self._runc_root.mkdir(parents=True, exist_ok=True)
         self._owners = self.state_dir / "owner"
         self._owner = Owner(self._owners)
+        self._bundles = itertools.count()
         self._finalizer = weakref.finalize(self, self._owner.release)
 
     def close(self) -> None:
@@ -369,7 +370,7 @@ class RuncSandbox:
                 "syscalls": [{"names": list(SYNC_SYSCALLS), "action": "SCMP_ACT_ERRNO",
                               "errnoRet": 0}],
             }
-            arches = _SECCOMP_ARCHES.get(platform.machine())
+            arches = _SECCOMP_ARCHES.get(os.uname().machine)
             if arches:
                 seccomp["architectures"] = arches
             linux["seccomp"] = seccomp
@@ -419,8 +420,9 @@ class RuncSandbox:
         case the container, its bundle and the mount points made in `rootfs` are gone on return.
         """
         rootfs = rootfs.resolve()
-        bundle = Path(tempfile.mkdtemp(prefix=f"{_BUNDLE_PREFIX}{self._owner.token}-",
-                                       dir=self.state_dir))
+        # The owner's token makes the name unique among processes, the count within this one.
+        bundle = self.state_dir / f"{_BUNDLE_PREFIX}{self._owner.token}-{next(self._bundles)}"
+        bundle.mkdir(mode=0o700)
         root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         created: list[_MountPoint] = []
         # Anonymous memory files: they vanish with the processes holding them.
@@ -441,7 +443,7 @@ class RuncSandbox:
                 secrets_dir.mkdir(mode=0o700)
                 for fd, secret in zip(values, config.secrets, strict=True):
                     os.write(fd, secret.value)
-                launcher = [sys.executable, "-I", secret_namespace.__file__,
+                launcher = [sys.executable, "-I", str(_SECRET_NAMESPACE),
                             str(bundle / "runc.log"), str(secrets_dir), str(config.uid),
                             str(config.gid), *map(str, values), "--"]
             await self._run_bundle(bundle, log=log, stdin=stdin, cancelled=cancelled,
@@ -458,7 +460,7 @@ class RuncSandbox:
                           pass_fds: Sequence[int]) -> None:
         """`runc run` the bundle. A non-empty `launcher` is a command that ends by exec'ing
         the runc command line appended to it (`secret_namespace`); it inherits `pass_fds`."""
-        container_id = f"{_CONTAINER_PREFIX}{self._owner.token}-{uuid.uuid4().hex[:16]}"
+        container_id = f"{_CONTAINER_PREFIX}{self._owner.token}-{os.urandom(8).hex()}"
         runc_log = bundle / "runc.log"
         try:
             proc = await asyncio.create_subprocess_exec(

@@ -21,16 +21,15 @@ reach them through the store (`ROOT` itself may be world-accessible).
 
 Everything under the two -tmp directories is temporary. Several processes may use one store at
 once: a build in `result-tmp/ID` belongs to whoever holds the lock of step ID, a cache copy
-`cache-tmp/TOKEN-N-NAME` to the live owner TOKEN, and `clean()` (run at every start-up) removes
-only what nobody holds, i.e. what crashed processes left. Commits are renames, so a process
-killed at any point leaves a result complete or absent; nothing is synced to disk, so after a
-power failure a committed result may lack data the filesystem had not yet written.
+`cache-tmp/TOKEN-N-NAME` to the live owner TOKEN, and `clean()` (run before a builder's first
+step) removes only what nobody holds, i.e. what crashed processes left. Commits are renames, so a
+process killed at any point leaves a result complete or absent; nothing is synced to disk, so
+after a power failure a committed result may lack data the filesystem had not yet written.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import functools
 import itertools
@@ -39,7 +38,7 @@ import re
 import shutil
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +142,9 @@ def check_name(what: str, name: str) -> str:
 
 @functools.cache
 def _renameat2() -> Callable[..., int]:
+    # ctypes is imported when first needed (releasing a cache copy), not by every command.
+    import ctypes
+
     renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
                           ctypes.c_uint]
@@ -154,6 +156,8 @@ def exchange(a: Path, b: Path) -> None:
     reader, or a crash, sees either the old pair or the new one. Raises OSError on failure."""
     at_fdcwd, rename_exchange = -100, 2
     if _renameat2()(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
+        import ctypes  # loaded by `_renameat2` already
+
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), str(a), None, str(b))
 
@@ -287,11 +291,15 @@ class DirectoryStore(ABC):
         path = self._result(id)
         return path if path.is_dir() else None
 
+    async def has_result(self, id: str) -> bool:
+        """See `Store.has_result`: whether `ROOT/result/ID` exists."""
+        return self._result(id).is_dir()
+
     async def results(self) -> list[str]:
         """See `Store.results`: the entries of `ROOT/result/`."""
         return sorted(await asyncio.to_thread(os.listdir, self.root / RESULT))
 
-    async def mark_used(self, id: str) -> None:
+    async def mark_used(self, ids: Iterable[str]) -> None:
         """See `Store.mark_used`: the directory stores keep no record of use."""
         return
 

@@ -39,8 +39,8 @@ it. Mounting one takes a few milliseconds. Every process using a view holds a sh
 so a process that exits normally leaves nothing mounted. Mounting and unmounting a view happen
 under `state/lock/view-mount/ID`.
 
-**Crashes and other processes.** `clean()` (at every start-up) unmounts and removes what
-crashed processes left: builds under the two `-tmp` directories whose step lock is free, views
+**Crashes and other processes.** `clean()` (before a builder's first step) unmounts and removes
+what crashed processes left: builds under the two `-tmp` directories whose step lock is free, views
 nobody holds, and layers and views whose result does not exist (left by a crash between the two
 renames of a commit, or in the middle of a deletion). What a live process holds is left alone.
 
