@@ -27,7 +27,7 @@ from pipeline.clock import Clock, SystemClock
 from pipeline.jobs import Confirmation, JobRegistry
 from pipeline.level import Level
 from pipeline.monitor import Monitor, Watcher
-from pipeline.nodes import NODE_CLASSES, Node
+from pipeline.nodes import NODE_CLASSES, Node, error_message
 from pipeline.output import NodeState, Output
 from pipeline.term import Term, as_term
 from pipeline.usercode import Interrupted
@@ -285,7 +285,15 @@ class Engine:
                     continue
                 node.dirty = False
                 self.evaluations += 1
-                node.evaluate()
+                try:
+                    node.evaluate()
+                except CycleError:
+                    raise
+                except Exception as exc:
+                    # A bug, or the world failing under a node (no file descriptor left, a full
+                    # disk), fails that node: the rest of the pipeline is still evaluated.
+                    _log.debug("evaluating %r failed", node.term.label, exc_info=True)
+                    node.fail(error_message(exc))
         except CycleError as exc:
             self.fatal = exc
         except Interrupted:

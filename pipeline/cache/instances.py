@@ -8,6 +8,7 @@ only what `Host` describes from the engine that runs it, so it can be run withou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -73,6 +74,8 @@ class Instance:
         self._timer: Timer | None = None
         self.job_ids: list[str] = []
         """The jobs this instance ran, each findable through `Cache.find` while it lives."""
+        self.key_pp = ""
+        """The key's description for people (`Operation.pp`), made when a job starts."""
 
     def _decode(self, entry: Entry | None) -> Any:
         if entry is None or not entry.ok or self.is_publisher:
@@ -152,12 +155,15 @@ class Instance:
             self._timer = None
 
     def _start(self) -> None:
-        self._cancel_timer()
+        # What may raise (the key's description is user code, making a job may fail) comes
+        # before anything changes: a failed start leaves the instance as it was, not busy for ever.
+        self.key_pp = self.op.pp(self.key)
         options = self.op.options
         # The declaration's pool and level are the defaults of the run's `job.start`; a key
         # never built goes before rebuilds in its pool.
         job = self.cache.host.jobs.create(self.op.id, level=options.level, pool=options.pool,
                                           high_priority=self.outcome is None)
+        self._cancel_timer()
         self.job = job
         self.cache.working.add(job)
         self._sticky_cancel = True
@@ -195,11 +201,12 @@ class Instance:
     async def _run(self, job: Job, value: Any, config: Any) -> None:
         task = asyncio.current_task()
         assert task is not None
-        job.log(f"{self.op.id}: {self.op.pp(self.key)}")
         error: str | None = None
         encoded = ""
         result: Any = None
         try:
+            # Inside the try: a log that cannot be written fails the job like any other error.
+            job.log(f"{self.op.id}: {self.key_pp}")
             # Before the start, which an operation that starts its own job awaits inside its
             # function: a cancellation while it waits for confirmation or a slot ends the run.
             job.on_cancel(lambda _reason: task.cancel())
@@ -221,7 +228,7 @@ class Instance:
         job.finish(error)
         sticky = error is None or job.cancelled_reason is None or self._sticky_cancel
         self.outcome = Entry(
-            job_id=job.id, op=self.op.id, key_digest=self.key_digest, key_pp=self.op.pp(self.key),
+            job_id=job.id, op=self.op.id, key_digest=self.key_digest, key_pp=self.key_pp,
             ok=error is None, value=encoded if error is None else None, error=error,
             started=job.started, finished=job.finished or self.cache.host.clock.now(),
             sticky=sticky, value_digest=self._running_digest,
@@ -380,16 +387,19 @@ class Cache:
 
     def _finish_interrupted(self, job_id: str) -> datetime:
         """End the log of a job whose process died; when it finished: when its log was last
-        written, which is about when the process died."""
+        written, which is about when the process died (now if it had written none)."""
         log = self.host.jobs.log_path(job_id)
         now = self.host.clock.now()
         try:
             finished = datetime.fromtimestamp(log.stat().st_mtime, UTC)
+        except OSError:
+            finished = now
+        # A job that died before writing anything gets a log saying so.
+        with contextlib.suppress(OSError):
+            log.parent.mkdir(parents=True, exist_ok=True)
             with log.open("a") as file:
                 # On a line of its own: the log may end in the middle of one.
                 file.write(f"\n{now:%Y-%m-%d %H:%M.%S}: Job failed: {INTERRUPTED}\n")
-        except OSError:
-            finished = now
         return finished
 
     def close(self) -> None:
@@ -434,7 +444,7 @@ class Cache:
         """Note that `job` is not finished, so that a process that dies before it is can be told
         at the next start (see `open`)."""
         self.db.note_unfinished(job.id, instance.op.id, instance.key_digest,
-                                instance.op.pp(instance.key), job.started)
+                                instance.key_pp, job.started)
         self._commit_soon()
 
     def _commit_soon(self) -> None:
