@@ -162,9 +162,11 @@ class Job:
         self._slot: PoolSlot | None = None
         self._acquiring: asyncio.Future[PoolSlot] | None = None
         # Set by approve(), cancel() and threshold changes: anything that may end a
-        # confirmation wait.
-        self._wakeup = asyncio.Event()
-        self._done = asyncio.Event()
+        # confirmation wait. Both events are made when first waited for: most jobs of a big
+        # pipeline never wait for confirmation, nor does anyone wait for them to finish.
+        self._wakeup: asyncio.Event | None = None
+        self._done = False
+        self._done_event: asyncio.Event | None = None
         self._state_callbacks: list[Callable[[Job], None]] = []
         self._cancel_callbacks: list[Callable[[str], None]] = []
 
@@ -216,7 +218,7 @@ class Job:
         OSError if the log cannot be written (a full disk, a log of the same name left by an
         earlier process).
         """
-        if self._done.is_set():
+        if self._done:
             raise RuntimeError(f"job {self.id} has finished; its log is closed")
         # A character that cannot be encoded must not fail the job that is logging it.
         raw = data.encode("utf-8", errors="replace") if isinstance(data, str) else data
@@ -265,7 +267,8 @@ class Job:
         Approving a job before it reaches the confirmation check also counts.
         """
         self._approved = True
-        self._wakeup.set()
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     def cancel(self, reason: str = "Cancelled") -> None:
         """Ask the job to stop, recording `reason`.
@@ -274,11 +277,12 @@ class Job:
         called with `reason` (a callback's exception is written to the job log so that the others
         still run). Does nothing if the job has finished or was already cancelled.
         """
-        if self._done.is_set() or self._cancelled_reason is not None:
+        if self._done or self._cancelled_reason is not None:
             return
         self._cancelled_reason = reason
         self._log_regardless(f"Cancelling: {reason}")
-        self._wakeup.set()
+        if self._wakeup is not None:
+            self._wakeup.set()
         if self._acquiring is not None:
             self._acquiring.cancel()
         for callback in self._cancel_callbacks:
@@ -307,7 +311,7 @@ class Job:
         slot and wakes :meth:`wait_done`. Raises RuntimeError if the job has already finished, or
         if a :meth:`start` is still waiting (cancel it and let it raise first).
         """
-        if self._done.is_set():
+        if self._done:
             raise RuntimeError(f"job {self.id} has already finished")
         if self._starting:
             raise RuntimeError(f"job {self.id} cannot finish while start() is waiting; cancel it")
@@ -318,16 +322,22 @@ class Job:
         if self._slot is not None:
             self._slot.release()
             self._slot = None
-        self._done.set()
+        self._done = True
+        if self._done_event is not None:
+            self._done_event.set()
         self._set_state(JobState.OK if error is None else JobState.FAILED)
 
     async def wait_done(self) -> None:
         """Wait until :meth:`finish` has been called."""
-        await self._done.wait()
+        if self._done:
+            return
+        if self._done_event is None:
+            self._done_event = asyncio.Event()
+        await self._done_event.wait()
 
     def actions(self) -> set[str]:
         """The actions a user may take now: a subset of ``{"cancel", "start-now"}``."""
-        if self._done.is_set() or self._cancelled_reason is not None:
+        if self._done or self._cancelled_reason is not None:
             return set()
         if self._state is JobState.WAITING_FOR_CONFIRMATION:
             return {"cancel", "start-now"}
@@ -337,7 +347,7 @@ class Job:
         """Stream this job's log from byte offset `start` until the job has finished (a log not
         written yet is waited for; a job that finished without one streams nothing)."""
         try:
-            async for chunk in follow_log(self.log_path, done=self._done.is_set, start=start):
+            async for chunk in follow_log(self.log_path, done=lambda: self._done, start=start):
                 yield chunk
         except FileNotFoundError:
             if self._log_created:
@@ -372,13 +382,14 @@ class Job:
             f"Waiting for confirmation: level {self.level} is at or above "
             f"the threshold {self._confirmation.threshold}"
         )
-        self._confirmation._waiters.add(self._wakeup)
+        wakeup = self._wakeup = asyncio.Event()
+        self._confirmation._waiters.add(wakeup)
         try:
             while self._must_wait_for_confirmation():
-                await self._wakeup.wait()
-                self._wakeup.clear()
+                await wakeup.wait()
+                wakeup.clear()
         finally:
-            self._confirmation._waiters.discard(self._wakeup)
+            self._confirmation._waiters.discard(wakeup)
         self._raise_if_cancelled()
 
     async def _acquire_slot(self, pool: Pool) -> PoolSlot:

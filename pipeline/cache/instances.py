@@ -88,10 +88,11 @@ class Instance:
         """Whether this is a publisher's instance."""
         return isinstance(self.op, PublisherOp)
 
-    def notify(self) -> None:
-        """Re-evaluate every node using this instance."""
+    def notify(self, *, besides: PrimitiveNode | None = None) -> None:
+        """Re-evaluate every node using this instance (but `besides`, being evaluated now)."""
         for node in tuple(self.users):
-            self.cache.host.schedule(node)
+            if node is not besides:
+                self.cache.host.schedule(node)
 
     def add_user(self, node: PrimitiveNode) -> None:
         """`node` now wants this key."""
@@ -130,7 +131,8 @@ class Instance:
         return self._expired(outcome)
 
     def update(self) -> None:
-        """Start a job if one is needed and wanted; otherwise arrange for expiry."""
+        """Start a job if one is needed and wanted; otherwise arrange for expiry. The users are
+        not told: the caller notifies them."""
         if self.job is not None:
             if (self.is_publisher and self.op.options.auto_cancel and self.desired is not None
                     and self._running_digest != self.desired[1]):
@@ -175,7 +177,6 @@ class Instance:
         self.cache.note_unfinished(self, job)
         self._task = self.cache.host.loop.create_task(self._run(job, value, self.config),
                                                       name=f"job {job.id}")
-        self.notify()
 
     def _on_job_state(self, job: Job) -> None:
         if job.state is JobState.RUNNING:
@@ -331,7 +332,11 @@ class PrimitiveNode(Node):
             return
         self._switch(instance)
         instance.config = self.term.config
+        running = instance.job
         instance.update()
+        if instance.job is not running:
+            # A job started: the instance's other users show it too, as this node does below.
+            instance.notify(besides=self)
         self.engine.set_output(self, instance.output_for(self))
 
     def destroy(self) -> None:
@@ -448,7 +453,12 @@ class Cache:
         self._commit_soon()
 
     def _commit_soon(self) -> None:
-        """Commit at the end of this loop iteration, once for all the writes made in it."""
+        """Commit at the end of this loop iteration, once for all the writes made in it.
+
+        The commit is queued on the loop before the task of any job made after the write: a
+        job's note in `unfinished` is on disk before the job runs its first step, so a process
+        killed while the job does anything is told of it at the next start.
+        """
         if not self._commit_pending:
             self._commit_pending = True
             self.host.loop.call_soon(self._commit)
