@@ -14,7 +14,7 @@ publisher do no work). After the first evaluation settles, one branch moves to a
 
 Both report the time of the first evaluation until idle, the time until idle after the change
 and the number of nodes evaluated for it, the peak memory (RSS) and the peak number of open file
-descriptors (counted after every round of evaluation and at most every millisecond while jobs
+descriptors (counted after every round of evaluation and at most every 10 ms while jobs
 change state). Prints JSON.
 """
 
@@ -89,7 +89,7 @@ def branches_pipeline(branches: p.Variable[list[tuple[str, str]]]) -> p.Term[lis
 
 class FdPeak:
     """The peak number of open file descriptors while `counting`: counted after every round of
-    evaluation, and when a job changes state at most once a millisecond (a sampling thread would
+    evaluation, and when a job changes state at most every 10 ms (a sampling thread would
     take the GIL from the event loop and slow what it measures)."""
 
     def __init__(self) -> None:
@@ -103,9 +103,9 @@ class FdPeak:
             self.peak = max(self.peak, len(os.listdir("/proc/self/fd")))
 
     def count_soon(self, _job: p.Job) -> None:
-        """Count them unless they were counted less than a millisecond ago."""
+        """Count them unless they were counted less than 10 ms ago."""
         now = time.perf_counter()
-        if self.counting and now - self._last >= 0.001:
+        if self.counting and now - self._last >= 0.01:
             self._last = now
             self.count()
 
