@@ -1,11 +1,14 @@
-"""The engine at scale: what it holds does not grow with the number of jobs (open files), and a
-failure while evaluating one node fails that node, never the engine."""
+"""The engine at scale: what it holds does not grow with the number of jobs (open files), a
+failure while evaluating one node fails that node, never the engine, and the cache's batched
+writes still note every job on disk before it runs."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -158,3 +161,26 @@ async def test_logs_that_cannot_be_written_fail_their_jobs_and_the_engine_goes_o
         await asyncio.wait_for(engine.wait_idle(), HANG_GUARD)
         assert builds(engine)[-1].output == Ok("C")
         assert engine.node_for(count).output == Ok(3)  # type: ignore[union-attr]
+
+
+async def test_every_job_is_noted_unfinished_on_disk_before_its_build_runs(
+        tmp_path: Path) -> None:
+    seen: dict[str, bool] = {}
+
+    @p.builder("noted")
+    async def noted(job: Job, key: str) -> str:
+        # Another connection sees only what was committed: what a restart after a kill sees.
+        with contextlib.closing(sqlite3.connect(tmp_path / "db.sqlite")) as other:
+            seen[key] = other.execute("SELECT count(*) FROM unfinished WHERE job_id = ?",
+                                      (job.id,)).fetchone() == (1,)
+        return key
+
+    names = [f"n{i}" for i in range(50)]
+    root = p.list_map(lambda name: noted(name), p.const(names))
+    async with Engine(root, state_dir=tmp_path) as engine:
+        await asyncio.wait_for(engine.wait_idle(), HANG_GUARD)
+        assert engine.root_output() == Ok(names)
+    assert seen == dict.fromkeys(names, True)
+    with contextlib.closing(sqlite3.connect(tmp_path / "db.sqlite")) as db:
+        assert db.execute("SELECT count(*) FROM unfinished").fetchone() == (0,)
+        assert db.execute("SELECT count(*) FROM jobs WHERE op = 'noted'").fetchone() == (50,)
