@@ -10,6 +10,7 @@ raise heights as needed, and a dependency that would close a loop is reported as
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import heapq
 import itertools
@@ -27,7 +28,7 @@ from pipeline.clock import Clock, SystemClock
 from pipeline.jobs import Confirmation, JobRegistry
 from pipeline.level import Level
 from pipeline.monitor import Monitor, Watcher
-from pipeline.nodes import NODE_CLASSES, Node
+from pipeline.nodes import NODE_CLASSES, Node, error_message
 from pipeline.output import NodeState, Output
 from pipeline.term import Term, as_term
 from pipeline.usercode import Interrupted
@@ -107,8 +108,12 @@ class Engine:
         self.halted = False
         self._nodes: dict[Term[Any], Node] = {}
         self._uids = itertools.count()
-        self._heap: list[tuple[int, int, Node]] = []
-        self._seq = itertools.count()
+        # The nodes to evaluate, by height, each height in the order scheduled; and the heights
+        # that have nodes, as a heap. A bucket per height rather than one heap of nodes: a round
+        # of tens of thousands of nodes spans a few heights, so scheduling and taking the next
+        # node cost the same whatever the size of the round.
+        self._queued: dict[int, collections.deque[Node]] = {}
+        self._heights: list[int] = []
         self._kicked = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle = asyncio.Event()
@@ -256,11 +261,18 @@ class Engine:
         if node.dead or node.dirty or self.halted:
             return
         node.dirty = True
-        heapq.heappush(self._heap, (node.height, next(self._seq), node))
+        self._enqueue(node)
         if not self._kicked:
             self._kicked = True
             self._idle.clear()
             self.loop.call_soon(self._process)
+
+    def _enqueue(self, node: Node) -> None:
+        bucket = self._queued.get(node.height)
+        if bucket is None:
+            bucket = self._queued[node.height] = collections.deque()
+            heapq.heappush(self._heights, node.height)
+        bucket.append(node)
 
     def set_output(self, node: Node, output: Output) -> None:
         """Record `node`'s new output and schedule its readers if it changed."""
@@ -273,25 +285,40 @@ class Engine:
     def _process(self) -> None:
         self._kicked = False
         began = time.perf_counter()
-        heap = self._heap
+        queued, heights = self._queued, self._heights
         try:
-            while heap and self.fatal is None:
-                height, _, node = heapq.heappop(heap)
+            while heights and self.fatal is None:
+                height = heights[0]
+                bucket = queued[height]
+                if not bucket:
+                    heapq.heappop(heights)
+                    del queued[height]
+                    continue
+                node = bucket.popleft()
                 if node.dead or not node.dirty:
                     continue
                 if height != node.height:
                     if height < node.height:
-                        heapq.heappush(heap, (node.height, next(self._seq), node))
+                        self._enqueue(node)
                     continue
                 node.dirty = False
                 self.evaluations += 1
-                node.evaluate()
+                try:
+                    node.evaluate()
+                except CycleError:
+                    raise
+                except Exception as exc:
+                    # A bug, or the world failing under a node (no file descriptor left, a full
+                    # disk), fails that node: the rest of the pipeline is still evaluated.
+                    _log.debug("evaluating %r failed", node.term.label, exc_info=True)
+                    node.fail(error_message(exc))
         except CycleError as exc:
             self.fatal = exc
         except Interrupted:
             self.halted = True
         if self.fatal is not None or self.halted:
-            heap.clear()
+            queued.clear()
+            heights.clear()
         self.last_round_seconds = time.perf_counter() - began
         for listener in tuple(self._change_listeners):
             listener()
@@ -329,7 +356,7 @@ class Engine:
         return (
             self.fatal is not None
             or (not self._kicked
-                and not self._heap
+                and not self._heights
                 and not any(w.busy for w in self._watchers.values())
                 and not self.cache.busy())
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import enum
 import os
 import random
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
     from pipeline.cache.storage import Database
 
 _LABEL_MAX = 40
+_OPEN_LOGS_MAX = 128
+"""How many job logs a registry keeps open for writing at once: enough for every job of a busy CI
+writing output at the same time, few enough that a process with 100,000 jobs stays far from its
+limit of open files."""
 _UNSAFE_LABEL_CHAR = re.compile(r"[^A-Za-z0-9_.-]")
 # [0-9] rather than \d: \d also matches non-ASCII digits, which no job id contains.
 _JOB_ID = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}/[0-9]{6}-[A-Za-z0-9_.-]{1,40}-[0-9a-f]{6}")
@@ -105,8 +110,10 @@ class Confirmation:
 class Job:
     """One run of a primitive. Made by :meth:`JobRegistry.create`, not constructed directly.
 
-    The log file is open from creation until :meth:`finish`; every write goes straight to it so
-    that followers (the web UI's log stream) see output at once.
+    The log file is created by the first write (a job that writes nothing has none), and every
+    write goes straight to it so that followers (the web UI's log stream) see output at once. It
+    is not held open for the job's life: the registry keeps a bounded set of recently written
+    logs open, so that the number of open files does not grow with the number of jobs.
     """
 
     def __init__(
@@ -115,7 +122,7 @@ class Job:
         job_id: str,
         label: str,
         log_file: str,
-        fd: int,
+        open_logs: _OpenLogs,
         created: datetime,
         level: Level,
         pool: Pool | None,
@@ -125,7 +132,7 @@ class Job:
         state_dir: Path,
         records: Database | None,
     ) -> None:
-        """Wrap an already-created log file `fd`; the job takes ownership of it."""
+        """A job whose log is `log_file`, written through `open_logs` (the registry's)."""
         self.id = job_id
         self.label = label
         self._log_file = log_file
@@ -141,7 +148,8 @@ class Job:
         """The pool whose slot the job waits for, or None (final once started)."""
         self.high_priority = high_priority
         """Whether the job jumps its pool's normal queue (the cache's first build of a key)."""
-        self._fd = fd
+        self._open_logs = open_logs
+        self._log_created = False
         self._confirmation = confirmation
         self._clock = clock
         self._state = JobState.CREATED
@@ -154,9 +162,11 @@ class Job:
         self._slot: PoolSlot | None = None
         self._acquiring: asyncio.Future[PoolSlot] | None = None
         # Set by approve(), cancel() and threshold changes: anything that may end a
-        # confirmation wait.
-        self._wakeup = asyncio.Event()
-        self._done = asyncio.Event()
+        # confirmation wait. Both events are made when first waited for: most jobs of a big
+        # pipeline never wait for confirmation, nor does anyone wait for them to finish.
+        self._wakeup: asyncio.Event | None = None
+        self._done = False
+        self._done_event: asyncio.Event | None = None
         self._state_callbacks: list[Callable[[Job], None]] = []
         self._cancel_callbacks: list[Callable[[str], None]] = []
 
@@ -204,15 +214,22 @@ class Job:
     def write(self, data: bytes | str) -> None:
         """Append raw output (e.g. a build's stdout) to the log; str is written as UTF-8.
 
-        Raises RuntimeError once the job has finished, because its log is then closed.
+        Raises RuntimeError once the job has finished, because its log is then closed, and
+        OSError if the log cannot be written (a full disk, a log of the same name left by an
+        earlier process).
         """
-        if self._done.is_set():
+        if self._done:
             raise RuntimeError(f"job {self.id} has finished; its log is closed")
         # A character that cannot be encoded must not fail the job that is logging it.
         raw = data.encode("utf-8", errors="replace") if isinstance(data, str) else data
-        view = memoryview(raw)
-        while view:
-            view = view[os.write(self._fd, view) :]
+        self._open_logs.write(self._log_file, raw, create=not self._log_created)
+        self._log_created = True
+
+    def _log_regardless(self, message: str) -> None:
+        """Log `message` unless the log cannot be written: for the lines of `cancel` and
+        `finish`, which must do the rest of their work whatever the disk says."""
+        with contextlib.suppress(OSError):
+            self.log(message)
 
     async def start(
         self, *, pool: Pool | _AsCreated | None = AS_CREATED, level: Level | None = None
@@ -250,7 +267,8 @@ class Job:
         Approving a job before it reaches the confirmation check also counts.
         """
         self._approved = True
-        self._wakeup.set()
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     def cancel(self, reason: str = "Cancelled") -> None:
         """Ask the job to stop, recording `reason`.
@@ -259,11 +277,12 @@ class Job:
         called with `reason` (a callback's exception is written to the job log so that the others
         still run). Does nothing if the job has finished or was already cancelled.
         """
-        if self._done.is_set() or self._cancelled_reason is not None:
+        if self._done or self._cancelled_reason is not None:
             return
         self._cancelled_reason = reason
-        self.log(f"Cancelling: {reason}")
-        self._wakeup.set()
+        self._log_regardless(f"Cancelling: {reason}")
+        if self._wakeup is not None:
+            self._wakeup.set()
         if self._acquiring is not None:
             self._acquiring.cancel()
         for callback in self._cancel_callbacks:
@@ -272,7 +291,7 @@ class Job:
             except Exception as exc:
                 # cancel() is called by whoever pressed the button, not by the callback's owner;
                 # the job log is where the owner will look.
-                self.log(f"Error in cancel callback {callback!r}: {exc!r}")
+                self._log_regardless(f"Error in cancel callback {callback!r}: {exc!r}")
 
     def on_cancel(self, callback: Callable[[str], None]) -> None:
         """Call `callback(reason)` when the job is cancelled; at once if it already was."""
@@ -288,39 +307,51 @@ class Job:
     def finish(self, error: str | None = None) -> None:
         """Record the outcome: OK if `error` is None, else FAILED with `error`.
 
-        Writes a final log line, closes the log, releases the pool slot and wakes
-        :meth:`wait_done`. Raises RuntimeError if the job has already finished, or if a
-        :meth:`start` is still waiting (cancel it and let it raise first).
+        Writes a final log line (if the log can be written), closes the log, releases the pool
+        slot and wakes :meth:`wait_done`. Raises RuntimeError if the job has already finished, or
+        if a :meth:`start` is still waiting (cancel it and let it raise first).
         """
-        if self._done.is_set():
+        if self._done:
             raise RuntimeError(f"job {self.id} has already finished")
         if self._starting:
             raise RuntimeError(f"job {self.id} cannot finish while start() is waiting; cancel it")
         self._finished = self._clock()
         self._error = error
-        self.log("Job succeeded" if error is None else f"Job failed: {error}")
-        os.close(self._fd)
+        self._log_regardless("Job succeeded" if error is None else f"Job failed: {error}")
+        self._open_logs.close(self._log_file)
         if self._slot is not None:
             self._slot.release()
             self._slot = None
-        self._done.set()
+        self._done = True
+        if self._done_event is not None:
+            self._done_event.set()
         self._set_state(JobState.OK if error is None else JobState.FAILED)
 
     async def wait_done(self) -> None:
         """Wait until :meth:`finish` has been called."""
-        await self._done.wait()
+        if self._done:
+            return
+        if self._done_event is None:
+            self._done_event = asyncio.Event()
+        await self._done_event.wait()
 
     def actions(self) -> set[str]:
         """The actions a user may take now: a subset of ``{"cancel", "start-now"}``."""
-        if self._done.is_set() or self._cancelled_reason is not None:
+        if self._done or self._cancelled_reason is not None:
             return set()
         if self._state is JobState.WAITING_FOR_CONFIRMATION:
             return {"cancel", "start-now"}
         return {"cancel"}
 
-    def follow(self, start: int = 0) -> AsyncIterator[bytes]:
-        """Stream this job's log from byte offset `start` until the job has finished."""
-        return follow_log(self.log_path, done=self._done.is_set, start=start)
+    async def follow(self, start: int = 0) -> AsyncIterator[bytes]:
+        """Stream this job's log from byte offset `start` until the job has finished (a log not
+        written yet is waited for; a job that finished without one streams nothing)."""
+        try:
+            async for chunk in follow_log(self.log_path, done=lambda: self._done, start=start):
+                yield chunk
+        except FileNotFoundError:
+            if self._log_created:
+                raise
 
     def __repr__(self) -> str:
         """Show the id and state."""
@@ -351,13 +382,14 @@ class Job:
             f"Waiting for confirmation: level {self.level} is at or above "
             f"the threshold {self._confirmation.threshold}"
         )
-        self._confirmation._waiters.add(self._wakeup)
+        wakeup = self._wakeup = asyncio.Event()
+        self._confirmation._waiters.add(wakeup)
         try:
             while self._must_wait_for_confirmation():
-                await self._wakeup.wait()
-                self._wakeup.clear()
+                await wakeup.wait()
+                wakeup.clear()
         finally:
-            self._confirmation._waiters.discard(self._wakeup)
+            self._confirmation._waiters.discard(wakeup)
         self._raise_if_cancelled()
 
     async def _acquire_slot(self, pool: Pool) -> PoolSlot:
@@ -397,11 +429,17 @@ class JobRegistry:
         """Keep logs under `jobs_dir` (e.g. ``var/job``); `clock` must return aware UTC times;
         `records` are the cache's records that every job is given (see :attr:`Job.records`)."""
         self._jobs_dir = Path(jobs_dir)
-        # The day directory made last: creating it once a day, not once a job, matters when a
-        # big pipeline starts thousands of jobs.
-        self._day_dir: str | None = None
         self._confirmation = confirmation
         self._clock = clock
+        self._open_logs = _OpenLogs(_OPEN_LOGS_MAX)
+        # Job ids name their second: those issued in the latest second are enough to keep this
+        # process's ids apart (logs are created later, at the first write, so the disk cannot).
+        self._second = ""
+        self._ids_this_second: set[str] = set()
+        # Logs of an earlier process can only bear a second this registry has not outlived;
+        # later seconds need no look at the disk.
+        self._latest_second = f"{clock():%Y-%m-%d/%H%M%S}"
+        self._check_disk = True
         self._records = records
         self._jobs: dict[str, Job] = {}
         self._finished: collections.deque[str] = collections.deque()
@@ -421,25 +459,27 @@ class JobRegistry:
 
     def create(self, label: str, *, level: Level = Level.AVERAGE, pool: Pool | None = None,
                high_priority: bool = False) -> Job:
-        """Create a job and its (empty) log file; `level` and `pool` are what :meth:`Job.start`
-        uses unless told otherwise, `high_priority` jumps the pool's normal queue.
+        """Create a job; `level` and `pool` are what :meth:`Job.start` uses unless told
+        otherwise, `high_priority` jumps the pool's normal queue. Its log file is created by its
+        first write.
 
         The id is ``YYYY-MM-DD/HHMMSS-label-xxxxxx``: creation time in UTC, `label` with characters
         outside ``[A-Za-z0-9_.-]`` replaced by ``-`` and cut to 40 characters, and 6 random hex
-        digits. Raises ValueError for an empty label.
+        digits, never the id of another job of this registry or of a log already in its
+        directory. Raises ValueError for an empty label.
         """
         safe_label = _UNSAFE_LABEL_CHAR.sub("-", label)[:_LABEL_MAX]
         if not safe_label:
             raise ValueError("a job label must not be empty")
         created = self._clock()
-        job_id, log_file, fd = self._create_log(created, safe_label)
+        job_id, log_file = self._new_id(created, safe_label)
         job = Job(
             job_id=job_id,
             label=label,
             log_file=log_file,
             state_dir=self._jobs_dir.parent,
             records=self._records,
-            fd=fd,
+            open_logs=self._open_logs,
             created=created,
             level=level,
             pool=pool,
@@ -484,27 +524,68 @@ class JobRegistry:
         for callback in list(self._change_callbacks):
             callback(job)
 
-    def _create_log(self, created: datetime, safe_label: str) -> tuple[str, str, int]:
+    def _new_id(self, created: datetime, safe_label: str) -> tuple[str, str]:
+        """A fresh job id for a job of `safe_label` created at `created`, and its log file."""
+        second = f"{created:%Y-%m-%d/%H%M%S}"
+        if second != self._second:
+            self._second = second
+            self._ids_this_second = set()
+            # A second not after every one seen so far (the start, or the clock went back) may
+            # have logs on disk already; a new one cannot.
+            self._check_disk = second <= self._latest_second
+            self._latest_second = max(second, self._latest_second)
         while True:
             # The suffix only tells apart jobs of one label and second: it need not be secret.
-            suffix = f"{random.getrandbits(24):06x}"
-            job_id = f"{created:%Y-%m-%d}/{created:%H%M%S}-{safe_label}-{suffix}"
-            day_dir = f"{self._jobs_dir}/{created:%Y-%m-%d}"
-            if day_dir != self._day_dir:
-                os.makedirs(day_dir, exist_ok=True)
-                self._day_dir = day_dir
+            job_id = f"{second}-{safe_label}-{random.getrandbits(24):06x}"
             log_file = f"{self._jobs_dir}/{job_id}.log"
-            try:
-                # O_EXCL: a suffix clash (same label, same second) or a log left by an earlier
-                # process must get a fresh id, never a shared log file.
-                fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
-            except FileExistsError:
+            if job_id in self._ids_this_second or (self._check_disk
+                                                   and os.path.lexists(log_file)):
                 continue
-            except FileNotFoundError:
-                # The day directory was removed behind our back: make it again.
-                self._day_dir = None
-                continue
-            return job_id, log_file, fd
+            self._ids_this_second.add(job_id)
+            return job_id, log_file
+
+
+class _OpenLogs:
+    """The job logs open for writing: at most `limit` of them, the least recently written closed
+    first, so that the number of open files does not grow with the number of jobs."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._fds: collections.OrderedDict[str, int] = collections.OrderedDict()
+
+    def write(self, log_file: str, data: bytes, *, create: bool) -> None:
+        """Append `data` to `log_file`, opening it if needed; `create`: this is its first write,
+        which creates the file (and its day directory) and fails if the file exists."""
+        fd = self._fds.get(log_file)
+        if fd is None:
+            fd = self._open(log_file, create)
+        else:
+            self._fds.move_to_end(log_file)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    def close(self, log_file: str) -> None:
+        """Close `log_file` if it is open (its job has finished)."""
+        fd = self._fds.pop(log_file, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _open(self, log_file: str, create: bool) -> int:
+        if len(self._fds) >= self._limit:
+            _, oldest = self._fds.popitem(last=False)
+            os.close(oldest)
+        # O_EXCL on the first write: a log left by another process under the same id must never
+        # become a shared log. A log reopened later may have been removed: it is made again.
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | (os.O_EXCL if create else 0)
+        try:
+            fd = os.open(log_file, flags, 0o644)
+        except FileNotFoundError:
+            # The first log of its day (or the day's directory was removed): make the directory.
+            os.makedirs(os.path.dirname(log_file), exist_ok=True)
+            fd = os.open(log_file, flags, 0o644)
+        self._fds[log_file] = fd
+        return fd
 
 
 async def follow_log(
@@ -519,8 +600,12 @@ async def follow_log(
 
     Chunks are at most `chunk_size` bytes, so a large log is never held in memory whole. At the end
     of the file it polls every `poll_interval` seconds; once `done()` is true it yields whatever
-    remains and stops. Raises FileNotFoundError if the file does not exist.
+    remains and stops. A file not created yet is waited for, polling likewise; raises
+    FileNotFoundError if there is none once `done()` is true.
     """
+    # done() is sampled before the look: a log created just before done() became true is found.
+    while not done() and not path.exists():
+        await asyncio.sleep(poll_interval)
     with open(path, "rb", buffering=0) as log:
         log.seek(start)
         while True:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import random
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -111,6 +113,8 @@ def test_job_id_format_and_log_path(jobs_dir: Path) -> None:
     assert JOB_ID.fullmatch(job.id)
     assert re.fullmatch(r"2026-11-27/173601-build-[0-9a-f]{6}", job.id)
     assert job.log_path == jobs_dir / "2026-11-27" / f"{job.id.split('/')[1]}.log"
+    assert not job.log_path.parent.exists(), "no log, nor its day's directory, before a write"
+    job.log("hello")
     assert job.log_path.is_file()
     assert job.created == FIXED_TIME
     assert job.state is JobState.CREATED
@@ -150,6 +154,79 @@ def test_ids_of_jobs_created_in_the_same_second_differ(jobs_dir: Path) -> None:
     assert len({job.id for job in jobs}) == 20
     for job in jobs:
         job.finish()
+
+
+def test_ids_stay_apart_when_the_random_suffixes_clash(jobs_dir: Path) -> None:
+    registry = JobRegistry(jobs_dir, Confirmation(), clock=fixed_clock)
+    random.seed(13)
+    first = registry.create("build")
+    random.seed(13)
+    second = registry.create("build")
+    assert second.id != first.id, "an id of this registry is never given again, written or not"
+    first.log("written")
+    # Another process (the next start) in the same second draws the same suffix again.
+    later = JobRegistry(jobs_dir, Confirmation(), clock=fixed_clock)
+    random.seed(13)
+    third = later.create("build")
+    assert third.id != first.id, "an id whose log is on disk is never given again"
+    third.log("its own log")
+    assert first.log_path.read_text().endswith(": written\n")
+    for job in (first, second, third):
+        job.finish()
+
+
+def test_a_log_made_by_someone_else_under_the_same_id_is_never_shared(jobs_dir: Path) -> None:
+    registry = JobRegistry(jobs_dir, Confirmation(), clock=fixed_clock)
+    job = registry.create("build")
+    job.log_path.parent.mkdir(parents=True)
+    job.log_path.write_text("another process's job\n")
+    with pytest.raises(FileExistsError):
+        job.log("mine")
+    job.finish("its log could not be written")
+    assert job.state is JobState.FAILED
+    assert job.log_path.read_text() == "another process's job\n"
+
+
+def open_fds() -> int:
+    """How many file descriptors this process has open."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_the_open_logs_are_bounded_whatever_the_number_of_jobs(jobs_dir: Path) -> None:
+    registry = JobRegistry(jobs_dir, Confirmation())
+    before = open_fds()
+    jobs = [registry.create(f"job{i}") for i in range(600)]
+    assert open_fds() == before, "creating a job opens nothing"
+    most = 0
+    # Every job writes, then every job writes again: each log is closed and opened again.
+    for round_ in ("first", "second"):
+        for job in jobs:
+            job.log(f"{round_} line")
+            most = max(most, open_fds() - before)
+    assert 0 < most <= 128
+    await asyncio.gather(*(job.start() for job in jobs))
+    for job in jobs:
+        job.finish()
+    assert open_fds() == before, "a finished job's log is closed"
+    for job in jobs:
+        lines = [line.split(": ", 1)[1] for line in job.log_path.read_text().splitlines()]
+        assert lines == ["first line", "second line", "Job started", "Job succeeded"]
+
+
+async def test_following_a_log_not_written_yet_waits_for_it(registry: JobRegistry) -> None:
+    job = registry.create("build")
+    follower = job.follow()
+    first = asyncio.ensure_future(anext(follower))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not first.done()
+    assert not job.log_path.exists()
+    job.log("first words")
+    seen = await asyncio.wait_for(first, 10)
+    assert seen.endswith(b": first words\n")
+    job.finish()
+    seen += b"".join([chunk async for chunk in follower])
+    assert seen == job.log_path.read_bytes()
 
 
 def test_log_lines_appear_in_the_file(jobs_dir: Path) -> None:

@@ -8,6 +8,7 @@ only what `Host` describes from the engine that runs it, so it can be run withou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -73,6 +74,8 @@ class Instance:
         self._timer: Timer | None = None
         self.job_ids: list[str] = []
         """The jobs this instance ran, each findable through `Cache.find` while it lives."""
+        self.key_pp = ""
+        """The key's description for people (`Operation.pp`), made when a job starts."""
 
     def _decode(self, entry: Entry | None) -> Any:
         if entry is None or not entry.ok or self.is_publisher:
@@ -85,10 +88,11 @@ class Instance:
         """Whether this is a publisher's instance."""
         return isinstance(self.op, PublisherOp)
 
-    def notify(self) -> None:
-        """Re-evaluate every node using this instance."""
+    def notify(self, *, besides: PrimitiveNode | None = None) -> None:
+        """Re-evaluate every node using this instance (but `besides`, being evaluated now)."""
         for node in tuple(self.users):
-            self.cache.host.schedule(node)
+            if node is not besides:
+                self.cache.host.schedule(node)
 
     def add_user(self, node: PrimitiveNode) -> None:
         """`node` now wants this key."""
@@ -127,7 +131,8 @@ class Instance:
         return self._expired(outcome)
 
     def update(self) -> None:
-        """Start a job if one is needed and wanted; otherwise arrange for expiry."""
+        """Start a job if one is needed and wanted; otherwise arrange for expiry. The users are
+        not told: the caller notifies them."""
         if self.job is not None:
             if (self.is_publisher and self.op.options.auto_cancel and self.desired is not None
                     and self._running_digest != self.desired[1]):
@@ -152,12 +157,15 @@ class Instance:
             self._timer = None
 
     def _start(self) -> None:
-        self._cancel_timer()
+        # What may raise (the key's description is user code, making a job may fail) comes
+        # before anything changes: a failed start leaves the instance as it was, not busy for ever.
+        self.key_pp = self.op.pp(self.key)
         options = self.op.options
         # The declaration's pool and level are the defaults of the run's `job.start`; a key
         # never built goes before rebuilds in its pool.
         job = self.cache.host.jobs.create(self.op.id, level=options.level, pool=options.pool,
                                           high_priority=self.outcome is None)
+        self._cancel_timer()
         self.job = job
         self.cache.working.add(job)
         self._sticky_cancel = True
@@ -169,7 +177,6 @@ class Instance:
         self.cache.note_unfinished(self, job)
         self._task = self.cache.host.loop.create_task(self._run(job, value, self.config),
                                                       name=f"job {job.id}")
-        self.notify()
 
     def _on_job_state(self, job: Job) -> None:
         if job.state is JobState.RUNNING:
@@ -195,11 +202,12 @@ class Instance:
     async def _run(self, job: Job, value: Any, config: Any) -> None:
         task = asyncio.current_task()
         assert task is not None
-        job.log(f"{self.op.id}: {self.op.pp(self.key)}")
         error: str | None = None
         encoded = ""
         result: Any = None
         try:
+            # Inside the try: a log that cannot be written fails the job like any other error.
+            job.log(f"{self.op.id}: {self.key_pp}")
             # Before the start, which an operation that starts its own job awaits inside its
             # function: a cancellation while it waits for confirmation or a slot ends the run.
             job.on_cancel(lambda _reason: task.cancel())
@@ -221,7 +229,7 @@ class Instance:
         job.finish(error)
         sticky = error is None or job.cancelled_reason is None or self._sticky_cancel
         self.outcome = Entry(
-            job_id=job.id, op=self.op.id, key_digest=self.key_digest, key_pp=self.op.pp(self.key),
+            job_id=job.id, op=self.op.id, key_digest=self.key_digest, key_pp=self.key_pp,
             ok=error is None, value=encoded if error is None else None, error=error,
             started=job.started, finished=job.finished or self.cache.host.clock.now(),
             sticky=sticky, value_digest=self._running_digest,
@@ -324,7 +332,11 @@ class PrimitiveNode(Node):
             return
         self._switch(instance)
         instance.config = self.term.config
+        running = instance.job
         instance.update()
+        if instance.job is not running:
+            # A job started: the instance's other users show it too, as this node does below.
+            instance.notify(besides=self)
         self.engine.set_output(self, instance.output_for(self))
 
     def destroy(self) -> None:
@@ -380,16 +392,19 @@ class Cache:
 
     def _finish_interrupted(self, job_id: str) -> datetime:
         """End the log of a job whose process died; when it finished: when its log was last
-        written, which is about when the process died."""
+        written, which is about when the process died (now if it had written none)."""
         log = self.host.jobs.log_path(job_id)
         now = self.host.clock.now()
         try:
             finished = datetime.fromtimestamp(log.stat().st_mtime, UTC)
+        except OSError:
+            finished = now
+        # A job that died before writing anything gets a log saying so.
+        with contextlib.suppress(OSError):
+            log.parent.mkdir(parents=True, exist_ok=True)
             with log.open("a") as file:
                 # On a line of its own: the log may end in the middle of one.
                 file.write(f"\n{now:%Y-%m-%d %H:%M.%S}: Job failed: {INTERRUPTED}\n")
-        except OSError:
-            finished = now
         return finished
 
     def close(self) -> None:
@@ -434,11 +449,16 @@ class Cache:
         """Note that `job` is not finished, so that a process that dies before it is can be told
         at the next start (see `open`)."""
         self.db.note_unfinished(job.id, instance.op.id, instance.key_digest,
-                                instance.op.pp(instance.key), job.started)
+                                instance.key_pp, job.started)
         self._commit_soon()
 
     def _commit_soon(self) -> None:
-        """Commit at the end of this loop iteration, once for all the writes made in it."""
+        """Commit at the end of this loop iteration, once for all the writes made in it.
+
+        The commit is queued on the loop before the task of any job made after the write: a
+        job's note in `unfinished` is on disk before the job runs its first step, so a process
+        killed while the job does anything is told of it at the next start.
+        """
         if not self._commit_pending:
             self._commit_pending = True
             self.host.loop.call_soon(self._commit)

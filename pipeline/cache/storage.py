@@ -3,8 +3,9 @@
 Every finished job of a builder or publisher is an `Entry`: its operation, the digest of its key,
 its outcome and its times. The cache writes them (`record`, `note_unfinished`, `mark_rebuild`);
 everyone else reads them through the typed queries of `Database` (`query`, `ops`, `entry`,
-`latest`, `history`), never with SQL of their own. Reads go through the cache's own connection,
-so they see what the cache wrote in this loop iteration before it is committed.
+`latest`, `history`), never with SQL of their own. Writes wait in memory until `commit`, which
+makes them in one transaction (a big pipeline's first round starts thousands of jobs); a read
+first hands the waiting writes to SQLite, so it sees what the cache wrote before it is committed.
 """
 
 from __future__ import annotations
@@ -113,13 +114,18 @@ def _check_schema(db: sqlite3.Connection, path: Path) -> None:
 class Database:
     """The records of one state directory's cache, in the SQLite file `path`.
 
-    Writes are not committed one by one: the cache calls `commit` once per loop iteration.
+    Writes are not made one by one: the cache calls `commit` once per loop iteration.
     """
 
     def __init__(self, path: Path) -> None:
         """Name the file; nothing is opened until `open`."""
         self.path = path
         self._db: sqlite3.Connection | None = None
+        # The writes waiting for `commit` (or a read), in the order they are made in: the
+        # unfinished jobs' rows by job id (a later note replaces an earlier one), then the
+        # finished runs, which are no longer unfinished.
+        self._unfinished: dict[str, tuple[str, str, str, str, str | None]] = {}
+        self._records: list[tuple[Any, ...]] = []
         # Most keys of a big pipeline's first run were never stored: knowing which were saves a
         # query per key.
         self._stored: set[tuple[str, str]] = set()
@@ -164,47 +170,74 @@ class Database:
     def close(self) -> None:
         """Commit and close; does nothing if not open."""
         if self._db is not None:
-            self._db.commit()
+            self.commit()
             self._db.close()
             self._db = None
 
     def commit(self) -> None:
-        """Save what was written; does nothing if not open."""
+        """Save what was written, in one transaction; does nothing if not open."""
         if self._db is not None:
+            self._flush()
             self._db.commit()
+
+    def _flush(self) -> None:
+        """Hand the writes waiting in memory to SQLite (uncommitted)."""
+        db = self._connection
+        if self._unfinished:
+            db.executemany(
+                "INSERT OR REPLACE INTO unfinished (job_id, op, key, key_pp, started)"
+                " VALUES (?, ?, ?, ?, ?)", self._unfinished.values())
+            self._unfinished = {}
+        if self._records:
+            db.executemany(
+                "INSERT INTO jobs (job_id, op, key, key_pp, value_digest, ok, outcome, sticky,"
+                " rebuild, started, finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                self._records)
+            db.executemany("DELETE FROM unfinished WHERE job_id = ?",
+                           [(row[0],) for row in self._records])
+            self._records = []
+
+    def _check_open(self) -> None:
+        if self._db is None:
+            raise RuntimeError("cache database is not open")
 
     @property
     def _connection(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise RuntimeError("cache database is not open")
+        self._check_open()
+        assert self._db is not None
         return self._db
+
+    @property
+    def _reader(self) -> sqlite3.Connection:
+        """The connection, once it has every write made so far (for a query)."""
+        self._flush()
+        return self._connection
 
     # What the cache writes
 
     def record(self, entry: Entry) -> None:
-        """Store a finished run (which is no longer unfinished)."""
-        db = self._connection
-        db.execute(
-            "INSERT INTO jobs (job_id, op, key, key_pp, value_digest, ok, outcome, sticky,"
-            " rebuild, started, finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        """Store a finished run (which is no longer unfinished); made at the next `commit`."""
+        self._check_open()
+        # A job noted unfinished in this same batch need not be written at all.
+        self._unfinished.pop(entry.job_id, None)
+        self._records.append(
             (entry.job_id, entry.op, entry.key_digest, entry.key_pp, entry.value_digest,
              int(entry.ok), entry.value if entry.ok else entry.error, int(entry.sticky),
              int(entry.rebuild), entry.started.isoformat() if entry.started else None,
              entry.finished.isoformat()))
-        db.execute("DELETE FROM unfinished WHERE job_id = ?", (entry.job_id,))
         self._stored.add((entry.op, entry.key_digest))
 
     def note_unfinished(self, job_id: str, op: str, key_digest: str, key_pp: str,
                         started: datetime | None) -> None:
         """Note that `job_id` is not finished, so that a process that dies before it is can be
-        told at the next `open`."""
-        self._connection.execute(
-            "INSERT OR REPLACE INTO unfinished (job_id, op, key, key_pp, started)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (job_id, op, key_digest, key_pp, started.isoformat() if started else None))
+        told at the next `open`; made at the next `commit`."""
+        self._check_open()
+        self._unfinished[job_id] = (job_id, op, key_digest, key_pp,
+                                    started.isoformat() if started else None)
 
     def mark_rebuild(self, op: str, key_digest: str) -> None:
         """Mark the latest entry of a key to be run again by its next user (committed now)."""
+        self._flush()
         db = self._connection
         db.execute(
             "UPDATE jobs SET rebuild = 1 WHERE rowid = (SELECT rowid FROM jobs"
@@ -217,7 +250,7 @@ class Database:
         """The newest entry of a key of `op`, if any."""
         if (op, key_digest) not in self._stored:
             return None
-        row = self._connection.execute(
+        row = self._reader.execute(
             _ENTRY_COLUMNS + " WHERE op = ? AND key = ?" + _NEWEST_FIRST + " LIMIT 1",
             (op, key_digest)).fetchone()
         return _entry(row) if row is not None else None
@@ -226,12 +259,12 @@ class Database:
         """Every entry of a key of `op`, newest first."""
         if (op, key_digest) not in self._stored:
             return []
-        return [_entry(row) for row in self._connection.execute(
+        return [_entry(row) for row in self._reader.execute(
             _ENTRY_COLUMNS + " WHERE op = ? AND key = ?" + _NEWEST_FIRST, (op, key_digest))]
 
     def entry(self, job_id: str) -> Entry | None:
         """The entry of the job `job_id`, if it finished and was stored."""
-        row = self._connection.execute(_ENTRY_COLUMNS + " WHERE job_id = ?",
+        row = self._reader.execute(_ENTRY_COLUMNS + " WHERE job_id = ?",
                                        (job_id,)).fetchone()
         return _entry(row) if row is not None else None
 
@@ -257,10 +290,10 @@ class Database:
         if limit is not None:
             bound = " LIMIT ?"
             params.append(limit)
-        return [_entry(row) for row in self._connection.execute(
+        return [_entry(row) for row in self._reader.execute(
             _ENTRY_COLUMNS + where + _NEWEST_FIRST + bound, params)]
 
     def ops(self) -> list[str]:
         """The operations with at least one entry, sorted."""
-        return [op for (op,) in self._connection.execute(
+        return [op for (op,) in self._reader.execute(
             "SELECT DISTINCT op FROM jobs ORDER BY op")]

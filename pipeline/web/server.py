@@ -381,10 +381,14 @@ async def _stream_log(response: web.StreamResponse, engine: p.Engine, job_id: st
     converter = AnsiConverter()
     state = ""
     pending = b""
-    done: Callable[[], bool] = (lambda: job.finished is not None) if job is not None \
-        else (lambda: True)
-    # A job stored by an earlier process may have lost its log: there is nothing to follow.
-    chunks = p.follow_log(path, done=done, start=offset) if path.exists() else _nothing()
+    # A live job's log may not be written yet; a job stored by an earlier process may have lost
+    # its log: there is nothing to follow.
+    if job is not None:
+        chunks = job.follow(offset)
+    elif path.exists():
+        chunks = p.follow_log(path, done=lambda: True, start=offset)
+    else:
+        chunks = _nothing()
     async for chunk in chunks:
         data = pending + chunk
         # Only whole lines are sent: a partial one waits for the rest (or the end of the job).
