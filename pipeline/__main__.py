@@ -9,10 +9,27 @@ import os
 import sys
 from typing import NoReturn
 
+# The status a shell reports for a writer killed by SIGPIPE (128 + 13).
+EXIT_READER_GONE = 141
+
 
 def main() -> NoReturn:
-    """Run `pipeline` with the process's arguments; exit with its status."""
-    args = sys.argv[1:]
+    """Run `pipeline` with the process's arguments; exit with its status.
+
+    A reader of its output that goes away (`pipeline ... | head`) ends it with status 141, as
+    SIGPIPE would, and no traceback; `pipeline obuilder build` instead finishes its build (see
+    `pipeline.obuilder.cli`).
+    """
+    try:
+        _run(sys.argv[1:])
+    except BrokenPipeError:
+        from pipeline.obuilder.cli import discard_stdout
+
+        discard_stdout()
+        os._exit(EXIT_READER_GONE)
+
+
+def _run(args: list[str]) -> NoReturn:
     if args[:1] == ["obuilder"]:
         from pipeline.obuilder.cli import main as obuilder_main
 

@@ -86,6 +86,54 @@ def test_build_then_everything_from_cache(
     assert "done: hello" in again, "the cached log is replayed"
 
 
+def test_a_reader_that_stops_reading_neither_stops_the_build_nor_gets_a_traceback(
+    busybox_images: Path, rsync_root: Path, tmp_path: Path,
+) -> None:
+    # Far more output than a pipe holds, so that writing it meets the closed pipe.
+    spec = tmp_path / "chatty.spec"
+    spec.write_text('((from busybox)\n (run (shell "i=0; while [ $i -lt 30000 ];'
+                    ' do echo line $i; i=$((i+1)); done")))\n')
+    context = tmp_path / "empty"
+    context.mkdir()
+    args = ["build", "-f", spec, context, "--store", f"rsync:{rsync_root}",
+            "--image-dir", busybox_images]
+    argv = [sys.executable, "-m", "pipeline", "obuilder", *map(str, args)]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        first = proc.stdout.readline()
+        proc.stdout.close()  # as `| head -1` does
+        errors = proc.stderr.read().decode()
+        status = proc.wait(timeout=120)
+    assert first == b"(from busybox)\n"
+    assert status == 0, errors
+    assert errors == ""
+    again = obuilder(*args)
+    assert again.returncode == 0, again.stderr
+    assert len([ln for ln in again.stdout.splitlines() if ln.startswith("---> using")]) == 2, \
+        "the build went on to its end: every step is in the store"
+    assert "line 29999" in again.stdout
+
+
+def test_a_reader_that_goes_away_ends_other_commands_with_141_and_no_traceback(
+    tmp_path: Path,
+) -> None:
+    spec = tmp_path / "long.spec"
+    spec.write_text("((from busybox)\n" + "".join(
+        f' (run (shell "echo {i} {"x" * 60}"))\n' for i in range(3000)) + ")\n")
+    argv = [sys.executable, "-m", "pipeline", "obuilder", "fmt", "-f", str(spec)]
+    # Unbuffered, Python's text stdout drops the rest of a write that the closed pipe cut short
+    # instead of raising: buffered, as it is by default, the closed pipe is seen.
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                          env=env) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.readline()
+        proc.stdout.close()
+        errors = proc.stderr.read().decode()
+        status = proc.wait(timeout=60)
+    assert (status, errors) == (141, "")
+
+
 def test_a_cached_build_imports_no_engine_and_leaves_cleaning_to_a_build_that_runs_a_step(
     project: tuple[Path, Path], busybox_images: Path, rsync_root: Path,
 ) -> None:

@@ -214,11 +214,27 @@ async def _opened_store(options: argparse.Namespace) -> AsyncIterator[Any]:
 
 
 class _Stdout:
-    """The build log, written to standard output as it arrives."""
+    """The build log, written to standard output as it arrives.
+
+    A reader that stops reading (`... | head`) does not stop the build: its step would be
+    killed half-way and left for the next start-up to clean. The rest of the output, the final
+    `Got:` line included, goes to /dev/null, and the build ends with its own status.
+    """
 
     def write(self, data: bytes) -> None:
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+        try:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        except BrokenPipeError:
+            discard_stdout()
+
+
+def discard_stdout() -> None:
+    """Send standard output to /dev/null from now on: its reader has gone (EPIPE), and what is
+    still buffered or yet to be written must not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 async def _build(options: argparse.Namespace) -> int:
