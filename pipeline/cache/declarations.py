@@ -102,9 +102,7 @@ class Operation(Generic[K, V]):
         (given the config too, for an operation that takes one), else `digest(key)`."""
         if self._key_digest is None:
             return digest(key)
-        if self.config_type is None:
-            return self._key_digest(key)
-        return self._key_digest(key, config)
+        return self._key_digest(key, *self._arguments(config))
 
     def pp(self, key: K) -> str:
         """A short description of `key` for people."""

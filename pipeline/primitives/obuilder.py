@@ -205,7 +205,7 @@ async def build_in_job(job: p.Job, spec: str, commit: Commit | None, *, store: s
     async with _context_dir(commit) as context:
         job.log(f"Building in {context}")
         return await builder.build(parsed, context, log=log or job.write,
-                                   secrets=dict(secrets or {}))
+                                   secrets=secrets or {})
 
 
 @p.builder(OP_ID, auto_cancel=True, config=BuildConfig, starts_job=True, pp=_pp,
