@@ -371,3 +371,16 @@ async def test_one_build_operation_runs_in_the_pool_each_build_asks_for(
         assert job(held[waiting]).state is p.JobState.RUNNING
         assert "Waiting for a slot in pool left" in job(held[waiting]).log_path.read_text()
     assert processes_with(tokens[0]) == processes_with(tokens[1]) == []
+
+
+async def test_a_build_gets_the_secrets_it_is_given(tmp_path: Path, busybox_images: Path) -> None:
+    value = f"secret-{uuid.uuid4().hex}"
+    spec = ('((from busybox) (run (secrets (token (target /run/token)))'
+            ' (shell "echo token: $(cat /run/token)")))')
+    root = build(spec, image_dir=str(busybox_images), secrets={"token": value.encode()})
+    state = tmp_path / "var"
+    async with p.Engine(root, state_dir=state) as engine:
+        await engine.wait_idle()
+        assert isinstance(engine.root_output(), Ok), engine.root_output()
+    [log] = [path.read_text() for path in build_logs(state)]
+    assert f"token: {value}\n" in log
