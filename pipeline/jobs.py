@@ -156,6 +156,7 @@ class Job:
         self._started: datetime | None = None
         self._finished: datetime | None = None
         self._error: str | None = None
+        self._skipped: str | None = None
         self._cancelled_reason: str | None = None
         self._approved = False
         self._starting = False
@@ -196,6 +197,17 @@ class Job:
     def error(self) -> str | None:
         """The failure message once the job has FAILED, else None."""
         return self._error
+
+    @property
+    def skipped(self) -> str | None:
+        """Why the job had nothing to do, once :meth:`skip` has said so; else None."""
+        return self._skipped
+
+    def skip(self, reason: str) -> None:
+        """Say that the job has nothing to do, and why (a missing tool, say): if it then
+        succeeds, it is shown and recorded as skipped with `reason`, not as a success."""
+        self._skipped = reason
+        self.log(f"Skipped: {reason}")
 
     @property
     def cancelled_reason(self) -> str | None:
@@ -317,7 +329,9 @@ class Job:
             raise RuntimeError(f"job {self.id} cannot finish while start() is waiting; cancel it")
         self._finished = self._clock()
         self._error = error
-        self._log_regardless("Job succeeded" if error is None else f"Job failed: {error}")
+        self._log_regardless(f"Job failed: {error}" if error is not None
+                             else f"Job skipped: {self._skipped}" if self._skipped is not None
+                             else "Job succeeded")
         self._open_logs.close(self._log_file)
         if self._slot is not None:
             self._slot.release()

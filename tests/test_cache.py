@@ -155,6 +155,29 @@ async def test_first_run_runs_the_job_once_and_logs_it(tmp_path: Path) -> None:
     assert script.calls == ["a"]
 
 
+async def test_a_job_that_skips_is_logged_and_recorded_as_skipped_with_its_reason(
+        tmp_path: Path) -> None:
+    @p.builder("lint")
+    async def lint(job: Job, key: str) -> str:
+        job.skip(f"no linter for {key}")
+        return "nothing"
+
+    term = lint("fmt")
+    async with p.Engine(term, state_dir=tmp_path) as engine:
+        await settle(engine)
+        assert engine.root_output() == Ok("nothing")
+        job = job_of(engine, term)
+        assert job.skipped == "no linter for fmt"
+        log = job.log_path.read_text()
+        assert "Skipped: no linter for fmt" in log
+        assert "Job skipped: no linter for fmt" in log
+        assert "Job succeeded" not in log
+        entry = engine.cache.db.entry(job.id)
+        assert entry is not None
+        assert (entry.ok, entry.skipped) == (True, "no linter for fmt")
+        assert entry.queued == job.created
+
+
 async def test_restart_restores_the_value_without_running(tmp_path: Path) -> None:
     script = Script()
     first = script.builder()("a")

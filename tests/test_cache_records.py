@@ -47,6 +47,38 @@ def test_an_entry_comes_back_as_it_was_recorded(db: Database) -> None:
     assert (failed.value, failed.error) == (None, f"{failed.job_id} failed")
 
 
+def test_when_queued_and_why_skipped_come_back_too(db: Database) -> None:
+    skipped = entry("2026-11-27/120002-build-cccccc", queued=DAY - timedelta(seconds=60),
+                    skipped="odoc is not available")
+    db.record(skipped)
+    back = db.entry(skipped.job_id)
+    assert back is not None
+    assert (back.queued, back.skipped) == (DAY - timedelta(seconds=60), "odoc is not available")
+
+
+def test_a_file_of_the_first_schema_gains_the_new_columns_and_keeps_its_rows(
+        tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    with sqlite3.connect(path) as old:
+        old.execute("CREATE TABLE jobs (job_id TEXT PRIMARY KEY, op TEXT NOT NULL, key TEXT NOT"
+                    " NULL, key_pp TEXT NOT NULL, value_digest TEXT, ok INTEGER NOT NULL,"
+                    " outcome TEXT NOT NULL, sticky INTEGER NOT NULL, rebuild INTEGER NOT NULL"
+                    " DEFAULT 0, started TEXT, finished TEXT NOT NULL)")
+        old.execute("INSERT INTO jobs VALUES ('2026-11-27/110000-build-aaaaaa', 'build', 'k1',"
+                    " 'pp k1', NULL, 1, '\"v\"', 1, 0, NULL, ?)", (DAY.isoformat(),))
+    database = Database(path)
+    database.open(never_interrupted)
+    try:
+        old_entry = database.entry("2026-11-27/110000-build-aaaaaa")
+        assert old_entry is not None
+        assert (old_entry.value, old_entry.queued, old_entry.skipped) == ('"v"', None, None)
+        new = entry("2026-11-27/120000-build-bbbbbb", queued=DAY, skipped="nothing to do")
+        database.record(new)
+        assert database.entry(new.job_id) == new
+    finally:
+        database.close()
+
+
 def test_latest_and_history_of_a_key_newest_first(db: Database) -> None:
     older = entry("a", finished=DAY)
     newer = entry("b", finished=DAY + timedelta(hours=1), ok=False)

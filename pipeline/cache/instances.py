@@ -232,7 +232,8 @@ class Instance:
             job_id=job.id, op=self.op.id, key_digest=self.key_digest, key_pp=self.key_pp,
             ok=error is None, value=encoded if error is None else None, error=error,
             started=job.started, finished=job.finished or self.cache.host.clock.now(),
-            sticky=sticky, value_digest=self._running_digest,
+            sticky=sticky, value_digest=self._running_digest, queued=job.created,
+            skipped=job.skipped if error is None else None,
         )
         self.value = result if error is None else None
         self.ran_here = True

@@ -29,7 +29,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     sticky INTEGER NOT NULL,
     rebuild INTEGER NOT NULL DEFAULT 0,
     started TEXT,
-    finished TEXT NOT NULL
+    finished TEXT NOT NULL,
+    queued TEXT,
+    skipped TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_key ON jobs (op, key, finished);
 CREATE TABLE IF NOT EXISTS unfinished (
@@ -44,9 +46,13 @@ CREATE TABLE IF NOT EXISTS unfinished (
 _JOBS_COLUMNS = frozenset(("job_id", "op", "key", "key_pp", "value_digest", "ok", "outcome",
                            "sticky", "rebuild", "started", "finished"))
 
+# Columns added since the first schema, with their types: a file without them gains them
+# when opened (SQLite adds a nullable column without rewriting the table).
+_ADDED_COLUMNS = {"queued": "TEXT", "skipped": "TEXT"}
+
 # The columns `_entry` reads, in its order.
 _ENTRY_COLUMNS = ("SELECT job_id, op, key, key_pp, ok, outcome, started, finished, sticky, rebuild,"
-                  " value_digest FROM jobs")
+                  " value_digest, queued, skipped FROM jobs")
 _NEWEST_FIRST = " ORDER BY finished DESC, rowid DESC"
 
 FILE_NAME = "db.sqlite"
@@ -64,7 +70,9 @@ class Entry:
     for people. When `ok`, `value` is the encoded value (empty for a publisher) and `error` None;
     otherwise `error` says why. `sticky` is false for runs that go again when wanted (cancelled
     because nobody wanted them, or interrupted); `rebuild` is set when someone asked to run the
-    key again; `value_digest` is what a publisher published.
+    key again; `value_digest` is what a publisher published. `queued` is when the job was
+    made (it then waits for its pool, or for confirmation, until `started`); `skipped` is the
+    reason a job that succeeded gave for having had nothing to do (see `Job.skip`).
     """
 
     job_id: str
@@ -79,16 +87,22 @@ class Entry:
     sticky: bool = True
     rebuild: bool = False
     value_digest: str | None = None
+    queued: datetime | None = None
+    skipped: str | None = None
+
+
+def _time(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text is not None else None
 
 
 def _entry(row: tuple[Any, ...]) -> Entry:
-    job_id, op, key, key_pp, ok, outcome, started, finished, sticky, rebuild, value_digest = row
+    (job_id, op, key, key_pp, ok, outcome, started, finished, sticky, rebuild, value_digest,
+     queued, skipped) = row
     return Entry(
         job_id=job_id, op=op, key_digest=key, key_pp=key_pp, ok=bool(ok),
-        value=outcome if ok else None, error=None if ok else outcome,
-        started=datetime.fromisoformat(started) if started is not None else None,
+        value=outcome if ok else None, error=None if ok else outcome, started=_time(started),
         finished=datetime.fromisoformat(finished), sticky=bool(sticky), rebuild=bool(rebuild),
-        value_digest=value_digest)
+        value_digest=value_digest, queued=_time(queued), skipped=skipped)
 
 
 def _check_schema(db: sqlite3.Connection, path: Path) -> None:
@@ -109,6 +123,16 @@ def _check_schema(db: sqlite3.Connection, path: Path) -> None:
         raise sqlite3.DatabaseError(
             f"{path}: not a pipeline state database (its table jobs lacks the columns "
             f"{', '.join(sorted(missing))})")
+
+
+def _add_columns(db: sqlite3.Connection) -> None:
+    """Give a file made by an earlier version the columns added since (see `_ADDED_COLUMNS`)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    if not columns:
+        return  # a new file: the schema makes the table whole
+    for name, kind in _ADDED_COLUMNS.items():
+        if name not in columns:
+            db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
 
 class Database:
@@ -144,6 +168,7 @@ class Database:
             _check_schema(db, self.path)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            _add_columns(db)
             db.executescript(_SCHEMA)
             self._record_interrupted(db, finish_interrupted)
             db.commit()
@@ -191,7 +216,8 @@ class Database:
         if self._records:
             db.executemany(
                 "INSERT INTO jobs (job_id, op, key, key_pp, value_digest, ok, outcome, sticky,"
-                " rebuild, started, finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " rebuild, started, finished, queued, skipped)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 self._records)
             db.executemany("DELETE FROM unfinished WHERE job_id = ?",
                            [(row[0],) for row in self._records])
@@ -224,7 +250,8 @@ class Database:
             (entry.job_id, entry.op, entry.key_digest, entry.key_pp, entry.value_digest,
              int(entry.ok), entry.value if entry.ok else entry.error, int(entry.sticky),
              int(entry.rebuild), entry.started.isoformat() if entry.started else None,
-             entry.finished.isoformat()))
+             entry.finished.isoformat(), entry.queued.isoformat() if entry.queued else None,
+             entry.skipped))
         self._stored.add((entry.op, entry.key_digest))
 
     def note_unfinished(self, job_id: str, op: str, key_digest: str, key_pp: str,
