@@ -67,7 +67,7 @@ def test_parse_opam_reads_depends_with_filters() -> None:
             Dependency("yojson"),
             # A negated variable does not make the dependency test-only.
             Dependency("ppx_deriving", build=True),
-            Dependency("odoc"),
+            Dependency("odoc", with_doc=True),
         ),
     )
 
@@ -88,9 +88,41 @@ def test_strings_escapes_and_single_element_depends() -> None:
 
 def test_grouped_conjunction_and_options_on_groups() -> None:
     text = 'depends: [ ("a" & "b") {build} "c" {with-test | dev} ]'
+    # `c` is needed in dev mode too (a pinned checkout is), so not only for the tests.
     assert parse_opam(text, path="x.opam").depends == (
-        Dependency("a", build=True), Dependency("b", build=True),
-        Dependency("c", with_test=True))
+        Dependency("a", build=True), Dependency("b", build=True), Dependency("c"))
+
+
+@pytest.mark.parametrize(("dependency", "expected"), [
+    ('"odoc" {with-doc}', Dependency("odoc", with_doc=True)),
+    ('"odoc" {with-doc & >= "2.0"}', Dependency("odoc", with_doc=True)),
+    ('"odoc" {>= "2.0" & with-doc}', Dependency("odoc", with_doc=True)),
+    ('"odoc" {(with-doc)}', Dependency("odoc", with_doc=True)),
+    ('"x" {with-test | with-doc}', Dependency("x")),
+    ('"x" {with-doc | >= "1.0"}', Dependency("x")),
+    ('"x" {!with-doc}', Dependency("x")),
+    ('"x" {with-test & with-doc}', Dependency("x", with_test=True, with_doc=True)),
+    ('"x" {with-doc & !with-test}', Dependency("x", with_doc=True)),
+    ('"x" {with-doc | false}', Dependency("x", with_doc=True)),
+    ('"x" {with-doc | true}', Dependency("x")),
+    ('("a" {with-doc} | "b")', Dependency("a", with_doc=True)),
+    ('("x" & "y" {with-test}) {with-doc}', Dependency("x", with_doc=True)),
+])
+def test_a_dependency_is_only_for_docs_when_its_filter_needs_with_doc(
+        dependency: str, expected: Dependency) -> None:
+    assert parse_opam(f"depends: [ {dependency} ]", path="x.opam").depends[0] == expected
+
+
+def test_a_dependency_inside_a_doc_only_group_keeps_its_own_filter_too() -> None:
+    text = 'depends: [ ("x" & "y" {with-test}) {with-doc} ]'
+    assert parse_opam(text, path="x.opam").depends == (
+        Dependency("x", with_doc=True), Dependency("y", with_test=True, with_doc=True))
+
+
+def test_a_repeated_dependency_is_doc_only_if_every_mention_is() -> None:
+    text = 'depends: [ "odoc" {with-doc} "odoc" {>= "2.0"} "sherlodoc" {with-doc} ]'
+    assert parse_opam(text, path="a.opam").depends == (
+        Dependency("odoc"), Dependency("sherlodoc", with_doc=True))
 
 
 def test_no_depends_gives_no_dependencies() -> None:

@@ -27,11 +27,14 @@ class AnalysisError(Exception):
 
 @dataclass(frozen=True)
 class Dependency:
-    """A package in `depends`; `with_test` / `build` when its filter says `with-test` / `build`."""
+    """A package in `depends`; `with_test` / `build` / `with_doc` when its filter holds only with
+    that variable true (`{with-test}`, `{with-doc & >= "2.0"}`; not `{with-test | with-doc}`):
+    the package is needed only to run the tests, to build, or to make the documentation."""
 
     name: str
     with_test: bool = False
     build: bool = False
+    with_doc: bool = False
 
 
 @dataclass(frozen=True)
@@ -322,39 +325,61 @@ class _Parser:
 # --- Dependencies -------------------------------------------------------------------------------
 
 
-def _filter_variables(value: _Value) -> set[str]:
-    """The variables a filter tests positively: `with-test` counts, `!with-test` does not."""
+# The filter variables that make a dependency conditional, with the `Dependency` field each sets.
+_ONLY_WHEN = {"with-test": "with_test", "build": "build", "with-doc": "with_doc"}
+
+
+def _holds(value: _Value, false: str) -> bool | None:
+    """Whether the filter `value` holds when the variable `false` is false: True, False, or None
+    when that depends on something else (another variable, a version constraint).
+
+    Three-valued logic, as for unknowns: `a & b` is false when either is, `a | b` when both are,
+    `!a` negates, a group is the conjunction of its items; anything else is unknown.
+    """
     if value.kind == "ident":
-        return {value.text}
+        return False if value.text == false else None
+    if value.kind == "bool":
+        return value.text == "true"
     if value.kind == "prefix" and value.text == "!":
-        return set()
-    found: set[str] = set()
-    for arg in value.args:
-        found |= _filter_variables(arg)
-    return found
+        inner = _holds(value.args[0], false)
+        return None if inner is None else not inner
+    if value.kind == "logop" and value.text == "|":
+        left, right = (_holds(arg, false) for arg in value.args)
+        if left is True or right is True:
+            return True
+        return False if left is False and right is False else None
+    if value.kind in ("logop", "group"):
+        return _all_hold(value.args, false)
+    return None
 
 
-def _dependencies(
-    value: _Value, path: str, with_test: bool, build: bool, out: list[Dependency]
-) -> None:
-    """Append the packages of a package formula to `out`.
+def _all_hold(values: tuple[_Value, ...], false: str) -> bool | None:
+    """The conjunction of the filters `values` (the items of an option `{...}`), as `_holds`."""
+    results = [_holds(value, false) for value in values]
+    if False in results:
+        return False
+    return True if all(result is True for result in results) else None
+
+
+def _dependencies(value: _Value, path: str, only_when: frozenset[str],
+                  out: list[Dependency]) -> None:
+    """Append the packages of a package formula to `out`; `only_when` holds the variables
+    (`with-test`, `build`, `with-doc`) without which the enclosing filters cannot hold.
 
     Of an alternative `a | b` only `a` is kept: there is no solver here to choose, and the first
     alternative is the one the authors prefer.
     """
     if value.kind == "string":
-        out.append(Dependency(value.text, with_test, build))
+        out.append(Dependency(value.text, **{_ONLY_WHEN[v]: True for v in only_when}))
     elif value.kind == "option":
-        variables = set().union(*(_filter_variables(arg) for arg in value.args[1:]))
-        _dependencies(
-            value.args[0], path, with_test or "with-test" in variables,
-            build or "build" in variables, out,
-        )
+        # `{with-doc & >= "2.0"}` needs with-doc; `{with-test | with-doc}` needs neither.
+        needed = {v for v in _ONLY_WHEN if _all_hold(value.args[1:], v) is False}
+        _dependencies(value.args[0], path, only_when | needed, out)
     elif value.kind == "logop" and value.text == "|":
-        _dependencies(value.args[0], path, with_test, build, out)
+        _dependencies(value.args[0], path, only_when, out)
     elif value.kind in ("logop", "group"):
         for arg in value.args:
-            _dependencies(arg, path, with_test, build, out)
+            _dependencies(arg, path, only_when, out)
     else:
         shown = value.text or value.kind
         raise AnalysisError(f"{path}:{value.line}: expected a package name (a string); "
@@ -362,12 +387,14 @@ def _dependencies(
 
 
 def _merge(deps: list[Dependency]) -> tuple[Dependency, ...]:
-    """Each name once, first occurrence first: test-only (or build-only) if every mention is."""
+    """Each name once, first occurrence first: test-only (build-only, doc-only) if every mention
+    is."""
     merged: dict[str, Dependency] = {}
     for dep in deps:
         seen = merged.get(dep.name)
         merged[dep.name] = dep if seen is None else Dependency(
-            dep.name, seen.with_test and dep.with_test, seen.build and dep.build
+            dep.name, seen.with_test and dep.with_test, seen.build and dep.build,
+            seen.with_doc and dep.with_doc,
         )
     return tuple(merged.values())
 
@@ -395,7 +422,7 @@ def parse_opam(text: str, *, path: str) -> OpamFile:
         # opam accepts a one-element list written without brackets.
         formulas = depends.args if depends.kind == "list" else (depends,)
         for formula in formulas:
-            _dependencies(formula, path, False, False, deps)
+            _dependencies(formula, path, frozenset(), deps)
     stem = Path(path).name.removesuffix(".opam")
     return OpamFile(path=path, name=stem, depends=_merge(deps))
 
@@ -464,7 +491,7 @@ def to_json(a: Analysis) -> str:
     return json.dumps({
         "opam_files": [
             {"path": f.path, "name": f.name,
-             "depends": [[d.name, d.with_test, d.build] for d in f.depends]}
+             "depends": [[d.name, d.with_test, d.build, d.with_doc] for d in f.depends]}
             for f in a.opam_files
         ],
         "dune_project": a.dune_project,
@@ -479,8 +506,8 @@ def from_json(s: str) -> Analysis:
         return Analysis(
             opam_files=tuple(
                 OpamFile(path=str(f["path"]), name=str(f["name"]), depends=tuple(
-                    Dependency(str(name), bool(with_test), bool(build))
-                    for name, with_test, build in f["depends"]
+                    Dependency(str(name), bool(with_test), bool(build), bool(with_doc))
+                    for name, with_test, build, with_doc in f["depends"]
                 ))
                 for f in data["opam_files"]
             ),
