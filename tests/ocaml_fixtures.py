@@ -1,15 +1,23 @@
-"""The OCaml CI tests' shared session store (Debian 12 debootstrapped once for every module), and
-the check that its diagram's labels are for people."""
+"""The OCaml CI tests' shared session store (Debian 12 debootstrapped once for every module), the
+Debian indexes (the recorded excerpt in tests/data/debian, and the real mirror's, fetched once per
+session and served locally), and the check that the diagram's labels are for people."""
 
 from __future__ import annotations
 
+import functools
+import http.server
 import re
 import subprocess
 import sys
+import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from pipeline.obuilder.fetchers.debootstrap import find_mirror
+from pipeline.ocaml import debian as D
 
 PIPELINE = Path(sys.executable).parent / "pipeline"
 # Only a guard against a hang, never a measurement: the session's first build debootstraps
@@ -40,6 +48,46 @@ def ocaml_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         for point in mounts_under(directory):
             subprocess.run(["umount", "--lazy", point], check=False)
+
+
+RECORDED_DEBIAN = Path(__file__).parent / "data" / "debian"
+"""The recorded excerpt of bookworm's amd64 indexes (`record.py` there refreshes it)."""
+
+
+def recorded_index() -> D.DebianIndex:
+    """The Debian index of the recorded excerpt."""
+    with (RECORDED_DEBIAN / "Contents-amd64").open("rb") as contents, \
+            (RECORDED_DEBIAN / "Packages").open("rb") as packages:
+        return D.parse_index("bookworm", "amd64", contents, packages)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="session")
+def debian_mirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of a local copy of the host's Debian mirror's bookworm indexes (for the host's
+    architecture): fetched once per session, so that each test reads what the real mirror says
+    without downloading its 12 MB Contents file again."""
+    root = tmp_path_factory.mktemp("debian-mirror")
+    mirror = find_mirror()
+    for url in (D.contents_url(mirror, "bookworm", D.HOST_ARCH),
+                D.packages_urls(mirror, "bookworm", D.HOST_ARCH)[0]):
+        path = root / url.removeprefix(mirror.rstrip("/") + "/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=HANG_GUARD) as response:
+            path.write_bytes(response.read())
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}"
+        finally:
+            server.shutdown()
+            thread.join()
 
 
 LABEL_LIMIT = 40
