@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,9 @@ async def hello_repo(path: Path, extra: dict[str, str] | None = None) -> Repo:
     return repo
 
 
-def ci(repo: Repo, store: str) -> p.Term[Any]:
-    return load_pipeline(PIPELINE_FILE, ["--repo", str(repo.path), "--store", store])
+def ci(repo: Repo, store: str, mirror: str) -> p.Term[Any]:
+    return load_pipeline(PIPELINE_FILE, ["--repo", str(repo.path), "--store", store,
+                                         "--debian-mirror", mirror])
 
 
 def read_status(state: Path, repo: Repo, branch: str) -> dict[str, Any] | None:
@@ -82,10 +84,10 @@ async def head(repo: Repo, branch: str) -> str:
 
 
 async def test_a_broken_test_fails_the_build_and_a_fix_passes_while_a_branch_builds_alone(
-        tmp_path: Path, ocaml_store: str) -> None:
+        tmp_path: Path, ocaml_store: str, debian_mirror: str) -> None:
     repo = await hello_repo(tmp_path / "hello")
     state = tmp_path / "var"
-    async with p.Engine(ci(repo, ocaml_store), state_dir=state) as engine:
+    async with p.Engine(ci(repo, ocaml_store, debian_mirror), state_dir=state) as engine:
         status = await final_status(state, repo, "main", await head(repo, "main"))
         assert status["result"] == "passed", status
         labels = assert_labels_for_people(await DiagramCache(engine).dot())
@@ -94,13 +96,16 @@ async def test_a_broken_test_fails_the_build_and_a_fix_passes_while_a_branch_bui
         assert {name: job["state"] for name, job in jobs.items()} == {
             "(analysis)": "passed", "debian-12-system": "passed",
             "debian-12-system (lint-opam)": "passed", "debian-12-system (lint-fmt)": "skipped",
-            "debian-12-system (lint-doc)": "skipped"}
+            "debian-12-system (lint-doc)": "passed"}
         assert jobs["debian-12-system (lint-fmt)"]["reason"] == "no .ocamlformat file"
-        assert jobs["debian-12-system (lint-doc)"]["reason"] == \
-            "odoc is not available on debian-12-system"
         build_log = log_of(state, jobs["debian-12-system"])
         assert "To reproduce locally" in build_log.split("\n", 3)[2], build_log
         assert "Test Successful" in build_log
+        # Debian's own index named the packages, with the versions the real mirror has.
+        assert re.search(r"alcotest -> libalcotest-ocaml-dev \d\S*", build_log), build_log
+        doc_log = log_of(state, jobs["debian-12-system (lint-doc)"])
+        assert re.search(r"odoc -> ocaml-odoc \d\S*", doc_log), doc_log
+        assert "libalcotest-ocaml-dev" not in doc_log.partition("odoc -> ")[0], doc_log
 
         await repo.commit("feature", {"README.md": "A branch of its own\n"}, new=True)
         broken = await repo.commit("main", {"src/hello.ml": BROKEN_GREET})
@@ -121,7 +126,7 @@ async def test_a_broken_test_fails_the_build_and_a_fix_passes_while_a_branch_bui
 
 
 async def test_a_dependency_debian_lacks_skips_the_build_and_no_opam_file_fails(
-        tmp_path: Path, ocaml_store: str) -> None:
+        tmp_path: Path, ocaml_store: str, debian_mirror: str) -> None:
     repo = await hello_repo(tmp_path / "lacking")
     opam = (repo.path / "hello.opam").read_text().replace(
         '"alcotest" {with-test}', '"alcotest" {with-test}\n  "nosuchlibrary"')
@@ -130,11 +135,13 @@ async def test_a_dependency_debian_lacks_skips_the_build_and_no_opam_file_fails(
     await repo.git("rm", "--quiet", "hello.opam")
     await repo.commit(None, {})
     state = tmp_path / "var"
-    async with p.Engine(ci(repo, ocaml_store), state_dir=state):
+    async with p.Engine(ci(repo, ocaml_store, debian_mirror), state_dir=state):
         status = await final_status(state, repo, "main", await head(repo, "main"))
         build = jobs_of(status)["debian-12-system"]
         assert build["state"] == "skipped", status
-        assert "nosuchlibrary" in build["reason"], build
+        assert build["reason"] == \
+            "no Debian package in bookworm for the dependency 'nosuchlibrary'", build
+        assert "To reproduce" not in log_of(state, build)
         # The other jobs still ran: skipping one does not make the commit an error.
         assert status["result"] == "passed", status
 
@@ -146,21 +153,22 @@ async def test_a_dependency_debian_lacks_skips_the_build_and_no_opam_file_fails(
         assert "No opam files found" in log_of(state, analysis)
 
 
-def run_once(state: Path, repo: Path, store: str) -> subprocess.CompletedProcess[str]:
+def run_once(state: Path, repo: Path, store: str,
+             mirror: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(PIPELINE), "run", str(PIPELINE_FILE), "--once", "--state-dir", str(state), "--",
-         "--repo", str(repo), "--store", store],
+         "--repo", str(repo), "--store", store, "--debian-mirror", mirror],
         capture_output=True, text=True, timeout=HANG_GUARD, cwd=ROOT)
 
 
 async def test_once_exits_0_for_a_passing_project_and_1_for_a_failing_one(
-        tmp_path: Path, ocaml_store: str) -> None:
+        tmp_path: Path, ocaml_store: str, debian_mirror: str) -> None:
     passing = await hello_repo(tmp_path / "passing")
     failing = await hello_repo(tmp_path / "failing", {"src/hello.ml": BROKEN_GREET})
     state = tmp_path / "var"
-    done = run_once(state, passing.path, ocaml_store)
+    done = run_once(state, passing.path, ocaml_store, debian_mirror)
     assert done.returncode == 0, done.stdout + done.stderr
-    done = run_once(state, failing.path, ocaml_store)
+    done = run_once(state, failing.path, ocaml_store, debian_mirror)
     assert done.returncode == 1, done.stdout + done.stderr
     assert read_status(state, failing, "main")["result"] == "failed"  # type: ignore[index]
 

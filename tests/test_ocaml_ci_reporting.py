@@ -55,7 +55,7 @@ def make_repo(path: Path) -> str:
                           capture_output=True, text=True).stdout.strip()
 
 
-async def test_result_goes_to_github_and_to_the_pages(tmp_path: Path) -> None:
+async def test_result_goes_to_github_and_to_the_pages(tmp_path: Path, debian_mirror: str) -> None:
     commit = make_repo(tmp_path / "project")
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
@@ -64,7 +64,7 @@ async def test_result_goes_to_github_and_to_the_pages(tmp_path: Path) -> None:
         root = ocaml_ci.pipeline([
             "--repo", str(tmp_path / "project"), "--store", "rsync:store",
             "--github-token-file", str(token_file), "--github-api-url", github.url,
-            "--github-repo", "owner/project",
+            "--github-repo", "owner/project", "--debian-mirror", debian_mirror,
         ])
         async with p.Engine(root, state_dir=state_dir) as engine:
             await engine.wait_idle()
@@ -96,7 +96,8 @@ async def test_result_goes_to_github_and_to_the_pages(tmp_path: Path) -> None:
                 assert hook.status == 200 and await hook.json() == {"refreshed": 1}
 
 
-async def test_the_live_diagram_of_the_demo_has_labels_for_people(tmp_path: Path) -> None:
+async def test_the_live_diagram_of_the_demo_has_labels_for_people(
+        tmp_path: Path, debian_mirror: str) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     no_images = tmp_path / "no-images"
@@ -106,7 +107,7 @@ async def test_the_live_diagram_of_the_demo_has_labels_for_people(tmp_path: Path
             "--demo", "--demo-dir", str(tmp_path / "demo"), "--store", "rsync:store",
             "--fetcher", f"local:{no_images}",
             "--github-token-file", str(token_file), "--github-api-url", github.url,
-            "--github-repo", "owner/demo"])
+            "--github-repo", "owner/demo", "--debian-mirror", debian_mirror])
         commit = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=tmp_path / "demo",
                                 check=True, capture_output=True, text=True).stdout.strip()
         async with p.Engine(root, state_dir=tmp_path / "var") as engine, \

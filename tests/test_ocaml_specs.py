@@ -7,24 +7,28 @@ To accept a change to the generated specs, rewrite the golden files and review t
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 from golden import assert_golden
+from ocaml_fixtures import recorded_index
+from test_ocaml_ci_reporting import ocaml_ci
 
 from pipeline.obuilder import spec as S
-from pipeline.ocaml.analysis import Analysis, Dependency, OpamFile
+from pipeline.ocaml.analysis import Analysis, Dependency, OpamFile, to_json
+from pipeline.ocaml.debian import HOST_ARCH
 from pipeline.ocaml.platforms import (
-    BASE_PACKAGES,
     PLATFORMS,
     Platform,
     base_stage,
     build_spec,
-    debian_package,
+    job_dependencies,
     lint_spec,
     reproduce_block,
-    system_packages,
 )
+from pipeline.primitives.git import Commit
 
 EXPECTED = Path(__file__).parent / "expected" / "ocaml"
 SYSTEM = PLATFORMS["debian-12-system"]
@@ -40,6 +44,7 @@ ANALYSIS = Analysis(
             Dependency("fmt"),
             Dependency("ppx_deriving", build=True),
             Dependency("alcotest", with_test=True),
+            Dependency("odoc", with_doc=True),
         )),
     ),
     dune_project=True,
@@ -53,38 +58,39 @@ def _golden(name: str, actual: str) -> None:
 
 
 def test_platforms() -> None:
-    assert Platform("debian-12-system", "debian:12", "system") == SYSTEM
-    assert Platform("debian-12-ocaml-5.2", "ocaml/opam:debian-12-ocaml-5.2", "opam") == OPAM
+    assert Platform("debian-12-system", "debian:12", "system", "bookworm", HOST_ARCH) == SYSTEM
+    assert Platform("debian-12-ocaml-5.2", "ocaml/opam:debian-12-ocaml-5.2", "opam", "bookworm",
+                    HOST_ARCH) == OPAM
     assert all(name == p.name for name, p in PLATFORMS.items())
 
 
-@pytest.mark.parametrize(("dep", "package"), [
-    ("ocaml", "ocaml-nox"),
-    ("dune", "ocaml-dune"),
-    ("ocamlfind", "ocaml-findlib"),
-    ("alcotest", "libalcotest-ocaml-dev"),
-    ("ppx_deriving", "libppx-deriving-ocaml-dev"),
-    ("base-unix", "ocaml-nox"),
-])
-def test_debian_package(dep: str, package: str) -> None:
-    assert debian_package(dep) == package
+def test_job_dependencies_leave_out_the_projects_own_and_the_other_jobs() -> None:
+    assert job_dependencies(ANALYSIS, "build") == [
+        "alcotest", "cmdliner", "dune", "fmt", "ocaml", "ppx_deriving"]
+    # The doc job needs odoc, not the test framework.
+    assert job_dependencies(ANALYSIS, "doc") == [
+        "cmdliner", "dune", "fmt", "ocaml", "odoc", "ppx_deriving"]
 
 
-def test_system_packages_cover_all_deps_but_the_projects_own() -> None:
-    assert system_packages(ANALYSIS) == sorted({
-        *BASE_PACKAGES, "libcmdliner-ocaml-dev", "libfmt-ocaml-dev",
-        "libppx-deriving-ocaml-dev", "libalcotest-ocaml-dev",
-    })
-    assert "libhello-ocaml-dev" not in system_packages(ANALYSIS)
-    assert {"ocaml-nox", "ocaml-dune", "opam"} <= set(system_packages(ANALYSIS))
+# What a system platform's caller resolves `job_dependencies` to (beyond the base packages).
+SYSTEM_PACKAGES = {
+    "build": ["libalcotest-ocaml-dev", "libcmdliner-ocaml-dev", "libfmt-ocaml-dev",
+              "libppx-deriving-ocaml-dev"],
+    "fmt": ["ocamlformat"],
+    "doc": ["libcmdliner-ocaml-dev", "libfmt-ocaml-dev", "libppx-deriving-ocaml-dev",
+            "ocaml-odoc"],
+}
 
 
 def _all_specs(platform: Platform) -> dict[str, str]:
     repository = "/home/opam/opam-repository" if platform.kind == "opam" else None
+    packages = SYSTEM_PACKAGES if platform.kind == "system" else {}
     return {
         "base": base_stage(platform),
-        "build": build_spec(platform, ANALYSIS, opam_repository=repository),
-        **{f"lint-{kind}": lint_spec(platform, ANALYSIS, kind) for kind in ("opam", "fmt", "doc")},
+        "build": build_spec(platform, ANALYSIS, packages=packages.get("build", ()),
+                            opam_repository=repository),
+        **{f"lint-{kind}": lint_spec(platform, ANALYSIS, kind, packages=packages.get(kind, ()))
+           for kind in ("opam", "fmt", "doc")},
     }
 
 
@@ -100,7 +106,8 @@ def test_specs_parse_are_canonical_and_deterministic(platform: Platform) -> None
     # A fresh but equal analysis: the text depends on content only.
     again = Analysis(tuple(ANALYSIS.opam_files), ANALYSIS.dune_project, "0.26.1")
     assert first == {job: text for job, text in _all_specs(platform).items()}
-    assert build_spec(platform, again) == build_spec(platform, ANALYSIS)
+    assert build_spec(platform, again, packages=["x"]) == build_spec(platform, ANALYSIS,
+                                                                      packages=["x"])
     for job, text in first.items():
         parsed = S.parse(text, filename=job)
         assert S.to_sexp(parsed) == text
@@ -131,7 +138,7 @@ def test_build_copies_opam_files_before_installing_and_source_after() -> None:
     ]
     install = spec.ops.index(next(op for op in spec.ops if isinstance(op, S.Run)))
     assert spec.ops.index(copies[1]) < install < spec.ops.index(copies[2])
-    system = S.parse(build_spec(SYSTEM, ANALYSIS)).ops
+    system = S.parse(build_spec(SYSTEM, ANALYSIS, packages=SYSTEM_PACKAGES["build"])).ops
     apt = next(op for op in system if isinstance(op, S.Run) and "libfmt-ocaml-dev" in op.shell)
     assert system.index(copies[1]) < system.index(apt) < system.index(copies[2])
 
@@ -143,7 +150,7 @@ def test_system_build_installs_packages_as_root_and_builds_as_user() -> None:
            if isinstance(op, S.Run) and "libfmt-ocaml-dev" in op.shell]
     assert len(apt) == 1
     op, ctx = apt[0]
-    # Only what the base lacks, from the `packages` given rather than the analysis.
+    # Only what the base lacks.
     assert "install -y --no-install-recommends libfmt-ocaml-dev &&" in op.shell
     assert op.network == ("host",)
     assert ctx.user == S.ROOT
@@ -155,7 +162,7 @@ def test_system_build_installs_packages_as_root_and_builds_as_user() -> None:
 
 def test_system_build_without_extra_packages_has_no_apt_step() -> None:
     only_base = Analysis((OpamFile("x.opam", "x", (Dependency("ocaml"),)),), True, None)
-    spec = S.parse(build_spec(SYSTEM, only_base))
+    spec = S.parse(build_spec(SYSTEM, only_base, packages=["ocaml-nox"]))
     base = S.parse(base_stage(SYSTEM))
     assert not any(isinstance(op, S.Run) and "apt-get" in op.shell
                    for op in spec.ops[len(base.ops):])
@@ -163,7 +170,8 @@ def test_system_build_without_extra_packages_has_no_apt_step() -> None:
 
 def test_different_analyses_give_different_specs() -> None:
     fewer = Analysis(ANALYSIS.opam_files[1:], True, None)
-    assert build_spec(SYSTEM, fewer) != build_spec(SYSTEM, ANALYSIS)
+    assert build_spec(SYSTEM, fewer, packages=["x"]) != build_spec(SYSTEM, ANALYSIS,
+                                                                    packages=["x"])
     assert build_spec(OPAM, fewer) != build_spec(OPAM, ANALYSIS)
 
 
@@ -192,7 +200,7 @@ def test_lint_rejects_unknown_kind() -> None:
 
 
 def test_reproduce_block_holds_the_spec_and_the_command() -> None:
-    text = build_spec(SYSTEM, ANALYSIS)
+    text = build_spec(SYSTEM, ANALYSIS, packages=SYSTEM_PACKAGES["build"])
     block = reproduce_block(text, store="overlayfs:/var/tmp/my store")
     assert block.startswith("To reproduce locally")
     _, _, rest = block.partition("cat > build.spec <<'END-OF-SPEC'\n")
@@ -210,3 +218,92 @@ def test_reproduce_block_marker_never_ends_the_spec_early() -> None:
     block = reproduce_block(text)
     assert "<<'END-OF-SPEC-'\n" in block
     assert text.rstrip("\n") + "\nEND-OF-SPEC-\n" in block
+
+
+def test_opam_platform_doc_job_asks_opam_for_doc_deps_and_build_for_test_deps() -> None:
+    doc = [op.shell for op in S.parse(lint_spec(OPAM, ANALYSIS, "doc")).ops
+           if isinstance(op, S.Run)]
+    assert "opam install --deps-only --with-doc -y ./ ./bin/" in doc
+    assert not any("--with-test" in shell for shell in doc)
+    build = S.parse(build_spec(OPAM, ANALYSIS)).ops
+    assert not any(isinstance(op, S.Run) and "--with-doc" in op.shell for op in build)
+
+
+# The jobs a system platform makes, with the recorded bookworm index
+
+INDEX = recorded_index()
+
+
+def _jobs(analysis: Analysis) -> dict[str, Any]:
+    analysed = ocaml_ci.Analysed(
+        Commit(repo="/r", hash="0" * 40, ref="refs/heads/main"), to_json(analysis))
+    return {job.kind: job for job in ocaml_ci.platform_jobs(
+        analysed, SYSTEM, "rsync:/s", None, debian=INDEX)}
+
+
+def _apt(spec: str | None) -> str:
+    assert spec is not None
+    base = len(S.parse(base_stage(SYSTEM)).ops)
+    [apt] = [op.shell for op in S.parse(spec).ops[base:]
+             if isinstance(op, S.Run) and "apt-get" in op.shell]
+    return apt
+
+
+def test_system_build_installs_test_deps_but_no_doc_deps() -> None:
+    apt = _apt(_jobs(ANALYSIS)["build"].spec)
+    assert "libalcotest-ocaml-dev" in apt and "libcmdliner-ocaml-dev" in apt
+    assert "odoc" not in apt
+
+
+def test_system_doc_installs_doc_deps_and_odoc_but_no_test_deps() -> None:
+    doc = _jobs(ANALYSIS)["doc"]
+    assert doc.skip is None
+    apt = _apt(doc.spec)
+    assert "ocaml-odoc" in apt and "libodoc-ocaml-dev" in apt and "libfmt-ocaml-dev" in apt
+    assert "alcotest" not in apt
+    assert "odoc -> ocaml-odoc 2.1.1+dfsg-2" in doc.debian
+    assert "alcotest -> libalcotest-ocaml-dev 1.6.0-1+b1" in _jobs(ANALYSIS)["build"].debian
+
+
+def test_lint_opam_installs_nothing() -> None:
+    spec = S.parse(_jobs(ANALYSIS)["opam"].spec or "")
+    assert not any(isinstance(op, S.Run) and "apt-get" in op.shell
+                   for op in spec.ops[len(S.parse(base_stage(SYSTEM)).ops):])
+
+
+def test_a_dependency_debian_lacks_skips_with_its_opam_name() -> None:
+    lacking = Analysis((OpamFile("x.opam", "x", (
+        Dependency("alcotest"), Dependency("nosuchlibrary"), Dependency("odoc", with_doc=True),
+    )),), True, None)
+    jobs = _jobs(lacking)
+    assert jobs["build"].spec is None
+    assert jobs["build"].skip == "no Debian package in bookworm for the dependency 'nosuchlibrary'"
+    assert "nosuchlibrary -> no Debian package" in jobs["build"].debian
+    assert "nosuchlibrary" in (jobs["doc"].skip or "")
+
+
+def test_bookworm_has_no_ocamlformat_so_lint_fmt_skips() -> None:
+    jobs = _jobs(ANALYSIS)
+    assert jobs["fmt"].spec is None
+    assert jobs["fmt"].skip == "Debian bookworm has no ocamlformat (.ocamlformat asks for 0.26.1)"
+    no_file = dataclasses.replace(ANALYSIS, ocamlformat_version=None)
+    assert _jobs(no_file)["fmt"].skip == "no .ocamlformat file"
+
+
+@pytest.mark.parametrize(("wanted", "skip"), [
+    ("0.27.0", None),
+    ("0.26.1", ".ocamlformat asks for ocamlformat 0.26.1; Debian bookworm has 0.27.0"),
+])
+def test_lint_fmt_runs_only_with_the_version_debian_has(wanted: str, skip: str | None) -> None:
+    # As if bookworm had trixie's ocamlformat.
+    index = dataclasses.replace(INDEX, tools={**INDEX.tools, "ocamlformat": "ocamlformat"},
+                                versions={**INDEX.versions, "ocamlformat": "0.27.0-1+b6"})
+    analysed = ocaml_ci.Analysed(Commit(repo="/r", hash="0" * 40, ref="refs/heads/main"),
+                                 to_json(dataclasses.replace(ANALYSIS,
+                                                             ocamlformat_version=wanted)))
+    fmt = {job.kind: job for job in ocaml_ci.platform_jobs(
+        analysed, SYSTEM, "rsync:/s", None, debian=index)}["fmt"]
+    assert fmt.skip == skip
+    if skip is None:
+        assert "ocamlformat" in _apt(fmt.spec)
+        assert fmt.debian == ("ocamlformat -> ocamlformat 0.27.0-1+b6",)

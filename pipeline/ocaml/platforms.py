@@ -1,8 +1,12 @@
 """Platforms and the build specs generated for them, shaped like ocaml-ci's.
 
-A platform is a name, a base image and a way to install dependencies: `system` platforms take
-OCaml, dune, opam and the libraries from Debian packages (this works offline, against the host's
-Debian mirror); `opam` platforms start from an `ocaml/opam` image and let opam install them.
+A platform is a name, a base image (of a Debian release and architecture) and a way to install
+dependencies: `system` platforms take OCaml, dune, opam and the libraries from Debian packages
+(which packages, the caller finds in the release's indexes with `pipeline.ocaml.debian`);
+`opam` platforms start from an `ocaml/opam` image and let opam install them.
+
+Which dependencies a job installs (`job_dependencies`): the build runs the tests, so it installs
+the `{with-test}` ones but not the `{with-doc}` ones; the doc lint the reverse; `opam lint` none.
 
 Every spec starts with the platform's base stage, inline: its steps are the same in every
 project's spec, so their step ids are too and the store builds them once. Then, as ocaml-ci
@@ -16,28 +20,34 @@ from __future__ import annotations
 
 import posixpath
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from pipeline.obuilder import spec as S
 from pipeline.ocaml.analysis import Analysis
+from pipeline.ocaml.debian import HOST_ARCH
 
 
 @dataclass(frozen=True)
 class Platform:
-    """A platform: `name` (shown in job names), its base `image` and how it gets dependencies."""
+    """A platform: `name` (shown in job names), its base `image`, how it gets dependencies, and
+    the Debian `release` (codename) and `arch` of the image."""
 
     name: str
     image: str
     kind: Literal["system", "opam"]
+    release: str
+    arch: str
     experimental: bool = False
 
 
 PLATFORMS: dict[str, Platform] = {
     p.name: p
     for p in (
-        Platform("debian-12-system", "debian:12", "system"),
-        Platform("debian-12-ocaml-5.2", "ocaml/opam:debian-12-ocaml-5.2", "opam"),
+        Platform("debian-12-system", "debian:12", "system", "bookworm", HOST_ARCH),
+        Platform("debian-12-ocaml-5.2", "ocaml/opam:debian-12-ocaml-5.2", "opam", "bookworm",
+                 HOST_ARCH),
     )
 }
 
@@ -45,18 +55,6 @@ PLATFORMS: dict[str, Platform] = {
 # in, which ocamlopt needs to link), findlib (which many builds call), opam for `opam lint`, and
 # rsync, without which opam cannot read `file://` sources.
 BASE_PACKAGES: tuple[str, ...] = ("ocaml-dune", "ocaml-findlib", "ocaml-nox", "opam", "rsync")
-
-# opam packages whose Debian name does not follow `libNAME-ocaml-dev`. The `base-*` packages are
-# opam's names for parts of the compiler distribution and findlib.
-_DEBIAN_NAMES = {
-    "ocaml": "ocaml-nox",
-    "dune": "ocaml-dune",
-    "ocamlfind": "ocaml-findlib",
-    "base-unix": "ocaml-nox",
-    "base-threads": "ocaml-nox",
-    "base-bigarray": "ocaml-nox",
-    "base-bytes": "ocaml-findlib",
-}
 
 _UID = 1000
 _SRC = "/src"
@@ -68,28 +66,21 @@ _OPAM_USER = (
     f"groupadd --gid {_UID} opam && "
     f"useradd --create-home --uid {_UID} --gid {_UID} --shell /bin/bash opam"
 )
+# What `opam install --deps-only` adds for each job that installs dependencies.
+_OPAM_WITH = {"build": "--with-test", "doc": "--with-doc"}
 
 
-def debian_package(dep: str) -> str:
-    """The Debian package providing the opam package `dep`.
+def job_dependencies(a: Analysis, kind: Literal["build", "doc"]) -> list[str]:
+    """The opam names of the dependencies the job `kind` installs, sorted, each once.
 
-    `ocaml` → `ocaml-nox`, `dune` → `ocaml-dune`, `ocamlfind` → `ocaml-findlib`, otherwise
-    `libNAME-ocaml-dev` with `_` in NAME turned into `-` (Debian names allow no `_`). The package
-    may not exist: checking that is the caller's job (the build is then skipped, not failed).
-    """
-    return _DEBIAN_NAMES.get(dep, f"lib{dep.lower().replace('_', '-')}-ocaml-dev")
-
-
-def system_packages(a: Analysis) -> list[str]:
-    """The Debian packages a system platform needs for `a`: `BASE_PACKAGES` and one per dependency
-    (with-test and build ones included, since the build runs the tests), sorted, each once.
-
-    Dependencies on the project's own packages (another of its opam files) are left out: the
-    build makes them.
+    `build` (which runs the tests): all but the `{with-doc}`-only ones; `doc`: all but the
+    `{with-test}`-only ones. The project's own packages (another of its opam files) are left
+    out: the build makes them.
     """
     own = {f.name for f in a.opam_files}
-    deps = {d.name for f in a.opam_files for d in f.depends if d.name not in own}
-    return sorted({*BASE_PACKAGES, *(debian_package(d) for d in deps)})
+    unwanted = "with_doc" if kind == "build" else "with_test"
+    return sorted({d.name for f in a.opam_files for d in f.depends
+                   if d.name not in own and not getattr(d, unwanted)})
 
 
 def _apt_install(packages: list[str]) -> S.Run:
@@ -99,6 +90,12 @@ def _apt_install(packages: list[str]) -> S.Run:
         + " ".join(packages) + " && rm -rf /var/lib/apt/lists/*",
         network=("host",),
     )
+
+
+def _apt_extra(packages: Sequence[str]) -> list[S.Op]:
+    """The step installing those of `packages` the base lacks, if any (run it as root)."""
+    extra = sorted(set(packages) - set(BASE_PACKAGES))
+    return [_apt_install(extra)] if extra else []
 
 
 def _base(platform: Platform) -> S.Spec:
@@ -140,18 +137,16 @@ def _opam_dirs(a: Analysis) -> str:
     return " ".join(shlex.quote(posixpath.join(".", d, "")) for d in dirs)
 
 
-def _dependencies(
-    platform: Platform, a: Analysis, packages: list[str] | None, opam_repository: str | None
-) -> list[S.Op]:
-    """The steps from the base image to the dependencies installed, as user 1000 in /src."""
+def _dependencies(platform: Platform, a: Analysis, kind: Literal["build", "doc"],
+                  packages: Sequence[str], opam_repository: str | None) -> list[S.Op]:
+    """The steps from the base image to the dependencies of the job `kind` installed (`packages`
+    on a system platform, opam's choice on an opam one), as user 1000 in /src."""
     ops: list[S.Op] = [*_base(platform).ops, S.UserIds(_UID, _UID)]
     if platform.kind == "system":
         ops += [S.Workdir(_SRC), *_copy_opam_files(a)]
-        wanted = system_packages(a) if packages is None else packages
-        extra = sorted(set(wanted) - set(BASE_PACKAGES))
-        if extra:
+        if install := _apt_extra(packages):
             # apt needs root; the rest of the build runs as the user, as with opam.
-            ops += [S.ROOT, _apt_install(extra), S.UserIds(_UID, _UID)]
+            ops += [S.ROOT, *install, S.UserIds(_UID, _UID)]
         return ops
     if opam_repository is not None:
         # Its own step, before the project's files, so every project shares it.
@@ -162,7 +157,8 @@ def _dependencies(
         ops.append(S.Run(shell=f"opam repository set-url default {url} && opam update default"))
     ops += [S.Workdir(_SRC), *_copy_opam_files(a)]
     ops.append(S.Run(
-        shell=f"opam install --deps-only --with-test -y {_opam_dirs(a)}", network=("host",)
+        shell=f"opam install --deps-only {_OPAM_WITH[kind]} -y {_opam_dirs(a)}",
+        network=("host",),
     ))
     return ops
 
@@ -180,50 +176,55 @@ def build_spec(
     platform: Platform,
     a: Analysis,
     *,
-    packages: list[str] | None = None,
+    packages: Sequence[str] = (),
     opam_repository: str | None = None,
 ) -> str:
     """The spec text that builds and tests the project analysed as `a` on `platform`.
 
-    `packages` (system platforms) replaces `system_packages(a)`, e.g. once the caller has checked
-    which exist. `opam_repository` (opam platforms) is a directory *inside the image* holding an
-    opam repository: the image's opam root (initialised, with a switch, as in `ocaml/opam`
-    images) is pointed at it with `opam repository set-url`, which needs `rsync` in the image.
-    Never fails; the result always parses with `pipeline.obuilder.spec.parse`.
+    `packages` (system platforms): the Debian packages of `job_dependencies(a, "build")`; those
+    the base lacks are installed. `opam_repository` (opam platforms) is a directory *inside the
+    image* holding an opam repository: the image's opam root (initialised, with a switch, as in
+    `ocaml/opam` images) is pointed at it with `opam repository set-url`, which needs `rsync` in
+    the image. Never fails; the result always parses with `pipeline.obuilder.spec.parse`.
     """
     ops = [
-        *_dependencies(platform, a, packages, opam_repository),
+        *_dependencies(platform, a, "build", packages, opam_repository),
         _copy_source(),
         S.Run(shell=_in_env(platform, _BUILD)),
     ]
     return S.to_sexp(S.Spec(from_=platform.image, ops=tuple(ops)))
 
 
-def lint_spec(platform: Platform, a: Analysis, kind: Literal["opam", "fmt", "doc"]) -> str:
+def lint_spec(platform: Platform, a: Analysis, kind: Literal["opam", "fmt", "doc"], *,
+              packages: Sequence[str] = ()) -> str:
     """The spec text of the lint job `kind`.
 
     `opam`: `opam lint` on every opam file (only they are copied; no dependency is installed).
-    `fmt`: `dune build @fmt` on the source; on an opam platform the `.ocamlformat` version of
-    ocamlformat is installed first (on a system platform, Debian has none: the caller skips).
-    `doc`: the build's dependencies (and odoc, on an opam platform), then `dune build @doc`.
-    Raises `ValueError` for another `kind`.
+    `fmt`: `dune build @fmt` on the source, after installing ocamlformat: on an opam platform the
+    `.ocamlformat` version, on a system platform `packages` (Debian's ocamlformat; the caller
+    checks its version). `doc`: the dependencies of `job_dependencies(a, "doc")` and odoc
+    (`packages` on a system platform, opam's `--with-doc` choice and `odoc` on an opam one),
+    then `dune build @doc`. Raises `ValueError` for another `kind`.
     """
     user = [S.UserIds(_UID, _UID), S.Workdir(_SRC)]
     base = list(_base(platform).ops)
     if kind == "opam":
-        paths = " ".join(shlex.quote(f.path) for f in a.opam_files)
-        ops = [*base, *user, *_copy_opam_files(a), S.Run(shell=f"opam lint {paths}")]
+        ops = [*base, *user, *_copy_opam_files(a),
+               S.Run(shell=f"opam lint {' '.join(shlex.quote(f.path) for f in a.opam_files)}")]
     elif kind == "fmt":
-        ops = [*base, user[0]]
-        if platform.kind == "opam" and a.ocamlformat_version is not None:
-            # Before the workdir, as in `_dependencies`: /src must be made by the copy.
-            ops.append(S.Run(
-                shell=f"opam install -y {shlex.quote('ocamlformat=' + a.ocamlformat_version)}",
-                network=("host",),
-            ))
+        # Installed before the workdir, as in `_dependencies`: /src must be made by the copy.
+        if platform.kind == "system":
+            ops = [*base, *_apt_extra(packages), user[0]]
+        else:
+            ops = [*base, user[0]]
+            if a.ocamlformat_version is not None:
+                ops.append(S.Run(
+                    shell=f"opam install -y {shlex.quote('ocamlformat=' + a.ocamlformat_version)}",
+                    network=("host",),
+                ))
         ops += [user[1], _copy_source(), S.Run(shell=_in_env(platform, _LINT_COMMANDS["fmt"]))]
     elif kind == "doc":
-        ops = _dependencies(platform, a, None, None)
+        ops = _dependencies(platform, a, "doc", packages, None)
         if platform.kind == "opam":
             ops.append(S.Run(shell="opam install -y odoc", network=("host",)))
         ops += [_copy_source(), S.Run(shell=_in_env(platform, _LINT_COMMANDS["doc"]))]
