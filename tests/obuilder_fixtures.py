@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.obuilder.builder import MARK
+from pipeline.obuilder.log_format import MARK
 
 BUSYBOX = Path("/bin/busybox")
 
@@ -53,7 +53,7 @@ class RecordingLog:
 
     @property
     def text(self) -> str:
-        """The log as a person reads it: without the builder's markers (`builder.MARK`)."""
+        """The log as a person reads it: without the builder's markers (`log_format.MARK`)."""
         return self.data.replace(MARK, b"").decode()
 
     async def wait_for(self, text: str) -> None:

@@ -21,8 +21,9 @@ from obuilder_fakes import Command, FakeFetcher, FakeStore, ScriptedSandbox
 from obuilder_fixtures import HANG_GUARD, RecordingLog
 
 from pipeline.obuilder import spec as S
-from pipeline.obuilder.builder import MARK, MARK_SHOWN, Builder, from_id
+from pipeline.obuilder.builder import Builder, from_id
 from pipeline.obuilder.db_store import DbStore
+from pipeline.obuilder.log_format import MARK, MARK_SHOWN
 from pipeline.obuilder.protocols import (
     BuildError,
     DiskUsage,

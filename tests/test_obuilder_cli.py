@@ -15,8 +15,8 @@ from obuilder_fixtures import STORE_FILESYSTEMS, new_store_root
 from oci_images import OciLayout, file, tar_bytes, tar_directory
 from registry_fixtures import Registry, push_oci_layout
 
-from pipeline.obuilder.builder import MARK
 from pipeline.obuilder.cli import main as obuilder_main
+from pipeline.obuilder.log_format import MARK
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = """\

@@ -41,14 +41,9 @@ write, a store tool, the result table) fails with `StoreFull`: one line naming t
 space and what to run to free some. A step whose command fails while the store is full gets that
 line as a hint, the space being measured before the store discards the step.
 
-The output of a build, written to its `log` as it happens, is for each step a header
-(`WORKDIR: OP`, over several lines for a long op), the step's output (replayed from the store for
-a cached step), then `---> using "<id>" from cache` or `---> saved as "<id>"`; a failed step has
-no such last line. The builder's own lines (headers and outcomes) each end with `MARK` just
-before their newline and start on a line of their own; a step's output never contains `MARK`
-(`_BuildLog` shows it as `MARK_SHOWN`), so a reader of the log (the web UI's job page) can tell
-the builder's lines from anything a command prints. Terminals do not show the byte, and
-`str.strip` removes it.
+The output of a build, written to its `log` as it happens, is for each step a header, the
+step's output and its outcome, the builder's own lines marked so that no command can forge them:
+`log_format` says how.
 """
 
 from __future__ import annotations
@@ -69,6 +64,7 @@ from typing import Any, BinaryIO
 from pipeline.obuilder import confined
 from pipeline.obuilder import spec as S
 from pipeline.obuilder.full_store import is_disk_full, reporting_full, space_problem
+from pipeline.obuilder.log_format import MARK, MARK_SHOWN, outcome
 from pipeline.obuilder.manifest import manifest
 from pipeline.obuilder.protocols import (
     BuildError,
@@ -82,11 +78,6 @@ from pipeline.obuilder.protocols import (
 )
 
 _NO_SECRETS: Mapping[str, bytes] = MappingProxyType({})
-
-MARK = b"\x1f"
-"""Ends each line the builder writes itself (ASCII unit separator: invisible on a terminal)."""
-MARK_SHOWN = "\u241f".encode()
-"""What a step's output shows instead of `MARK` (the visible symbol for it, "␟")."""
 
 DIGEST = "digest"
 """The file of a `(from ...)` result holding the image's digest (when the fetcher gives one)."""
@@ -414,7 +405,7 @@ class Builder:
             log.end_line()
         if cached:
             request.cache_hits.append(id)
-        log.mark(f'---> using "{id}" from cache' if cached else f'---> saved as "{id}"')
+        log.mark(outcome(id, cached))
 
     def _start(self, id: str, base: str | None, header: str, work: Work) -> _Step:
         live = _LiveLog()
