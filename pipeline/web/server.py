@@ -38,6 +38,7 @@ QUERY_LIMIT = 500
 _EVENT_ID = re.compile(r"([0-9]{1,18}):([0-9]{1,18})")
 """A log stream's event id, OFFSET:LINE (ASCII digits: `str.isdigit` also accepts '²')."""
 _MARK = MARK.decode()
+"""Ends each line the builder writes itself, in a log decoded to text."""
 REBUILD_WAIT = 10.0
 """Seconds a Rebuild waits for the key's new job, to take the browser to it."""
 
@@ -294,10 +295,8 @@ def _job_id(request: web.Request) -> str:
 
 def _history(engine: p.Engine, job_id: str, entry: Entry | None) -> list[Entry]:
     """The stored runs of the key of `job_id` (running, or stored as `entry`), newest first."""
-    instance = engine.cache.find(job_id)
-    if instance is not None:
-        return engine.cache.db.history(instance.op.id, instance.key_digest)
-    return engine.cache.db.history(entry.op, entry.key_digest) if entry is not None else []
+    key = _key_of(engine, job_id, entry)
+    return engine.cache.db.history(*key) if key is not None else []
 
 
 @dataclass(frozen=True)
