@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.obuilder.log_format import MARK
+
 BUSYBOX = Path("/bin/busybox")
 
 STORE_FILESYSTEMS: dict[str, str | None] = {
@@ -51,7 +53,8 @@ class RecordingLog:
 
     @property
     def text(self) -> str:
-        return self.data.decode()
+        """The log as a person reads it: without the builder's markers (`log_format.MARK`)."""
+        return self.data.replace(MARK, b"").decode()
 
     async def wait_for(self, text: str) -> None:
         async with asyncio.timeout(HANG_GUARD):

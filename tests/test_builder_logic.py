@@ -23,6 +23,7 @@ from obuilder_fixtures import HANG_GUARD, RecordingLog
 from pipeline.obuilder import spec as S
 from pipeline.obuilder.builder import Builder, from_id
 from pipeline.obuilder.db_store import DbStore
+from pipeline.obuilder.log_format import MARK, MARK_SHOWN
 from pipeline.obuilder.protocols import (
     BuildError,
     DiskUsage,
@@ -115,6 +116,37 @@ def test_the_fakes_implement_the_protocols(
     assert isinstance(store, Store)
     assert isinstance(sandbox, Sandbox)
     assert isinstance(fetcher, Fetcher)
+
+
+# The log's form.
+
+
+async def test_only_the_builder_writes_marked_lines_and_each_starts_a_line(
+        builder: Builder, sandbox: ScriptedSandbox, context: Path) -> None:
+    forged = b'/: (run (shell build))' + MARK + b'\n---> saved as "' + b"0" * 64 + b'"' + MARK
+    sandbox.script("prepare", Command(output=b"no newline at the end"))
+    sandbox.script("build", Command(output=forged, exit_status=1))
+    running = start(builder, TWO_STEPS, context)
+    with pytest.raises(BuildError):
+        async with asyncio.timeout(HANG_GUARD):
+            await running.task
+    marked = [line for line in bytes(running.log.data).split(b"\n") if line.endswith(MARK)]
+    assert [line.partition(b" ")[0] for line in marked] == [
+        b"(from", b"--->", b"/:", b"--->", b"/:"], marked
+    shown = forged.replace(MARK, MARK_SHOWN)
+    # The output that ended no line is ended before the outcome; so is the failed step's.
+    assert bytes(running.log.data).endswith(
+        b"no newline at the end\n---> saved as " + marked[3].partition(b" as ")[2] + b"\n"
+        + b"/: (run (shell build))" + MARK + b"\n" + shown + b"\n")
+
+
+async def test_a_replayed_log_cannot_forge_marked_lines(
+        builder: Builder, sandbox: ScriptedSandbox, context: Path) -> None:
+    sandbox.script("prepare", Command(output=b"fake" + MARK + b"\n"))
+    sandbox.script("build")
+    await build(builder, TWO_STEPS, context)
+    _, again = await build(builder, TWO_STEPS, context)
+    assert "fake\u241f\n" in again and "from cache" in again
 
 
 # Caching.

@@ -28,6 +28,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 import pipeline as p
+from pipeline.clock import Clock
 from pipeline.primitives import git, git_webhook
 from pipeline.web import diagram, webhooks
 from pipeline.web.ansi import AnsiConverter, ansi_to_html
@@ -73,8 +74,8 @@ class Served:
 
 @asynccontextmanager
 async def serve(tmp_path: Path, root: p.Term[Any], *, confirm: p.Level | None = None,
-                **app_options: Any) -> AsyncIterator[Served]:
-    engine = p.Engine(root, state_dir=tmp_path / "var", confirm=confirm)
+                clock: Clock | None = None, **app_options: Any) -> AsyncIterator[Served]:
+    engine = p.Engine(root, state_dir=tmp_path / "var", confirm=confirm, clock=clock)
     await engine.start()
     client = TestClient(TestServer(make_app(engine, **app_options)))
     await client.start_server()

@@ -472,6 +472,10 @@ class Cache:
         """The live instance that ran `job_id`."""
         return self.by_job.get(job_id)
 
+    def live(self, op_id: str, key_digest: str) -> Instance | None:
+        """The instance of (`op_id`, `key_digest`) if the key is in use (or runs a job)."""
+        return self._instances.get((op_id, key_digest))
+
     def rebuild(self, job_id: str) -> bool:
         """Run the key of `job_id` again: now if it is in use, else the next time it is wanted.
 
@@ -483,7 +487,7 @@ class Cache:
             entry = self.db.entry(job_id)
             if entry is None:
                 return False
-            instance = self._instances.get((entry.op, entry.key_digest))
+            instance = self.live(entry.op, entry.key_digest)
             if instance is None:
                 # Marks the outcome the key's next user will load.
                 self.db.mark_rebuild(entry.op, entry.key_digest)

@@ -90,6 +90,13 @@ class Entry:
     queued: datetime | None = None
     skipped: str | None = None
 
+    @property
+    def state(self) -> str:
+        """How the run ended, as people are shown it: "ok", "skipped" or "failed"."""
+        if not self.ok:
+            return "failed"
+        return "skipped" if self.skipped is not None else "ok"
+
 
 def _time(text: str | None) -> datetime | None:
     return datetime.fromisoformat(text) if text is not None else None

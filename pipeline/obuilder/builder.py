@@ -41,9 +41,9 @@ write, a store tool, the result table) fails with `StoreFull`: one line naming t
 space and what to run to free some. A step whose command fails while the store is full gets that
 line as a hint, the space being measured before the store discards the step.
 
-The output of a build, written to its `log` as it happens, is for each step a header
-(`WORKDIR: OP`), the step's output, then `---> using "<id>" from cache` or
-`---> saved as "<id>"`.
+The output of a build, written to its `log` as it happens, is for each step a header, the
+step's output and its outcome, the builder's own lines marked so that no command can forge them:
+`log_format` says how.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ from typing import Any, BinaryIO
 from pipeline.obuilder import confined
 from pipeline.obuilder import spec as S
 from pipeline.obuilder.full_store import is_disk_full, reporting_full, space_problem
+from pipeline.obuilder.log_format import MARK, MARK_SHOWN, outcome
 from pipeline.obuilder.manifest import manifest
 from pipeline.obuilder.protocols import (
     BuildError,
@@ -139,12 +140,41 @@ class _Tee:
         self._live.write(data)
 
 
+class _BuildLog:
+    """The log of one build: its steps' output, and the builder's own lines marked as such."""
+
+    def __init__(self, sink: Callable[[bytes], None]) -> None:
+        self._sink = sink
+        self._at_line_start = True
+
+    def output(self, data: bytes) -> None:
+        """Write output of a step (live or replayed from the store), where `MARK` cannot stand:
+        a command could otherwise print lines that look like the builder's."""
+        if data:
+            self._sink(data.replace(MARK, MARK_SHOWN))
+            self._at_line_start = data.endswith(b"\n")
+
+    def mark(self, text: str) -> None:
+        """Write the builder's own `text` (a header or an outcome), each of its lines marked,
+        starting on a new line even if the output before it did not end one."""
+        lines = text.replace(MARK.decode(), "").split("\n")
+        self.end_line()
+        self._sink(b"".join(line.encode() + MARK + b"\n" for line in lines))
+
+    def end_line(self) -> None:
+        """End the output's last line if it is not ended, so that what follows (the next
+        header, the job's own lines after a failed step) starts a line."""
+        if not self._at_line_start:
+            self._sink(b"\n")
+            self._at_line_start = True
+
+
 @dataclass
 class _Request:
     """One call of `Builder.build` (or `fetch_base`): where its output goes, the secret values
     it was given, and the results it found in the store (noted as used when it ends)."""
 
-    log: Callable[[bytes], None]
+    log: _BuildLog
     secrets: Mapping[str, bytes]
     cache_hits: list[str] = field(default_factory=list)
 
@@ -200,15 +230,16 @@ class Builder:
                     secrets: Mapping[str, bytes] = _NO_SECRETS) -> str:
         """Build `spec` with `context` as the source of `copy` steps; return the final result id.
 
-        `log` receives each step's header, output and outcome as they happen; `secrets` maps
-        secret ids to values for `(run (secrets ...))`. Child stages are built first, in order.
+        `log` receives each step's header, output and outcome as they happen (in the form the
+        module's docstring gives); `secrets` maps secret ids to values for `(run (secrets ...))`.
+        Child stages are built first, in order.
         Raises BuildError naming the step on its failure (a failed step is never saved, so
         building again retries it), for a missing secret, an unknown `(user (name ...))`, an
         unsupported network, or a `copy` source breaking the manifest rules; StoreFull if the
         store is full (see `full_store`) or runs out of space. Cancelling the calling task stops
         the current step unless another build is waiting for it too.
         """
-        request = _Request(log, secrets)
+        request = _Request(_BuildLog(log), secrets)
         async with self._space_guard(), self._noting_cache_hits(request):
             return await self._build(spec, context, request, {})
 
@@ -262,7 +293,7 @@ class Builder:
         not, and return its id; `log` gets the step's header, output and outcome. Raises
         BuildError naming the step if the fetcher fails (nothing is saved then), StoreFull as
         `build` does."""
-        request = _Request(log, _NO_SECRETS)
+        request = _Request(_BuildLog(log), _NO_SECRETS)
         async with self._space_guard(), self._noting_cache_hits(request):
             id, _ = await self._from(image, request)
         return id
@@ -348,7 +379,7 @@ class Builder:
         """Make sure result `id` exists, doing `work` on a copy of `base` if it does not,
         and write the step's header, output and outcome to the build's log."""
         log = request.log
-        log(f"{header}\n".encode())
+        log.mark(header)
         while True:
             step = self._running.get(id)
             if step is None:
@@ -358,7 +389,7 @@ class Builder:
                 continue
             break
         step.waiters += 1
-        step.log.follow(log)
+        step.log.follow(log.output)
         try:
             cached = await asyncio.shield(step.task)
         except asyncio.CancelledError:
@@ -370,11 +401,11 @@ class Builder:
                 await asyncio.wait([step.task])
             raise
         finally:
-            step.log.unfollow(log)
+            step.log.unfollow(log.output)
+            log.end_line()
         if cached:
             request.cache_hits.append(id)
-        outcome = f'---> using "{id}" from cache' if cached else f'---> saved as "{id}"'
-        log(f"{outcome}\n".encode())
+        log.mark(outcome(id, cached))
 
     def _start(self, id: str, base: str | None, header: str, work: Work) -> _Step:
         live = _LiveLog()

@@ -48,6 +48,9 @@ class Metrics:
                                 registry=self.registry)
         self.failed = Counter("pipeline_jobs_failed", "Jobs that failed (cancelled included)",
                               registry=self.registry)
+        self.skipped = Counter("pipeline_jobs_skipped",
+                               "Jobs that finished ok having had nothing to do (Job.skip)",
+                               registry=self.registry)
         self.evaluation = Histogram("pipeline_evaluation_seconds",
                                     "Duration of the engine's rounds of evaluation",
                                     registry=self.registry)
@@ -61,3 +64,5 @@ class Metrics:
             self.finished.inc()
             if job.state == p.JobState.FAILED:
                 self.failed.inc()
+            elif job.skipped is not None:
+                self.skipped.inc()

@@ -13,7 +13,8 @@ import json
 import re
 import string
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from datetime import date, datetime
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import pipeline as p
 from pipeline.cache.storage import Entry
+from pipeline.obuilder.log_format import MARK, parse_outcome
 from pipeline.web import webhooks
 from pipeline.web.ansi import AnsiConverter
 from pipeline.web.auth import LOGIN_COOKIE, Access, Role, check_host
@@ -35,6 +37,10 @@ QUERY_LIMIT = 500
 """The most cache entries /query lists."""
 _EVENT_ID = re.compile(r"([0-9]{1,18}):([0-9]{1,18})")
 """A log stream's event id, OFFSET:LINE (ASCII digits: `str.isdigit` also accepts '²')."""
+_MARK = MARK.decode()
+"""Ends each line the builder writes itself, in a log decoded to text."""
+REBUILD_WAIT = 10.0
+"""Seconds a Rebuild waits for the key's new job, to take the browser to it."""
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -289,30 +295,107 @@ def _job_id(request: web.Request) -> str:
 
 def _history(engine: p.Engine, job_id: str, entry: Entry | None) -> list[Entry]:
     """The stored runs of the key of `job_id` (running, or stored as `entry`), newest first."""
+    key = _key_of(engine, job_id, entry)
+    return engine.cache.db.history(*key) if key is not None else []
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What a job page shows of a job, running in this process or stored."""
+
+    state: str
+    """The job's state; "skipped" for one that succeeded with nothing to do (`Job.skip`)."""
+    label: str
+    error: str | None
+    skipped: str | None
+    queued: datetime | None
+    started: datetime | None
+    finished: datetime | None
+
+
+def _run_of(engine: p.Engine, job_id: str, entry: Entry | None) -> _Run:
+    """The job `job_id`, from this process's jobs if it is there, else from its stored `entry`."""
+    job = engine.jobs.get(job_id)
+    if job is not None:
+        skipped = job.skipped if job.state is p.JobState.OK else None
+        return _Run("skipped" if skipped is not None else str(job.state), job.label, job.error,
+                    skipped, job.created, job.started, job.finished)
+    if entry is not None:
+        return _Run(entry.state, entry.op, entry.error, entry.skipped, entry.queued,
+                    entry.started, entry.finished)
+    return _Run("unknown", "", None, None, None, None, None)
+
+
+def duration_text(duration: timedelta) -> str:
+    """A duration for people: "0.4 s", "12 s", "3 min 4 s", "2 h 5 min"."""
+    seconds = duration.total_seconds()
+    if seconds < 10:
+        return f"{max(seconds, 0):.1f} s"
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60} s"
+    return f"{whole // 3600} h {whole % 3600 // 60} min"
+
+
+def _time_text(moment: datetime | None) -> str:
+    return f"{moment:%Y-%m-%d %H:%M:%S %Z}".rstrip() if moment is not None else ""
+
+
+def _timings(run: _Run) -> dict[str, str]:
+    """When the job was queued, started and finished, and how long it waited and ran, as text
+    (empty when not known yet), keyed by the suffix of their elements' ids (`job-KEY`)."""
+    # A job cancelled before it started waited until it finished.
+    waited_until = run.started or run.finished
+    return {
+        "queued": _time_text(run.queued), "started": _time_text(run.started),
+        "finished": _time_text(run.finished),
+        "queued-for": duration_text(waited_until - run.queued)
+        if run.queued is not None and waited_until is not None else "",
+        "ran-for": duration_text(run.finished - run.started)
+        if run.started is not None and run.finished is not None else "",
+    }
+
+
+def _key_of(engine: p.Engine, job_id: str, entry: Entry | None) -> tuple[str, str] | None:
+    """The (operation, key digest) `job_id` ran, if known."""
     instance = engine.cache.find(job_id)
     if instance is not None:
-        return engine.cache.db.history(instance.op.id, instance.key_digest)
-    return engine.cache.db.history(entry.op, entry.key_digest) if entry is not None else []
+        return instance.op.id, instance.key_digest
+    return (entry.op, entry.key_digest) if entry is not None else None
+
+
+def _newer_run(engine: p.Engine, job_id: str, entry: Entry | None) -> str | None:
+    """The newest job of the key of `job_id`, running or finished, if it is not `job_id`."""
+    key = _key_of(engine, job_id, entry)
+    if key is None:
+        return None
+    instance = engine.cache.live(*key)
+    # The jobs this process ran for the key are newer than any stored by an earlier one.
+    if instance is not None and instance.job_ids:
+        newest = instance.job_ids[-1]
+        return newest if newest != job_id else None
+    history = [run.job_id for run in engine.cache.db.history(*key)]
+    return history[0] if job_id in history[1:] else None
+
+
+_REBUILD_NOTICES = {
+    "marked": "The key of this job is not in use now: it is rebuilt the next time the "
+              "pipeline wants it.",
+    "waiting": "Rebuild requested: the new job has not started yet.",
+}
+"""What the job page says after a Rebuild that found no new job to go to (`?rebuild=...`)."""
 
 
 async def job_page(request: web.Request) -> web.Response:
-    """A job: state, timings, actions, live log and the other runs of its key."""
+    """A job: state (or why it skipped), timings, actions, a link to a newer run of its key, its
+    live log and the other runs of its key."""
     engine = request.app[ENGINE]
     job_id = _job_id(request)
-    job = engine.jobs.get(job_id)
     entry = engine.cache.db.entry(job_id)
-    if job is not None:
-        state, label, error = str(job.state), job.label, job.error
-        started, finished = job.started, job.finished
-    elif entry is not None:
-        state = "ok" if entry.ok else "failed"
-        label = entry.op
-        error = entry.error
-        started, finished = _stored_time(entry.started), _stored_time(entry.finished)
-    else:
-        state, label, error, started, finished = "unknown", "", None, None, None
-    if entry is not None:
-        label = f"{label} {entry.key_pp}"
+    run = _run_of(engine, job_id, entry)
+    label = f"{run.label} {entry.key_pp}" if entry is not None else run.label
     allowed = engine.job_actions(job_id)
     # Rebuild is there, hidden, while the job runs: the page shows it when the job ends.
     actions = "".join(
@@ -320,32 +403,64 @@ async def job_page(request: web.Request) -> web.Response:
                      hidden=name not in allowed)
         for action, (name, _method, label) in _ACTIONS.items()
         if name in allowed or name == "rebuild")
+    notices = []
+    if (notice := _REBUILD_NOTICES.get(request.query.get("rebuild", ""))) is not None:
+        notices.append(f'<p id="rebuild-notice" class="notice">{escape(notice)}</p>')
+    if (newer := _newer_run(engine, job_id, entry)) is not None:
+        notices.append(f'<p id="newer-run" class="notice">This key has a newer run: '
+                       f"{_job_link(newer)}</p>")
     history = "".join(
-        f'<li class="{"ok" if run.ok else "failed"}">{_job_link(run.job_id)} '
-        f'{escape(_stored_time(run.finished))} {"ok" if run.ok else escape(run.error)}'
-        f'{" (this job)" if run.job_id == job_id else ""}</li>'
-        for run in _history(engine, job_id, entry))
+        f'<li class="{past.state}">{_job_link(past.job_id)} '
+        f"{escape(_stored_time(past.finished))} {escape(_outcome_text(past))}"
+        f'{" (this job)" if past.job_id == job_id else ""}</li>'
+        for past in _history(engine, job_id, entry))
+    timings = {key.replace("-", "_"): escape(text) for key, text in _timings(run).items()}
     body = TEMPLATES["job"].substitute(
-        job_id=escape(job_id), state=escape(state), label=escape(label), started=escape(started),
-        finished=escape(finished), error=escape(error), actions=actions, history=history,
-        log_url=escape(f"/job/{job_id}/log"))
+        job_id=escape(job_id), state=escape(run.state), label=escape(label),
+        error=escape(run.error), skipped=escape(run.skipped), actions=actions,
+        notices="".join(notices), history=history, log_url=escape(f"/job/{job_id}/log"),
+        raw_log_url=escape(f"/job/{job_id}/log.txt"), **timings)
     return page(request, job_id, body)
 
 
+def _outcome_text(entry: Entry) -> str:
+    """A stored run's outcome in a few words: "ok", "skipped: REASON" or its error."""
+    if entry.state == "skipped":
+        return f"skipped: {entry.skipped}"
+    return "ok" if entry.ok else entry.error or ""
+
+
 def _line_html(number: int, converter: AnsiConverter, line: str) -> str:
+    """One log line as HTML, with its number as an anchor (`#L<number>`).
+
+    The builder's own lines (`pipeline.obuilder.log_format`: each ends with its mark, which no
+    command's output can hold) get classes: `step-header`, or `step-end` with the step's id and
+    whether it came from the cache. The page's script makes the collapsible sections of steps
+    from these classes as lines arrive: the log is streamed in chunks that cut sections anywhere
+    (and a browser resumes a stream mid-section), so only the page, which holds the sections
+    made so far, can put each line in its section; the server says which lines are the
+    builder's because it alone reads the log's bytes, mark included.
+    """
+    attributes = 'class="line"'
+    if line.endswith(_MARK):
+        line = line[:-1]
+        end = parse_outcome(line)
+        attributes = 'class="line step-header"' if end is None else (
+            f'class="line step-end" data-step="{end[0]}" data-cached="{str(end[1]).lower()}"')
     # A carriage return starts the line again, as progress lines (`10%\r50%\r100%`) do: show
     # what a terminal ends with, the last text after one. Every part goes through the converter,
     # whose colours carry on.
     parts = [converter.convert(part) for part in line.split("\r")]
     shown = next((part for part in reversed(parts) if part), "")
-    return (f'<span class="line" id="L{number}"><a class="ln" href="#L{number}">{number}</a>'
+    return (f'<span {attributes} id="L{number}"><a class="ln" href="#L{number}">{number}</a>'
             f"{shown}</span>\n")
 
 
 async def job_log(request: web.Request) -> web.StreamResponse:
     """The job's log as server-sent events, each one's data in JSON: `lines` (a string of HTML,
-    one element per line, ids `L<n>`), `state` (a string) when the job's state changes, and
-    `end` (an object: state, finished, error) once the job has finished.
+    one element per line, ids `L<n>`, made by `_line_html`), `state` (a string) and `timings`
+    (an object, see `_timings`) when the job's state changes, and `end` (an object: state,
+    error, skip reason and timings) once the job has finished.
 
     The log is read in chunks as it grows, never whole. A line shows its text after its last
     carriage return, as a terminal would. Event ids are `OFFSET:LINE`, so a browser that
@@ -379,7 +494,7 @@ async def _stream_log(response: web.StreamResponse, engine: p.Engine, job_id: st
     path = engine.jobs.log_path(job_id)
     job = engine.jobs.get(job_id)
     converter = AnsiConverter()
-    state = ""
+    state: p.JobState | None = None
     pending = b""
     # A live job's log may not be written yet; a job stored by an earlier process may have lost
     # its log: there is nothing to follow.
@@ -402,8 +517,10 @@ async def _stream_log(response: web.StreamResponse, engine: p.Engine, job_id: st
             number += len(lines)
             await _send(response, "lines", fragment, f"{offset}:{number}")
         if job is not None and job.state != state:
-            state = str(job.state)
-            await _send(response, "state", state)
+            state = job.state
+            run = _run_of(engine, job_id, None)
+            await _send(response, "state", run.state)
+            await _send(response, "timings", _timings(run))
     if pending:
         await _send(response, "lines",
                     _line_html(number + 1, converter, pending.decode(errors="replace")))
@@ -411,15 +528,10 @@ async def _stream_log(response: web.StreamResponse, engine: p.Engine, job_id: st
 
 
 def _outcome(engine: p.Engine, job_id: str) -> dict[str, str | None]:
-    """How a finished job ended: state, finish time and error, for the job page's script."""
-    job = engine.jobs.get(job_id)
-    if job is not None:
-        return {"state": str(job.state), "finished": str(job.finished), "error": job.error}
-    entry = engine.cache.db.entry(job_id)
-    if entry is None:
-        return {"state": "unknown", "finished": None, "error": None}
-    return {"state": "ok" if entry.ok else "failed", "finished": _stored_time(entry.finished),
-            "error": entry.error}
+    """How a finished job ended, for the job page's script: state ("skipped" for a job that
+    had nothing to do), error, skip reason and the timings (`_timings`)."""
+    run = _run_of(engine, job_id, engine.cache.db.entry(job_id))
+    return {"state": run.state, "error": run.error, "skipped": run.skipped, **_timings(run)}
 
 
 async def _nothing() -> AsyncIterator[bytes]:
@@ -428,14 +540,65 @@ async def _nothing() -> AsyncIterator[bytes]:
 
 
 async def job_action(request: web.Request) -> web.Response:
-    """Rebuild, cancel or start a job now (builder role); back to the job's page."""
+    """Rebuild, cancel or start a job now (builder role); then to the job's page, or for a
+    rebuild to the new job's (see `_rebuilt`)."""
     _require(request, Role.BUILDER)
     engine = request.app[ENGINE]
     job_id = _job_id(request)
     name, method, _label = _ACTIONS[request.match_info["action"]]
-    if name not in engine.job_actions(job_id) or not getattr(engine, method)(job_id):
+    if name not in engine.job_actions(job_id):
+        raise web.HTTPConflict(text=f"cannot {name} job {job_id} now")
+    if name == "rebuild":
+        raise web.HTTPSeeOther(await _rebuilt(request.app, job_id))
+    if not getattr(engine, method)(job_id):
         raise web.HTTPConflict(text=f"cannot {name} job {job_id} now")
     raise web.HTTPSeeOther(f"/job/{job_id}")
+
+
+async def _rebuilt(app: web.Application, job_id: str) -> str:
+    """Rebuild the key of `job_id`; the page to go to then: the new job's, once the engine has
+    made it (waiting up to REBUILD_WAIT seconds, woken by each round of evaluation), else the
+    old job's, saying that the key is not in use (so the rebuild waits for its next use) or that
+    no new job has started yet."""
+    engine = app[ENGINE]
+    entry = engine.cache.db.entry(job_id)
+    key = _key_of(engine, job_id, entry)
+    before = _newer_run(engine, job_id, entry)
+    if key is None or not engine.rebuild(job_id):
+        raise web.HTTPConflict(text=f"cannot rebuild job {job_id} now")
+    if engine.cache.live(*key) is None:
+        return f"/job/{job_id}?rebuild=marked"
+    changes = app[CHANGES]
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(REBUILD_WAIT):
+            while True:
+                seen = changes.revision
+                newer = _newer_run(engine, job_id, entry)
+                if newer is not None and newer != before:
+                    return f"/job/{newer}"
+                await changes.wait(seen)
+    return f"/job/{job_id}?rebuild=waiting"
+
+
+async def job_raw_log(request: web.Request) -> web.StreamResponse:
+    """The job's log as it is now, as a text file to save; read and sent in chunks, never
+    whole. The same access as the job's page."""
+    engine = request.app[ENGINE]
+    job_id = _job_id(request)
+    path = engine.jobs.log_path(job_id)
+    name = job_id.replace("/", "-")
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/plain; charset=utf-8",
+        "Content-Disposition": f'attachment; filename="{name}.log"',
+    })
+    await response.prepare(request)
+    # A job that has written nothing yet has no log file: its log is empty.
+    chunks = p.follow_log(path, done=lambda: True) if path.exists() else _nothing()
+    with _gone():
+        async for chunk in chunks:
+            await response.write(chunk)
+        await response.write_eof()
+    return response
 
 
 async def jobs_page(request: web.Request) -> web.Response:
@@ -484,7 +647,7 @@ async def query_page(request: web.Request) -> web.Response:
     rows = "".join(
         f'<tr><td><input type="checkbox" name="job" value="{escape(entry.job_id)}"></td>'
         f"<td>{_job_link(entry.job_id)}</td><td>{escape(entry.op)}</td><td>{escape(entry.key_pp)}</td>"
-        f'<td class="{"ok" if entry.ok else "failed"}">{"ok" if entry.ok else escape(entry.error)}'
+        f'<td class="{entry.state}">{escape(_outcome_text(entry))}'
         f"</td><td>{escape(_stored_time(entry.finished))}</td></tr>"
         for entry in entries)
     ops = db.ops()
@@ -625,6 +788,7 @@ def make_app(engine: p.Engine, *, admin_token: str | None = None,
         web.get("/events", events),
         web.get(job, job_page),
         web.get(job + "/log", job_log),
+        web.get(job + "/log.txt", job_raw_log),
         web.post(job + "/{action:rebuild|cancel|start}", job_action),
         web.get("/jobs", jobs_page),
         web.get("/query", query_page),
