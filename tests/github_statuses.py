@@ -1,12 +1,14 @@
 """A fake of GitHub's commit statuses API (`POST /repos/OWNER/NAME/statuses/SHA`) on 127.0.0.1.
 
-It records every request, answers 401 to a wrong token as GitHub does, and can be told to fail
-the next requests with a given status code.
+It records every request, answers 401 to a wrong token and 422 to a `target_url` that is not an
+absolute http(s) URL as GitHub does, and can be told to fail the next requests with a given status
+code.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -41,6 +43,11 @@ class FakeGitHubStatuses:
         self.requests.append(StatusRequest(request.path, dict(request.headers), body))
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return web.json_response({"message": "Bad credentials"}, status=401)
+        target = body.get("target_url") if isinstance(body, dict) else None
+        if target is not None and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", str(target)):
+            # GitHub's answer to a link that is not an absolute http(s) URL.
+            return web.json_response({"message": "Validation Failed", "errors": [
+                {"resource": "Status", "field": "target_url", "code": "custom"}]}, status=422)
         if self.failures:
             status, message = self.failures.pop(0)
             return web.json_response({"message": message}, status=status)

@@ -113,6 +113,9 @@ async def test_a_broken_test_fails_the_build_and_a_fix_passes_while_a_branch_bui
         assert status["result"] == "failed", status
         build = jobs_of(status)["debian-12-system"]
         assert build["state"] == "failed", status
+        # Its reason is the failing command and alcotest's first failure, not an exit status.
+        assert build["reason"] == "dune build @install @check @runtest: [FAIL] greet 0 world.", \
+            build
         # The failing test's own output is in the build's log.
         build_log = log_of(state, build)
         assert "greets by name" in build_log and "Goodbye, world!" in build_log, build_log
@@ -142,8 +145,10 @@ async def test_a_dependency_debian_lacks_skips_the_build_and_no_opam_file_fails(
         assert build["reason"] == \
             "no Debian package in bookworm for the dependency 'nosuchlibrary'", build
         assert "To reproduce" not in log_of(state, build)
-        # The other jobs still ran: skipping one does not make the commit an error.
-        assert status["result"] == "passed", status
+        # The lints passed, but nothing was compiled: not passed.
+        assert jobs_of(status)["debian-12-system (lint-opam)"]["state"] == "passed", status
+        assert status["result"] == "no-builds", status
+        assert status["reason"] == f"debian-12-system: {build['reason']}", status
 
         status = await final_status(state, repo, "no-opam", await head(repo, "no-opam"))
         assert status["result"] == "failed", status
@@ -165,12 +170,16 @@ async def test_once_exits_0_for_a_passing_project_and_1_for_a_failing_one(
         tmp_path: Path, ocaml_store: str, debian_mirror: str) -> None:
     passing = await hello_repo(tmp_path / "passing")
     failing = await hello_repo(tmp_path / "failing", {"src/hello.ml": BROKEN_GREET})
+    opam = (EXAMPLE / "hello.opam").read_text().replace(
+        '"alcotest" {with-test}', '"alcotest" {with-test}\n  "nosuchlibrary"')
+    unbuilt = await hello_repo(tmp_path / "unbuilt", {"hello.opam": opam})
     state = tmp_path / "var"
     done = run_once(state, passing.path, ocaml_store, debian_mirror)
     assert done.returncode == 0, done.stdout + done.stderr
-    done = run_once(state, failing.path, ocaml_store, debian_mirror)
-    assert done.returncode == 1, done.stdout + done.stderr
-    assert read_status(state, failing, "main")["result"] == "failed"  # type: ignore[index]
+    for repo, result in ((failing, "failed"), (unbuilt, "no-builds")):
+        done = run_once(state, repo.path, ocaml_store, debian_mirror)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert read_status(state, repo, "main")["result"] == result  # type: ignore[index]
 
 
 def commits(repo: Path) -> list[str]:

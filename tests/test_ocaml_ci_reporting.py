@@ -65,6 +65,7 @@ async def test_result_goes_to_github_and_to_the_pages(tmp_path: Path, debian_mir
             "--repo", str(tmp_path / "project"), "--store", "rsync:store",
             "--github-token-file", str(token_file), "--github-api-url", github.url,
             "--github-repo", "owner/project", "--debian-mirror", debian_mirror,
+            "--public-url", "https://ci.example/",
         ])
         async with p.Engine(root, state_dir=state_dir) as engine:
             await engine.wait_idle()
@@ -75,6 +76,10 @@ async def test_result_goes_to_github_and_to_the_pages(tmp_path: Path, debian_mir
             # "pending" is published while the analysis runs, if the publisher is quick enough.
             assert states[-1] == "failure" and set(states) <= {"pending", "failure"}
             assert all(r.body["context"] == "ocaml-ci" for r in github.requests)
+            # Each links to the commit's page, on the web UI's public address.
+            commit_page = f"/ocaml/project/commit/{commit}"
+            assert {r.body["target_url"] for r in github.requests} == {
+                f"https://ci.example{commit_page}"}
 
             app = make_app(engine, extra_routes=ocaml_ci.web_routes(state_dir),
                            extra_links=ocaml_ci.web_links, webhook_secret=HOOK_SECRET)
@@ -84,7 +89,11 @@ async def test_result_goes_to_github_and_to_the_pages(tmp_path: Path, debian_mir
                 page = await client.get("/ocaml/project/main")
                 text = await page.text()
                 assert page.status == 200
-                assert commit[:7] in text and "No opam files found" in text
+                assert commit[:7] in text
+                page = await client.get(commit_page)
+                text = await page.text()
+                assert page.status == 200
+                assert commit in text and "No opam files found" in text
                 home = await client.get("/")
                 assert 'href="/ocaml"' in await home.text()
                 # The pipeline adds the git primitive's webhook: a push to the watched
@@ -116,6 +125,8 @@ async def test_the_live_diagram_of_the_demo_has_labels_for_people(
             response = await client.get("/pipeline.dot")
             assert response.status == 200
             labels = assert_labels_for_people(await response.text())
+    # Without --public-url, statuses link nowhere.
+    assert github.requests and all("target_url" not in r.body for r in github.requests)
     # Every part was drawn: the analysis, each platform job (which failed for want of an image)
     # and the GitHub status of the commit.
     assert {"analysis", "debian-12-system build", "debian-12-system lint-opam",

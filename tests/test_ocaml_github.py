@@ -117,6 +117,19 @@ async def test_an_error_answer_fails_the_job_then_a_new_value_is_published(
         assert [r.body["state"] for r in github.requests] == ["pending", "success"]
 
 
+async def test_a_target_url_must_be_an_absolute_link_as_github_says(tmp_path: Path) -> None:
+    async with github_statuses(TOKEN) as github:
+        value = p.Variable(status("pending", "Building", "/ocaml/x/commit/" + SHA))
+        term = github_status(KEY, value, token_file=token_file(tmp_path), api_url=github.url)
+        async with p.Engine(term, state_dir=tmp_path / "var") as engine:
+            await settle(engine)
+            output = engine.root_output()
+            assert isinstance(output, p.Failed) and "422" in output.message
+            value.set(status("pending", "Building", "https://ci.example/ocaml/x/commit/" + SHA))
+            await settle(engine)
+            assert engine.root_output() == p.Ok(None)
+
+
 async def test_different_api_urls_are_different_statuses(tmp_path: Path) -> None:
     async with github_statuses(TOKEN) as one, github_statuses(TOKEN) as two:
         value = status("success", "Passed")

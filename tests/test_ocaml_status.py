@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,47 +11,70 @@ from pipeline.ocaml import status as St
 from pipeline.output import Active, Failed, Ok
 
 
-def job(name: str, state: St.JobState, *, experimental: bool = False) -> St.JobStatus:
-    return St.JobStatus(name, state, experimental=experimental)
+def job(name: str, state: St.JobState, *, kind: str = "build", platform: str = "debian-12",
+        experimental: bool = False, reason: str | None = None) -> St.JobStatus:
+    return St.JobStatus(name, kind, platform, state, reason=reason, experimental=experimental)
 
 
-ANALYSED = job(St.ANALYSIS, "passed")
+ANALYSED = St.JobStatus(St.ANALYSIS, "analysis", None, "passed")
+BUILD = St.JobSpec("debian-12", "build", "debian-12", "ocaml-job", "d1")
 
 
 def test_job_status_from_outputs() -> None:
-    assert St.job_status("b", Ok({"job_id": "J", "result": "R"})) == \
-        St.JobStatus("b", "passed", "J")
-    assert St.job_status("b", Ok({"job_id": "J", "skipped": "no odoc"})) == \
-        St.JobStatus("b", "skipped", "J", "no odoc")
-    assert St.job_status("b", Failed("step failed"), experimental=True) == \
-        St.JobStatus("b", "failed", None, "step failed", experimental=True)
-    assert St.job_status("b", Active("running")) == St.JobStatus("b", "pending")
+    assert St.job_status(BUILD, Ok({"job_id": "J", "result": "R"})) == \
+        St.JobStatus("debian-12", "build", "debian-12", "passed", "J")
+    assert St.job_status(BUILD, Ok({"job_id": "J", "skipped": "no odoc"})) == \
+        St.JobStatus("debian-12", "build", "debian-12", "skipped", "J", "no odoc")
+    experimental = dataclasses.replace(BUILD, experimental=True)
+    assert St.job_status(experimental, Failed("RuntimeError: step failed")) == \
+        St.JobStatus("debian-12", "build", "debian-12", "failed", None,
+                     "RuntimeError: step failed", experimental=True)
+    # A failed step's reason is shown without its exception's type.
+    assert St.job_status(BUILD, Failed("StepFailed: dune build: Error: x")).reason == \
+        "dune build: Error: x"
+    assert St.job_status(BUILD, Active(p.NodeState.RUNNING)) == \
+        St.JobStatus("debian-12", "build", "debian-12", "pending")
 
 
-def test_all_passed_or_skipped_passes() -> None:
-    assert St.commit_result([ANALYSED, job("build", "passed"), job("fmt", "skipped")]) == \
-        ("passed", None)
-
-
-def test_a_failure_fails_even_while_others_run() -> None:
-    jobs = [ANALYSED, job("build", "failed"), job("lint", "pending")]
-    assert St.commit_result(jobs) == ("failed", None)
-    assert St.commit_result([job(St.ANALYSIS, "failed")]) == ("failed", None)
-
-
-def test_pending_while_a_job_runs() -> None:
-    assert St.commit_result([ANALYSED, job("build", "passed"), job("lint", "pending")]) == \
-        ("pending", None)
-
-
-def test_an_experimental_failure_does_not_fail_the_commit() -> None:
-    jobs = [ANALYSED, job("build", "passed"), job("exp", "failed", experimental=True)]
+def test_a_passed_build_with_passed_or_skipped_lints_passes() -> None:
+    jobs = [ANALYSED, job("b", "passed"), job("fmt", "skipped", kind="lint-fmt")]
     assert St.commit_result(jobs) == ("passed", None)
 
 
-def test_all_skipped_is_an_error() -> None:
-    jobs = [ANALYSED, job("build", "skipped"), job("fmt", "skipped")]
-    assert St.commit_result(jobs) == ("error", "every job was skipped")
+def test_a_failure_fails_even_while_others_run() -> None:
+    jobs = [ANALYSED, job("build", "failed"), job("lint", "pending", kind="lint-opam")]
+    assert St.commit_result(jobs) == ("failed", None)
+    assert St.commit_result([St.JobStatus(St.ANALYSIS, "analysis", None, "failed")]) == \
+        ("failed", None)
+
+
+def test_pending_while_a_job_runs() -> None:
+    jobs = [ANALYSED, job("build", "passed"), job("lint", "pending", kind="lint-opam")]
+    assert St.commit_result(jobs) == ("pending", None)
+
+
+def test_an_experimental_failure_does_not_fail_the_commit() -> None:
+    jobs = [ANALYSED, job("build", "passed"),
+            job("exp", "failed", platform="exp", experimental=True)]
+    assert St.commit_result(jobs) == ("passed", None)
+
+
+def test_no_build_that_ran_is_no_builds_whatever_the_lints_say() -> None:
+    jobs = [ANALYSED, job("a", "skipped", reason="no libfoo"),
+            job("b", "skipped", platform="debian-13", reason="no libbar"),
+            job("opam", "passed", kind="lint-opam"), job("fmt", "skipped", kind="lint-fmt")]
+    assert St.commit_result(jobs) == \
+        ("no-builds", "debian-12: no libfoo; debian-13: no libbar")
+    # A failed lint still fails the commit.
+    assert St.commit_result([*jobs, job("doc", "failed", kind="lint-doc")]) == ("failed", None)
+
+
+def test_an_experimental_build_alone_is_no_builds() -> None:
+    jobs = [ANALYSED, job("a", "skipped", reason="no libfoo"),
+            job("exp", "passed", platform="exp", experimental=True)]
+    assert St.commit_result(jobs) == ("no-builds", "debian-12: no libfoo")
+    assert St.commit_result([ANALYSED, job("opam", "passed", kind="lint-opam")]) == \
+        ("no-builds", "no build job")
 
 
 def test_status_path_encodes_the_branch(tmp_path: Path) -> None:
@@ -58,46 +82,86 @@ def test_status_path_encodes_the_branch(tmp_path: Path) -> None:
         tmp_path / "ocaml-ci" / "status" / "hello" / "feature%2Fx.json"
 
 
-async def test_the_publisher_writes_the_status_file(tmp_path: Path) -> None:
-    status = St.CommitStatus("hello", "main", "a" * 40, "failed",
-                             (St.JobStatus(St.ANALYSIS, "passed", "J1"),
-                              St.JobStatus("build", "failed", None, "dune failed"),
-                              St.JobStatus("fmt", "skipped", "J3", "no .ocamlformat")))
-    publication = p.Variable(St.Publication(status, ()))
+def status(commit: str, result: St.Result, *jobs: St.JobStatus,
+           info: St.CommitInfo | None = None) -> St.Publication:
+    return St.Publication(St.CommitStatus("hello", "main", commit, result, jobs, info=info), ())
+
+
+INFO = St.CommitInfo("Fix the greeting\n\nIt said goodbye.", "Ann <ann@example.com>",
+                     "2026-01-02T03:04:05+01:00")
+
+
+async def test_the_publisher_writes_the_commit_and_branch_files(tmp_path: Path) -> None:
+    jobs = (St.JobStatus(St.ANALYSIS, "analysis", None, "passed", "J1"),
+            St.JobStatus("build", "build", "debian-12", "failed", None, "dune failed"),
+            St.JobStatus("fmt", "lint-fmt", "debian-12", "skipped", "J3", "no .ocamlformat"))
+    publication = p.Variable(status("a" * 40, "failed", *jobs, info=INFO))
     async with p.Engine(St.publish("hello", "main", publication),
                         state_dir=tmp_path) as engine:
         await engine.wait_idle()
-        path = St.status_path(tmp_path, "hello", "main")
-        assert json.loads(path.read_text()) == {
-            "repo": "hello", "branch": "main", "commit": "a" * 40, "result": "failed",
-            "jobs": [{"name": "(analysis)", "state": "passed", "job_id": "J1"},
-                     {"name": "build", "state": "failed", "reason": "dune failed"},
-                     {"name": "fmt", "state": "skipped", "job_id": "J3",
-                      "reason": "no .ocamlformat"}]}
-        # A new status replaces the file.
-        publication.set(St.Publication(
-            St.CommitStatus("hello", "main", "b" * 40, "pending", ()), ()))
+        commit = {
+            "repo": "hello", "commit": "a" * 40, "result": "failed",
+            "message": INFO.message, "author": INFO.author, "date": INFO.date,
+            "jobs": [{"name": "(analysis)", "kind": "analysis", "state": "passed",
+                      "job_id": "J1"},
+                     {"name": "build", "kind": "build", "platform": "debian-12",
+                      "state": "failed", "reason": "dune failed"},
+                     {"name": "fmt", "kind": "lint-fmt", "platform": "debian-12",
+                      "state": "skipped", "job_id": "J3", "reason": "no .ocamlformat"}]}
+        assert json.loads(St.commit_path(tmp_path, "hello", "a" * 40).read_text()) == commit
+        branch = json.loads(St.status_path(tmp_path, "hello", "main").read_text())
+        [entry] = branch.pop("history")
+        assert branch == {**commit, "branch": "main"}
+        assert entry.pop("published")
+        assert entry == {"commit": "a" * 40, "result": "failed", "message": "Fix the greeting"}
+
+        # A new head goes first in the history; its result replaces its entry.
+        for result in ("pending", "passed"):
+            publication.set(status("b" * 40, result))
+            await engine.wait_idle()
+            branch = json.loads(St.status_path(tmp_path, "hello", "main").read_text())
+            assert branch["result"] == result and "message" not in branch
+            assert [(h["commit"], h["result"]) for h in branch["history"]] == \
+                [("b" * 40, result), ("a" * 40, "failed")]
+        # Both commits keep their files.
+        assert St.commit_path(tmp_path, "hello", "a" * 40).exists()
+        # Going back to a commit moves it first; the history keeps the last 20.
+        for n in range(St.HISTORY_LENGTH + 2):
+            publication.set(status(f"{n:040x}", "passed"))
+            await engine.wait_idle()
+        publication.set(status("a" * 40, "failed"))
         await engine.wait_idle()
-        assert json.loads(path.read_text())["result"] == "pending"
+        history = json.loads(St.status_path(tmp_path, "hello", "main").read_text())["history"]
+        assert len(history) == St.HISTORY_LENGTH
+        assert [h["commit"] for h in history[:2]] == ["a" * 40, f"{St.HISTORY_LENGTH + 1:040x}"]
 
 
-async def test_a_failed_job_gets_its_id_from_the_engines_records(tmp_path: Path) -> None:
+async def test_jobs_get_their_ids_and_times_from_the_engines_records(tmp_path: Path) -> None:
     @p.builder("failing")
     async def failing(job: p.Job, key: str) -> dict[str, str]:
         raise RuntimeError("dune failed")
 
-    build = failing("k")
+    @p.builder("passing")
+    async def passing(job: p.Job, key: str) -> dict[str, str]:
+        return {"job_id": job.id}
 
-    def publication(output: p.Output) -> St.Publication:
-        status = St.CommitStatus("hello", "main", "a" * 40, "failed",
-                                 (St.job_status("build", output),))
-        return St.Publication(status, (St.JobSpec("build", "failing", p.digest("k")),))
+    build, lint = failing("k"), passing("k")
+    specs = (St.JobSpec("build", "build", "debian-12", "failing", p.digest("k")),
+             St.JobSpec("lint", "lint-opam", "debian-12", "passing", p.digest("k")))
 
-    async with p.Engine(St.publish("hello", "main", p.state(build).map(publication)),
-                        state_dir=tmp_path) as engine:
+    def publication(outputs: tuple[p.Output, p.Output]) -> St.Publication:
+        jobs = tuple(St.job_status(spec, output)
+                     for spec, output in zip(specs, outputs, strict=True))
+        return St.Publication(St.CommitStatus("hello", "main", "a" * 40, "failed", jobs), specs)
+
+    term = p.pair(p.state(build), p.state(lint)).map(publication)
+    async with p.Engine(St.publish("hello", "main", term), state_dir=tmp_path) as engine:
         await engine.wait_idle()
-        node = engine.node_for(build)
-        assert node is not None and node.state == "failed" and node.job_id is not None
         written = json.loads(St.status_path(tmp_path, "hello", "main").read_text())
-        assert written["jobs"] == [{"name": "build", "state": "failed", "job_id": node.job_id,
-                                    "reason": "RuntimeError: dune failed"}]
+        for spec, job in zip(specs, written["jobs"], strict=True):
+            entry = engine.cache.db.latest(spec.op, spec.key_digest)
+            assert entry is not None and entry.queued is not None and entry.started is not None
+            assert job["job_id"] == entry.job_id
+            assert (job["queued"], job["started"], job["finished"]) == (
+                entry.queued.isoformat(), entry.started.isoformat(), entry.finished.isoformat())
+        assert written["jobs"][0]["reason"] == "RuntimeError: dune failed"

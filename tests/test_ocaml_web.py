@@ -17,13 +17,22 @@ from aiohttp.test_utils import TestClient, TestServer
 
 import pipeline as p
 from pipeline import cli
-from pipeline.ocaml.status import STATUS_DIR, status_path
+from pipeline.ocaml.status import STATUS_DIR, commit_path, status_path
 from pipeline.ocaml.web import routes
 from pipeline.web import server
 from pipeline.web.server import SECURITY_HEADERS, make_app
 
 SHA_1 = "1111111111111111111111111111111111111111"
 SHA_2 = "2222222222222222222222222222222222222222"
+SHA_3 = "3333333333333333333333333333333333333333"
+BUILD_ID = "2026-11-27/120000-build-aaaaaa"
+FAILED_ID = "2026-11-27/120100-build-bbbbbb"
+
+
+def write_commit(state_dir: Path, repo: str, **status: Any) -> None:
+    path = commit_path(state_dir, repo, status["commit"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"repo": repo, **status}))
 
 
 def write_status(state_dir: Path, repo: str, branch: str, **status: Any) -> None:
@@ -32,22 +41,49 @@ def write_status(state_dir: Path, repo: str, branch: str, **status: Any) -> None
     path.write_text(json.dumps({"repo": repo, "branch": branch, **status}))
 
 
+def build(platform: str, state: str, **fields: Any) -> dict[str, Any]:
+    return {"name": platform, "kind": "build", "platform": platform, "state": state, **fields}
+
+
+def lint(platform: str, kind: str, state: str, **fields: Any) -> dict[str, Any]:
+    return {"name": f"{platform} ({kind})", "kind": kind, "platform": platform, "state": state,
+            **fields}
+
+
+ANALYSIS = {"name": "(analysis)", "kind": "analysis", "state": "passed",
+            "job_id": "2026-11-27/115900-analysis-cccccc"}
+MAIN_JOBS = [
+    ANALYSIS,
+    build("debian-12-system", "passed", job_id=BUILD_ID, queued="2026-11-27T12:00:00+00:00",
+          started="2026-11-27T12:00:02+00:00", finished="2026-11-27T12:01:07+00:00"),
+    lint("debian-12-system", "lint-fmt", "skipped", reason="No .ocamlformat <file>"),
+    lint("debian-12-system", "lint-doc", "pending"),
+    build("debian-12-ocaml-5.2", "failed", job_id=FAILED_ID, experimental=True,
+          reason="dune build: Error: Unbound value nme\nmore"),
+]
+
+
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
     state = tmp_path / "var"
-    write_status(state, "hello", "main", commit=SHA_1, result="passed", jobs=[
-        {"name": "debian-12-system", "state": "passed", "job_id": "2026-11-27/120000-build-aaaaaa"},
-        {"name": "(lint-fmt)", "state": "skipped", "reason": "No .ocamlformat <file>"},
-        {"name": "(lint-doc)", "state": "pending"},
-    ])
-    write_status(state, "hello", "feature/broken", commit=SHA_2, result="failed", jobs=[
-        {"name": "debian-12-system", "state": "failed", "job_id": "2026-11-27/120100-build-bbbbbb",
-         "reason": "Exit code 1"},
-    ])
-    write_status(state, "hello", "all-skipped", commit=SHA_2, result="error",
-                 reason="every job was skipped", jobs=[
-                     {"name": "debian-12-system", "state": "skipped", "reason": "no libfoo"},
-                     {"name": "(lint-opam)", "state": "failed", "experimental": True}])
+    main = {"commit": SHA_1, "result": "passed", "message": "Greet\n\nBy name.",
+            "author": "Ann <ann@example.com>", "date": "2026-11-27T11:00:00+01:00",
+            "jobs": MAIN_JOBS}
+    write_commit(state, "hello", **main)
+    write_status(state, "hello", "main", **main, history=[
+        {"commit": SHA_1, "result": "passed", "message": "Greet",
+         "published": "2026-11-27T12:01:08+00:00"},
+        {"commit": SHA_3, "result": "failed", "message": "<b>Broken</b>",
+         "published": "2026-11-26T09:00:00+00:00"}])
+    broken = {"commit": SHA_2, "result": "failed",
+              "jobs": [ANALYSIS, build("debian-12-system", "failed", job_id=FAILED_ID,
+                                       reason="Exit code 1")]}
+    write_commit(state, "hello", **broken)
+    write_status(state, "hello", "feature/broken", **broken, history=[
+        {"commit": SHA_2, "result": "failed"}, {"commit": SHA_1, "result": "passed"}])
+    skipped = {"commit": SHA_3, "result": "no-builds", "reason": "debian-12-system: no libfoo",
+               "jobs": [ANALYSIS, build("debian-12-system", "skipped", reason="no libfoo")]}
+    write_status(state, "hello", "all-skipped", **skipped)
     write_status(state, "<script>", "main", commit=SHA_1, result="pending", jobs=[])
     return state
 
@@ -76,6 +112,14 @@ def commit_result(page: str) -> list[str]:
     return results(found.group())
 
 
+def rows(page: str, attribute: str) -> dict[str, str]:
+    return dict(re.findall(rf'<tr {attribute}="([^"]*)">(.*?)</tr>', page))
+
+
+def cells(row: str) -> dict[str, str]:
+    return dict(re.findall(r'<td data-kind="([^"]*)">(.*?)</td>', row))
+
+
 async def test_repositories(client: TestClient) -> None:
     response = await client.get("/ocaml")
     assert response.status == 200
@@ -90,7 +134,7 @@ async def test_repositories(client: TestClient) -> None:
     assert '<a href="/ocaml/%3Cscript%3E">&lt;script&gt;</a>' in page
     hello = re.search(r'<tr data-repo="hello">.*?</tr>', page)
     assert hello is not None
-    assert results(hello.group()) == ["error", "failed", "passed"]
+    assert results(hello.group()) == ["failed", "no-builds", "passed"]
 
 
 async def test_extra_routes_cannot_replace_the_uis_own(tmp_path: Path) -> None:
@@ -112,55 +156,114 @@ async def test_no_status_files_yet(tmp_path: Path) -> None:
 
 async def test_branches_with_their_heads_result(client: TestClient) -> None:
     page = await get(client, "/ocaml/hello")
-    rows = dict(re.findall(r'<tr data-branch="([^"]*)">(.*?)</tr>', page))
-    assert set(rows) == {"main", "feature/broken", "all-skipped"}
-    assert '<a href="/ocaml/hello/main">main</a>' in rows["main"]
-    assert SHA_1[:12] in rows["main"] and results(rows["main"]) == ["passed"]
-    assert 'class="state state-ok"' in rows["main"]
-    assert '<a href="/ocaml/hello/feature/broken">' in rows["feature/broken"]
-    assert results(rows["feature/broken"]) == ["failed"]
-    assert 'class="state state-failed"' in rows["feature/broken"]
+    branches = rows(page, "data-branch")
+    assert set(branches) == {"main", "feature/broken", "all-skipped"}
+    assert '<a href="/ocaml/hello/main">main</a>' in branches["main"]
+    assert f'<a href="/ocaml/hello/commit/{SHA_1}"><code>{SHA_1[:12]}</code></a>' \
+        in branches["main"]
+    assert results(branches["main"]) == ["passed"]
+    assert 'class="state state-ok"' in branches["main"]
+    assert '<a href="/ocaml/hello/feature/broken">' in branches["feature/broken"]
+    assert 'class="state state-failed"' in branches["feature/broken"]
+    # No builds has a colour and words of its own.
+    assert '<span class="state state-no-builds" data-result="no-builds">no builds</span>' \
+        in branches["all-skipped"]
 
 
-async def test_commit_with_its_jobs(client: TestClient) -> None:
+async def test_a_branch_with_its_head_and_history(client: TestClient) -> None:
     page = await get(client, "/ocaml/hello/main")
-    assert f'<code id="commit">{SHA_1}</code>' in page
     assert commit_result(page) == ["passed"]
-    jobs = dict(re.findall(r'<tr data-job="([^"]*)">(.*?)</tr>', page))
-    assert list(jobs) == ["debian-12-system", "(lint-fmt)", "(lint-doc)"]
-    build = jobs["debian-12-system"]
-    assert '<a href="/job/2026-11-27/120000-build-aaaaaa">' in build
-    assert results(build) == ["passed"]
-    # A skipped job says why (escaped) and, never having run, links nowhere.
-    assert results(jobs["(lint-fmt)"]) == ["skipped"]
-    assert "No .ocamlformat &lt;file&gt;" in jobs["(lint-fmt)"]
-    assert "<a " not in jobs["(lint-fmt)"] and "<a " not in jobs["(lint-doc)"]
-    assert 'class="state state-running"' in jobs["(lint-doc)"]
-
-    broken = await get(client, "/ocaml/hello/feature/broken")
-    assert commit_result(broken) == ["failed"]
-    assert "Exit code 1" in broken and "/job/2026-11-27/120100-build-bbbbbb" in broken
+    assert f'href="/ocaml/hello/commit/{SHA_1}"' in re.search(
+        r'<dd id="head">.*?</dd>', page).group()  # type: ignore[union-attr]
+    assert '<img id="badge" src="/ocaml/hello/main/badge.svg"' in page
+    history = rows(page, "data-commit")
+    assert list(history) == [SHA_1, SHA_3]
+    assert results(history[SHA_1]) == ["passed"] and "2026-11-27 12:01:08" in history[SHA_1]
+    # Messages are text; each entry links to its commit.
+    assert "&lt;b&gt;Broken&lt;/b&gt;" in history[SHA_3]
+    assert f'href="/ocaml/hello/commit/{SHA_3}"' in history[SHA_3]
 
     skipped = await get(client, "/ocaml/hello/all-skipped")
-    assert re.search(r'<dd id="result">.*data-result="error".*every job was skipped</dd>',
-                     skipped)
-    jobs = dict(re.findall(r'<tr data-job="([^"]*)">(.*?)</tr>', skipped))
-    assert "no libfoo" in jobs["debian-12-system"]
-    assert "(lint-opam) (experimental)" in jobs["(lint-opam)"]
+    assert re.search(r'<dd id="result">.*data-result="no-builds".*no libfoo</dd>', skipped)
+
+
+async def test_the_commit_page_has_the_matrix(client: TestClient) -> None:
+    page = await get(client, f"/ocaml/hello/commit/{SHA_1}")
+    assert f'<code id="commit">{SHA_1}</code>' in page
+    assert '<pre id="message">Greet\n\nBy name.</pre>' in page
+    assert "Ann &lt;ann@example.com&gt;" in page and "2026-11-27 11:00:00 +0100" in page
+    assert commit_result(page) == ["passed"]
+    # Its branches: main has it as its head, feature/broken in its history.
+    branches = re.search(r'<dd id="branches">(.*?)</dd>', page).group(1)  # type: ignore[union-attr]
+    assert branches == ('<a href="/ocaml/hello/feature/broken">feature/broken</a>, '
+                        '<a href="/ocaml/hello/main">main</a> (head)')
+    analysis = re.search(r'<dd id="analysis">.*?</dd>', page).group()  # type: ignore[union-attr]
+    assert results(analysis) == ["passed"] and "/job/2026-11-27/115900-analysis" in analysis
+    matrix = re.search(r'<table id="matrix">.*?</table>', page, re.DOTALL).group()  # type: ignore[union-attr]
+    assert re.findall(r"<th>([^<]*)</th>", matrix) == [
+        "Platform", "build", "lint-opam", "lint-fmt", "lint-doc", "debian-12-system",
+        "debian-12-ocaml-5.2 (experimental)"]
+    platforms = rows(matrix, "data-platform")
+    assert list(platforms) == ["debian-12-system", "debian-12-ocaml-5.2"]
+    system = cells(platforms["debian-12-system"])
+    assert results(system["build"]) == ["passed"]
+    assert f'<a class="log" href="/job/{BUILD_ID}">' in system["build"]
+    assert "queued 2s, ran 1m 05s" in system["build"]
+    assert system["lint-opam"] == ""
+    # A skipped job says why (escaped) and, never having run, links nowhere.
+    assert results(system["lint-fmt"]) == ["skipped"]
+    assert '<div class="reason">No .ocamlformat &lt;file&gt;</div>' in system["lint-fmt"]
+    assert "<a " not in system["lint-fmt"] and "<a " not in system["lint-doc"]
+    assert 'class="state state-running"' in system["lint-doc"]
+    assert "queued" not in system["lint-doc"]
+    ocaml = platforms["debian-12-ocaml-5.2"]
+    # The reason is one line.
+    assert '<div class="reason">dune build: Error: Unbound value nme</div>' \
+        in cells(ocaml)["build"]
+    # On loopback without an admin token, everyone is a builder.
+    assert 'id="rebuild-failed"' in page and 'id="rebuild-all"' in page
+    passed = await get(client, f"/ocaml/hello/commit/{SHA_2}")
+    assert 'id="rebuild-failed"' in passed
+
+
+async def test_the_badge(client: TestClient) -> None:
+    for branch, words, colour in (("main", "passed", "#4c1"),
+                                  ("feature/broken", "failed", "#e05d44"),
+                                  ("all-skipped", "no builds", "#9f9f9f")):
+        response = await client.get(f"/ocaml/hello/{branch}/badge.svg")
+        assert response.status == 200
+        assert response.content_type == "image/svg+xml"
+        assert "no-cache" in response.headers["Cache-Control"]
+        svg = await response.text()
+        assert svg.startswith('<svg xmlns="http://www.w3.org/2000/svg"')
+        assert re.findall(r"<text[^>]*>([^<]*)</text>", svg) == ["ocaml-ci", words]
+        assert f'fill="{colour}"' in svg
+    response = await client.get("/ocaml/%3Cscript%3E/main/badge.svg")
+    assert re.findall(r"<text[^>]*>([^<]*)</text>", await response.text()) == \
+        ["ocaml-ci", "running"]
+    await get(client, "/ocaml/hello/nope/badge.svg", 404)
+    await get(client, "/ocaml/nope/main/badge.svg", 404)
 
 
 async def test_unknown_names_are_404(client: TestClient) -> None:
     await get(client, "/ocaml/nope", 404)
     await get(client, "/ocaml/hello/nope", 404)
     await get(client, "/ocaml/hello/feature", 404)  # a directory, not a branch
+    await get(client, f"/ocaml/hello/commit/{SHA_3}", 404)  # a history entry, no file
+    await get(client, f"/ocaml/nope/commit/{SHA_1}", 404)
 
 
 async def test_path_traversal_is_refused(client: TestClient, state_dir: Path) -> None:
     # A JSON file outside the status directory that a traversal would reach.
     write_status(state_dir, "..", "secret", commit="", result="passed", jobs=[])
     (state_dir / "secret.json").write_text(json.dumps({"commit": "leaked"}))
+    (state_dir / STATUS_DIR / "hello" / "commits" / f"{'a' * 40}.json").symlink_to(
+        state_dir / "secret.json")
     for path in ("/ocaml/%2E%2E/secret", "/ocaml/hello/..%2F..%2F..%2Fsecret",
-                 "/ocaml/hello/%2E%2E/%2E%2E/%2E%2E/secret", "/ocaml/..%2F..%2F..%2F/secret"):
+                 "/ocaml/hello/%2E%2E/%2E%2E/%2E%2E/secret", "/ocaml/..%2F..%2F..%2F/secret",
+                 "/ocaml/hello/..%2F..%2F..%2Fsecret/badge.svg",
+                 "/ocaml/hello/commit/..%2F..%2F..%2F..%2Fsecret",
+                 f"/ocaml/hello/commit/{'a' * 40}"):
         response = await client.get(path)
         assert response.status == 404, path
         assert "leaked" not in await response.text()
@@ -170,9 +273,65 @@ async def test_a_malformed_status_file_shows_as_unknown(client: TestClient,
                                                         state_dir: Path) -> None:
     (state_dir / STATUS_DIR / "hello" / "half.json").write_text('{"commit": "12')
     page = await get(client, "/ocaml/hello")
-    rows = dict(re.findall(r'<tr data-branch="([^"]*)">(.*?)</tr>', page))
-    assert results(rows["half"]) == ["unknown"]
+    assert results(rows(page, "data-branch")["half"]) == ["unknown"]
     assert commit_result(await get(client, "/ocaml/hello/half")) == ["unknown"]
+
+
+async def test_rebuild_buttons_rebuild_the_commits_jobs_for_builders_only(
+        tmp_path: Path) -> None:
+    runs: list[str] = []
+
+    @p.builder("ocaml-test-job")
+    async def job(job: p.Job, key: str) -> str:
+        runs.append(key)
+        if key.startswith("failing"):
+            raise RuntimeError("dune failed")
+        return key
+
+    state = tmp_path / "var"
+    root = p.all(*(p.catch(job(key)) for key in ("failing", "passing", "analysis")))
+    async with p.Engine(root, state_dir=state) as engine:
+        await engine.wait_idle()
+        ids = {entry.key_pp.strip("'"): entry.job_id for entry in engine.cache.db.query()}
+        write_commit(state, "hello", commit=SHA_1, result="failed", jobs=[
+            {**ANALYSIS, "job_id": ids["analysis"]},
+            build("debian-12-system", "failed", job_id=ids["failing"]),
+            lint("debian-12-system", "lint-opam", "passed", job_id=ids["passing"])])
+        app = make_app(engine, admin_token="secret-token", extra_routes=routes(state))
+        async with TestClient(TestServer(app)) as client:
+            url = f"/ocaml/hello/commit/{SHA_1}"
+            # A viewer sees no buttons and may not post.
+            page = await get(client, url)
+            assert "rebuild-failed" not in page and "rebuild-all" not in page
+            csrf = re.search(r'name="csrf" value="([^"]*)"', await get(client, "/login"))
+            assert csrf is not None
+            refused = await client.post(url + "/rebuild", data={"csrf": csrf.group(1),
+                                                                "jobs": "failed"})
+            assert refused.status == 403
+            login = await client.post("/login", data={"csrf": csrf.group(1),
+                                                      "token": "secret-token"})
+            assert login.status == 200
+            page = await get(client, url)
+            assert 'id="rebuild-failed"' in page and 'id="rebuild-all"' in page
+            form = re.search(r'action="([^"]*/rebuild)">.*?name="csrf" value="([^"]*)"', page)
+            assert form is not None and form.group(1) == url + "/rebuild"
+            # Without the CSRF token: refused.
+            assert (await client.post(form.group(1), data={"jobs": "failed"})).status == 403
+            done = await client.post(form.group(1), data={"csrf": form.group(2),
+                                                          "jobs": "failed"},
+                                     allow_redirects=False)
+            assert done.status == 303 and done.headers["Location"] == url
+            await engine.wait_idle()
+            assert sorted(runs) == ["analysis", "failing", "failing", "passing"]
+            done = await client.post(form.group(1), data={"csrf": form.group(2), "jobs": "all"},
+                                     allow_redirects=False)
+            assert done.status == 303
+            await engine.wait_idle()
+            # Every platform job, not the analysis.
+            assert sorted(runs) == ["analysis", "failing", "failing", "failing", "passing",
+                                    "passing"]
+            bad = await client.post(form.group(1), data={"csrf": form.group(2), "jobs": "x"})
+            assert bad.status == 400
 
 
 def test_pipeline_run_serves_the_pages_a_pipeline_file_adds(

@@ -345,7 +345,7 @@ class Builder:
                                                 for s in op.secrets])
                 await self.sandbox.run(config, rootfs, log=step_log)
 
-        await self._step(id, parent, _header(ctx, op), request, work)
+        await self._step(id, parent, step_header(ctx, op), request, work)
         return id
 
     async def _copy(self, parent: str, ctx: S.Context, op: S.Copy, context: Path,
@@ -365,7 +365,7 @@ class Builder:
             uid, gid = _resolve_user(rootfs, ctx.user)
             await asyncio.to_thread(plan.write, rootfs, uid, gid)
 
-        await self._step(id, parent, _header(ctx, op), request, work)
+        await self._step(id, parent, step_header(ctx, op), request, work)
         return id
 
     async def _result(self, id: str) -> Path:
@@ -482,7 +482,9 @@ class Builder:
         self.sandbox.close()
 
 
-def _header(ctx: S.Context, op: S.Op) -> str:
+def step_header(ctx: S.Context, op: S.Op) -> str:
+    """The header a build's log gives the step `op` run in `ctx`: `WORKDIR: OP`, the op as the
+    spec printer prints it (a run with mounts or network on several lines)."""
     prefix = f"{ctx.workdir}: "
     return prefix + S.op_text(op, len(prefix))
 

@@ -1,17 +1,33 @@
 """The result of a commit from the states of its jobs, and the JSON status publisher.
 
-A status file is `STATE_DIR/ocaml-ci/status/<repo-name>/<branch>.json` (the branch name
-percent-encoded, so `feature/x` is `feature%2Fx.json`), holding:
+Under `STATE_DIR/ocaml-ci/status/<repo-name>/`, the publisher keeps two kinds of file:
 
-    {"repo": "ocaml-hello", "branch": "main", "commit": "<40 hex>",
-     "result": "passed" | "failed" | "pending" | "error",
-     "reason": "...",                                  # only for "error"
-     "jobs": [{"name": "(analysis)", "state": "passed" | "failed" | "skipped" | "pending",
-               "job_id": "...",                        # when known (see `JobStatus`)
-               "reason": "...",                        # for failed and skipped jobs
-               "experimental": true}]}                 # only when true
+- `commits/<40 hex>.json`, a commit and its jobs:
 
-The file is replaced atomically (written aside, then renamed), so a reader never sees half of it.
+      {"repo": "ocaml-hello", "commit": "<40 hex>",
+       "result": "passed" | "failed" | "pending" | "no-builds" | "error",
+       "reason": "...",                          # for "no-builds" (why) and "error"
+       "message": "...", "author": "Name <mail>", "date": "<ISO 8601>",   # once analysed
+       "jobs": [{"name": "debian-12-system (lint-fmt)",
+                 "kind": "analysis" | "build" | "lint-opam" | "lint-fmt" | "lint-doc",
+                 "platform": "debian-12-system",  # but for the analysis
+                 "state": "passed" | "failed" | "skipped" | "pending",
+                 "job_id": "...",                 # once it ran (see `JobStatus`)
+                 "reason": "...",                 # for failed and skipped jobs
+                 "queued": "...", "started": "...", "finished": "...",   # ISO 8601, once it ran
+                 "experimental": true}]}          # only when true
+
+- `<branch>.json` (the branch name percent-encoded, so `feature/x` is `feature%2Fx.json`): the
+  branch's head commit as above, plus `"branch"` and `"history"`, the last `HISTORY_LENGTH`
+  commits published for the branch, newest first:
+  `[{"commit", "result", "message" (its first line), "published" (ISO 8601)}]`.
+
+A commit is passed when a build that counts (not experimental) passed and no job that counts
+failed; it is "no-builds" when no build that counts ran (each was skipped, say for a dependency
+Debian lacks): lint results do not make a commit passed. ocaml-ci does the same ("No builds at
+all!" when everything was skipped).
+
+Files are replaced atomically (written aside, then renamed), so a reader never sees half of one.
 """
 
 from __future__ import annotations
@@ -22,26 +38,37 @@ import json
 import os
 import urllib.parse
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import pipeline as p
-from pipeline.cache.storage import Database
+from pipeline.cache.storage import Database, Entry
+from pipeline.ocaml.failures import shown
 from pipeline.output import Active, Failed, Ok, Output
 
 JobState = Literal["passed", "failed", "skipped", "pending"]
-Result = Literal["passed", "failed", "pending", "error"]
+Result = Literal["passed", "failed", "pending", "no-builds", "error"]
 
 STATUS_DIR = Path("ocaml-ci") / "status"
+COMMITS = "commits"
+"""The directory of the commit files, in a repository's directory."""
+HISTORY_LENGTH = 20
+"""How many commits a branch's history keeps."""
+ANALYSIS = "(analysis)"
+"""The analysis job's name."""
 
 
 @dataclasses.dataclass(frozen=True)
 class JobSpec:
-    """Where a job's state comes from: its name, the cache operation and key digest that find
-    its job id in the engine's records when its value does not carry one (a failed job has no
-    value), and whether its failure is tolerated."""
+    """A job of a commit: its name, kind and platform (None for the analysis), whether its
+    failure is tolerated, and the cache operation and key digest that find its run in the
+    engine's records (its times, and its id when its value does not carry one: a failed job
+    has no value)."""
 
     name: str
+    kind: str
+    platform: str | None
     op: str
     key_digest: str
     experimental: bool = False
@@ -49,30 +76,47 @@ class JobSpec:
 
 @dataclasses.dataclass(frozen=True)
 class JobStatus:
-    """One job of a commit as reported. `job_id` is None while the job has not finished (and
-    for a job blocked by an earlier failure, which never ran)."""
+    """One job of a commit as reported. `job_id` and the times are None until the job has
+    finished (and for a job blocked by an earlier failure, which never ran)."""
 
     name: str
+    kind: str
+    platform: str | None
     state: JobState
     job_id: str | None = None
     reason: str | None = None
     experimental: bool = False
+    queued: str | None = None
+    started: str | None = None
+    finished: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The job's entry in the status file: absent fields are left out."""
-        entry: dict[str, Any] = {"name": self.name, "state": self.state}
-        if self.job_id is not None:
-            entry["job_id"] = self.job_id
-        if self.reason is not None:
-            entry["reason"] = self.reason
+        """The job's entry in a status file: absent fields are left out."""
+        entry: dict[str, Any] = {"name": self.name, "kind": self.kind}
+        if self.platform is not None:
+            entry["platform"] = self.platform
+        entry["state"] = self.state
+        for field in ("job_id", "reason", "queued", "started", "finished"):
+            if getattr(self, field) is not None:
+                entry[field] = getattr(self, field)
         if self.experimental:
             entry["experimental"] = True
         return entry
 
 
 @dataclasses.dataclass(frozen=True)
+class CommitInfo:
+    """What git says of a commit: its whole message, author ("Name <mail>") and author date
+    (ISO 8601)."""
+
+    message: str
+    author: str
+    date: str
+
+
+@dataclasses.dataclass(frozen=True)
 class CommitStatus:
-    """What the status file of a branch says."""
+    """A branch's head commit, its result and its jobs; `info` once the analysis read it."""
 
     repo: str
     branch: str
@@ -80,83 +124,139 @@ class CommitStatus:
     result: Result
     jobs: tuple[JobStatus, ...]
     reason: str | None = None
+    info: CommitInfo | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The status file's content."""
-        status: dict[str, Any] = {"repo": self.repo, "branch": self.branch,
-                                  "commit": self.commit, "result": self.result}
+        """The commit file's content."""
+        status: dict[str, Any] = {"repo": self.repo, "commit": self.commit,
+                                  "result": self.result}
         if self.reason is not None:
             status["reason"] = self.reason
+        if self.info is not None:
+            status.update(dataclasses.asdict(self.info))
         status["jobs"] = [job.to_json() for job in self.jobs]
         return status
 
 
-def job_status(name: str, output: Output, *, experimental: bool = False) -> JobStatus:
+def job_status(spec: JobSpec, output: Output) -> JobStatus:
     """A job's status from its node's output, as given by `p.state`.
 
     Our builders' values are dicts carrying `job_id`, and `skipped` (the reason) for a job that
     had nothing to do; an error is a failure whose reason is the error's message.
     """
+    def status(state: JobState, job_id: str | None = None,
+               reason: str | None = None) -> JobStatus:
+        return JobStatus(spec.name, spec.kind, spec.platform, state, job_id, reason,
+                         spec.experimental)
+
     if isinstance(output, Ok):
         value = output.value if isinstance(output.value, dict) else {}
         skipped = value.get("skipped")
-        return JobStatus(name, "skipped" if skipped is not None else "passed",
-                         value.get("job_id"), skipped, experimental)
+        return status("skipped" if skipped is not None else "passed", value.get("job_id"),
+                      skipped)
     if isinstance(output, Failed):
-        return JobStatus(name, "failed", None, output.message, experimental)
+        return status("failed", reason=shown(output.message))
     assert isinstance(output, Active)
-    return JobStatus(name, "pending", None, None, experimental)
+    return status("pending")
 
 
 def commit_result(jobs: Sequence[JobStatus]) -> tuple[Result, str | None]:
-    """The result of a commit and, for an error, why.
+    """The result of a commit and, for "no-builds", why.
 
     Failed when a job that is not experimental failed (even while others run: the outcome is
-    already known); pending while any job has not finished; an error when every job but the
-    analysis was skipped (nothing was checked, which must not look like success); passed
-    otherwise. Skipped jobs and experimental failures do not fail the commit.
+    already known); pending while any job has not finished; "no-builds" when no build that
+    is not experimental passed (each was skipped: the reason gives their reasons), since
+    nothing was compiled; passed otherwise. Skipped lints and experimental failures do not fail
+    the commit.
     """
     if any(job.state == "failed" and not job.experimental for job in jobs):
         return "failed", None
     if any(job.state == "pending" for job in jobs):
         return "pending", None
-    checks = [job for job in jobs if job.name != ANALYSIS]
-    if not checks or all(job.state == "skipped" for job in checks):
-        return "error", "every job was skipped"
-    return "passed", None
+    builds = [job for job in jobs if job.kind == "build" and not job.experimental]
+    if any(job.state == "passed" for job in builds):
+        return "passed", None
+    reasons = dict.fromkeys(f"{job.platform}: {job.reason}" for job in builds if job.reason)
+    return "no-builds", "; ".join(reasons) or "no build job"
 
 
-ANALYSIS = "(analysis)"
+def _quoted(branch: str) -> str:
+    return urllib.parse.quote(branch, safe="")
 
 
 def status_path(state_dir: Path, repo: str, branch: str) -> Path:
     """The status file of `branch` of the repository named `repo`."""
-    return state_dir / STATUS_DIR / repo / f"{urllib.parse.quote(branch, safe='')}.json"
+    return state_dir / STATUS_DIR / repo / f"{_quoted(branch)}.json"
 
 
-def _job_ids(records: Database, specs: Sequence[JobSpec]) -> dict[str, str]:
-    """The latest job id stored for each spec's key, by job name.
-
-    Read from the engine's records because a failed builder has no value to carry its id.
-    """
-    found: dict[str, str] = {}
-    for spec in specs:
-        entry = records.latest(spec.op, spec.key_digest)
-        if entry is not None:
-            found[spec.name] = entry.job_id
-    return found
+def commit_path(state_dir: Path, repo: str, commit: str) -> Path:
+    """The file of the commit `commit` (its full hash) of the repository named `repo`."""
+    return state_dir / STATUS_DIR / repo / COMMITS / f"{commit}.json"
 
 
-def _write(path: Path, status: dict[str, Any]) -> None:
+def _time(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def _run_of(records: Database, spec: JobSpec, job: JobStatus) -> Entry | None:
+    """The stored run of `job` (not pending): by its id, or the latest of its key for a job
+    whose value (a failed one has none) did not give its id."""
+    if job.job_id is not None:
+        return records.entry(job.job_id)
+    return records.latest(spec.op, spec.key_digest)
+
+
+def _with_runs(records: Database, publication: Publication) -> CommitStatus:
+    """The status with each finished job's id and times from the engine's records."""
+    status = publication.status
+    specs = {spec.name: spec for spec in publication.specs}
+    jobs = []
+    for job in status.jobs:
+        spec = specs.get(job.name)
+        run = _run_of(records, spec, job) if spec is not None and job.state != "pending" \
+            else None
+        if run is not None:
+            job = dataclasses.replace(job, job_id=run.job_id, queued=_time(run.queued),
+                                      started=_time(run.started), finished=_time(run.finished))
+        jobs.append(job)
+    return dataclasses.replace(status, jobs=tuple(jobs))
+
+
+def _write(path: Path, content: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     aside = path.with_name(f".{path.name}.tmp")
-    aside.write_text(json.dumps(status, indent=2) + "\n")
+    aside.write_text(json.dumps(content, indent=2) + "\n")
     os.replace(aside, path)
+
+
+def _history(path: Path) -> list[dict[str, Any]]:
+    """The history in the branch file at `path` (none if it is missing or unreadable)."""
+    try:
+        history = json.loads(path.read_text()).get("history")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [entry for entry in history if isinstance(entry, dict)] \
+        if isinstance(history, list) else []
+
+
+def write_status(state_dir: Path, status: CommitStatus, published: datetime) -> None:
+    """Write the commit file of `status` and the branch file with `status` as its head, put
+    first in the branch's history (replacing that commit's earlier entry)."""
+    commit = status.to_json()
+    _write(commit_path(state_dir, status.repo, status.commit), commit)
+    branch_path = status_path(state_dir, status.repo, status.branch)
+    head = {"commit": status.commit, "result": status.result,
+            "message": status.info.message.split("\n", 1)[0] if status.info else "",
+            "published": published.isoformat(timespec="seconds")}
+    earlier = [entry for entry in _history(branch_path) if entry.get("commit") != status.commit]
+    _write(branch_path, {"repo": status.repo, "branch": status.branch,
+                         **{name: value for name, value in commit.items() if name != "repo"},
+                         "history": [head, *earlier][:HISTORY_LENGTH]})
 
 
 @dataclasses.dataclass(frozen=True)
 class StatusKey:
-    """Which status file a publication writes."""
+    """Which branch a publication is the head of."""
 
     repo: str
     branch: str
@@ -164,19 +264,10 @@ class StatusKey:
 
 @dataclasses.dataclass(frozen=True)
 class Publication:
-    """A status to write, with how to find the ids of its failed jobs."""
+    """A status to write, with how to find its jobs' runs in the records."""
 
     status: CommitStatus
     specs: tuple[JobSpec, ...]
-
-
-def _failed_job_ids(records: Database, publication: Publication) -> CommitStatus:
-    status = publication.status
-    failed = {job.name for job in status.jobs if job.state == "failed" and job.job_id is None}
-    ids = _job_ids(records, [spec for spec in publication.specs if spec.name in failed])
-    jobs = tuple(dataclasses.replace(job, job_id=ids.get(job.name, job.job_id))
-                 for job in status.jobs)
-    return dataclasses.replace(status, jobs=jobs)
 
 
 @p.publisher("ocaml-ci-status", pp=lambda key: f"{key.repo} {key.branch}")
@@ -185,13 +276,13 @@ async def _publish(job: p.Job, key: StatusKey, publication: Publication) -> None
         raise RuntimeError("the status publisher runs only in an engine (it reads its records)")
     # The engine's own records: they hold the outcome that scheduled this publication even
     # before it is committed.
-    status = _failed_job_ids(job.records, publication)
-    path = status_path(job.state_dir, key.repo, key.branch)
-    job.log(f"Writing {status.result} for {status.commit} to {path}")
-    await asyncio.to_thread(_write, path, status.to_json())
+    status = _with_runs(job.records, publication)
+    job.log(f"Writing {status.result} for {status.commit} of {key.repo} {key.branch}")
+    await asyncio.to_thread(write_status, job.state_dir, status, datetime.now(UTC))
 
 
 def publish(repo: str, branch: str, publication: p.Term[Publication]) -> p.Term[None]:
-    """Keep the status file of `branch` of `repo` up to date with `publication`."""
+    """Keep the status files of `branch` of `repo` (the branch's and its head commit's) up to
+    date with `publication`."""
     return _publish(p.const(StatusKey(repo, branch), label=f"{repo} {branch}"), publication,
                     label="status")

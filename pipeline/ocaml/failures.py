@@ -1,0 +1,101 @@
+"""Why a build or lint step failed, in one line: the step's command and the first compiler or
+test error line of its output, e.g.
+`dune build @install @check @runtest: Error: Library "core_unix.command_unix" not found.`
+
+A build's log, as the builder writes it (`pipeline.obuilder.builder`), is for each step a header
+(`WORKDIR: OP`), the step's output, then `---> using "ID" from cache` or `---> saved as "ID"`. A
+failed step has no such last line, so what follows the last one is the failing step: its header
+tells which of the spec's `run` steps it is, and its output holds the error.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+
+from pipeline.obuilder import spec as S
+from pipeline.obuilder.builder import step_header
+
+LINE_LIMIT = 300
+"""The longest error line quoted (a reason is one line on a page and in a GitHub status)."""
+
+# Lines that say what went wrong, whichever comes first in the step's output.
+_ERROR_LINE = re.compile(
+    r"Error(?: \(warning [^)]*\))?: .*"  # the compiler's and dune's errors
+    r"|Fatal error: .*"  # an uncaught exception, e.g. in a test runner
+    r"|\[FAIL\] .*"  # alcotest: a failed test
+    r"|(?:Failure|FAIL): .*"  # OUnit: a failed test
+    r"|error \d+: .*"  # opam lint
+    r"|E: .*")  # apt
+# Failing that, where dune points (e.g. a file `dune build @fmt` would reformat).
+_LOCATION = re.compile(r'File "[^"]*", line \d+.*')
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# alcotest draws a box around the failures it repeats at the end.
+_BOX = "│┌┐└┘─ \t"
+_OUTCOME = re.compile(rb'(?:^|\n)---> (?:using "[^"\n]*" from cache|saved as "[^"\n]*")\n')
+
+
+class StepFailed(Exception):
+    """A build or lint step failed; the message is its one-line reason (see `step_reason`)."""
+
+
+def first_error(output: str) -> str | None:
+    """The first line of `output` that says what failed (an `Error:` of the compiler or dune,
+    an alcotest `[FAIL]`, an OUnit failure, `Fatal error: exception ...`, an opam lint or apt
+    error), else the first location dune gave (`File "x.ml", line 3, ...`), else None."""
+    lines = [" ".join(_ANSI.sub("", line).strip(_BOX).split()) for line in output.splitlines()]
+    for pattern in (_ERROR_LINE, _LOCATION):
+        found = next((line for line in lines if pattern.fullmatch(line)), None)
+        if found is not None:
+            return found if len(found) <= LINE_LIMIT else found[:LINE_LIMIT - 1] + "…"
+    return None
+
+
+def _run_steps(spec: S.Spec) -> Iterator[tuple[str, str]]:
+    """(header, command) of every `run` step of `spec`, child stages first, as built."""
+    for _name, child in spec.child_builds:
+        yield from _run_steps(child)
+    for op, context in S.contexts(spec.ops):
+        if isinstance(op, S.Run):
+            yield step_header(context, op), op.shell
+
+
+def step_reason(spec: str, step_log: str) -> str | None:
+    """`COMMAND: ERROR LINE` for a build of `spec` (its text) whose failing step wrote
+    `step_log` (its header and output, as `StepLog` keeps them); None unless the step is one of
+    the spec's `run` steps and its output has an error line."""
+    for header, command in _run_steps(S.parse(spec)):
+        if step_log.startswith(header + "\n"):
+            line = first_error(step_log[len(header) + 1:])
+            return None if line is None else f"{' '.join(command.split())}: {line}"
+    return None
+
+
+class StepLog:
+    """The log of a build's current step, kept while the whole log goes on to `forward`."""
+
+    def __init__(self, forward: Callable[[bytes], None]) -> None:
+        """Pass every write on to `forward` (say, the job's log)."""
+        self._forward = forward
+        self._current = bytearray()
+
+    def write(self, data: bytes) -> None:
+        """Take the next part of the build's log."""
+        self._forward(data)
+        # An outcome line may have begun in the previous part: look a little before the new one.
+        start = max(0, len(self._current) - 200)
+        self._current += data
+        ends = [found.end() for found in _OUTCOME.finditer(self._current, start)]
+        if ends:
+            del self._current[:ends[-1]]
+
+    @property
+    def text(self) -> str:
+        """The current step's header and output so far."""
+        return self._current.decode(errors="replace")
+
+
+def shown(message: str) -> str:
+    """A job's error as a page shows it: a failed step's reason without the exception's type
+    (which the engine puts before every job's error)."""
+    return message.removeprefix(f"{StepFailed.__name__}: ")
