@@ -18,7 +18,7 @@ up among the files present: nothing a request says becomes part of a path.
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -222,6 +222,7 @@ def badge_svg(result: str) -> str:
 
 
 def _platform_jobs(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The jobs of a commit but its analysis: its platforms' builds and lints."""
     return [job for job in jobs if job.get("kind") in COLUMNS]
 
 
@@ -272,7 +273,7 @@ def _durations(job: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _duration(span: Any) -> str:
+def _duration(span: timedelta) -> str:
     seconds = max(0, round(span.total_seconds()))
     hours, rest = divmod(seconds, 3600)
     minutes, seconds = divmod(rest, 60)
