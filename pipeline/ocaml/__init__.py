@@ -1,1 +1,2 @@
-"""The parts of the OCaml CI pipeline: analysis, platforms and specs, status, web pages."""
+"""The parts of the OCaml CI pipeline: analysis, platforms and specs, failures, status,
+web pages."""
