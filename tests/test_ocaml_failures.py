@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pipeline.obuilder import spec as S
 from pipeline.obuilder.builder import step_header
+from pipeline.obuilder.log_format import MARK, outcome
 from pipeline.ocaml.failures import (
     LINE_LIMIT,
     StepFailed,
@@ -126,38 +127,50 @@ SPEC = """\
 
 
 def headers() -> list[str]:
-    return [step_header(context, op) for op, context in S.contexts(S.parse(SPEC).ops)]
+    """The headers of SPEC's steps, each line marked as the builder marks its own lines."""
+    return [marked(step_header(context, op)) for op, context in S.contexts(S.parse(SPEC).ops)]
+
+
+def marked(text: str) -> str:
+    return "".join(f"{line}{MARK.decode()}\n" for line in text.split("\n"))
 
 
 def test_the_failing_run_step_is_named_by_its_command() -> None:
     build = headers()[-1]
-    assert step_reason(SPEC, f"{build}\n{DUNE_LIBRARY}") == \
+    assert step_reason(SPEC, build + DUNE_LIBRARY) == \
         'dune build @install @check @runtest: Error: Library "core_unix.command_unix" not found.'
     # A step with a multi-line header (a run with network) is found too.
     install = headers()[1]
-    assert "\n" in install
-    assert step_reason(SPEC, f"{install}\nE: Unable to locate package ocaml-dune\n") == \
+    assert install.count("\n") > 1
+    assert step_reason(SPEC, f"{install}E: Unable to locate package ocaml-dune\n") == \
         "apt-get install -y ocaml-dune: E: Unable to locate package ocaml-dune"
 
 
 def test_no_reason_without_an_error_line_or_a_known_step() -> None:
-    assert step_reason(SPEC, f"{headers()[-1]}\nKilled\n") is None
-    assert step_reason(SPEC, f"/src: (run (shell \"other\"))\n{DUNE_LIBRARY}") is None
+    assert step_reason(SPEC, f"{headers()[-1]}Killed\n") is None
+    assert step_reason(SPEC, marked('/src: (run (shell "other"))') + DUNE_LIBRARY) is None
+    # A command cannot pass its output off as a header: only the builder's lines are marked.
+    assert step_reason(SPEC, headers()[-1].replace(MARK.decode(), "") + DUNE_LIBRARY) is None
 
 
 def test_the_step_log_keeps_the_current_step_only() -> None:
     written: list[bytes] = []
     log = StepLog(written.append)
     first, build = headers()[1], headers()[-1]
-    chunks = [f"{first}\nReading package lists...\n".encode(), b'---> saved as "ab',
-              b'c123"\n', f"{build}\nFile ".encode(), DUNE_LIBRARY[5:].encode()]
+    saved = marked(outcome("a" * 64, cached=False))
+    chunks = [f"{first}Reading package lists...\n".encode(), saved[:20].encode(),
+              saved[20:].encode(), f"{build}File ".encode(), DUNE_LIBRARY[5:].encode()]
     for chunk in chunks:
         log.write(chunk)
     # Everything went on; the outcome line split over two writes was still seen.
     assert written == chunks
-    assert log.text == f"{build}\n{DUNE_LIBRARY}"
-    log.write(b'---> using "def456" from cache\n')
+    assert log.text == build + DUNE_LIBRARY
+    # A step with no output: its outcome follows its header at once.
+    log.write((first + marked(outcome("b" * 64, cached=True))).encode())
     assert log.text == ""
+    # Output that looks like an outcome is not one.
+    log.write(f'{build}{outcome("c" * 64, cached=False)}\n'.encode())
+    assert log.text.startswith(build)
 
 
 def test_a_failed_steps_reason_is_shown_without_its_type() -> None:

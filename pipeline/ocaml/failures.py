@@ -2,10 +2,10 @@
 test error line of its output, e.g.
 `dune build @install @check @runtest: Error: Library "core_unix.command_unix" not found.`
 
-A build's log, as the builder writes it (`pipeline.obuilder.builder`), is for each step a header
-(`WORKDIR: OP`), the step's output, then `---> using "ID" from cache` or `---> saved as "ID"`. A
-failed step has no such last line, so what follows the last one is the failing step: its header
-tells which of the spec's `run` steps it is, and its output holds the error.
+A build's log (its form is `pipeline.obuilder.log_format`'s) is for each step a header
+(`WORKDIR: OP`), the step's output, then its outcome, the builder's own lines being marked. A
+failed step has no outcome, so what follows the last outcome is the failing step: its header tells
+which of the spec's `run` steps it is, and its output holds the error.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 
 from pipeline.obuilder import spec as S
 from pipeline.obuilder.builder import step_header
+from pipeline.obuilder.log_format import MARK, parse_outcome
 
 LINE_LIMIT = 300
 """The longest error line quoted (a reason is one line on a page and in a GitHub status)."""
@@ -32,7 +33,8 @@ _LOCATION = re.compile(r'File "[^"]*", line \d+.*')
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # alcotest draws a box around the failures it repeats at the end.
 _BOX = "│┌┐└┘─ \t"
-_OUTCOME = re.compile(rb'(?:^|\n)---> (?:using "[^"\n]*" from cache|saved as "[^"\n]*")\n')
+# A line the builder wrote itself (a header's or an outcome), with its mark.
+_MARKED = re.compile(rb"^([^\n]*)" + re.escape(MARK) + rb"\n", re.MULTILINE)
 
 
 class StepFailed(Exception):
@@ -62,13 +64,16 @@ def _run_steps(spec: S.Spec) -> Iterator[tuple[str, str]]:
 
 def step_reason(spec: str, step_log: str) -> str | None:
     """`COMMAND: ERROR LINE` for a build of `spec` (its text) whose failing step wrote
-    `step_log` (its header and output, as `StepLog` keeps them); None unless the step is one of
-    the spec's `run` steps and its output has an error line."""
-    for header, command in _run_steps(S.parse(spec)):
-        if step_log.startswith(header + "\n"):
-            line = first_error(step_log[len(header) + 1:])
-            return None if line is None else f"{' '.join(command.split())}: {line}"
-    return None
+    `step_log` (its marked header lines, then its output, as `StepLog` keeps them); None unless
+    the step is one of the spec's `run` steps and its output has an error line."""
+    lines = step_log.split("\n")
+    mark = MARK.decode()
+    header_length = next((n for n, line in enumerate(lines) if not line.endswith(mark)),
+                         len(lines))
+    header = "\n".join(line.removesuffix(mark) for line in lines[:header_length])
+    command = dict(_run_steps(S.parse(spec))).get(header)
+    line = first_error("\n".join(lines[header_length:])) if command is not None else None
+    return None if line is None else f"{' '.join(command.split())}: {line}"
 
 
 class StepLog:
@@ -85,13 +90,14 @@ class StepLog:
         # An outcome line may have begun in the previous part: look a little before the new one.
         start = max(0, len(self._current) - 200)
         self._current += data
-        ends = [found.end() for found in _OUTCOME.finditer(self._current, start)]
+        ends = [found.end() for found in _MARKED.finditer(self._current, start)
+                if parse_outcome(found[1].decode(errors="replace")) is not None]
         if ends:
             del self._current[:ends[-1]]
 
     @property
     def text(self) -> str:
-        """The current step's header and output so far."""
+        """The current step's (marked) header and output so far."""
         return self._current.decode(errors="replace")
 
 
