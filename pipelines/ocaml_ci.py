@@ -119,8 +119,17 @@ async def _commit_info(checkout: Path) -> St.CommitInfo:
     return St.CommitInfo(message.strip(), author, date)
 
 
-@p.builder("ocaml-analysis", auto_cancel=True, pp=_pp_commit,
-           key_digest=lambda commit: p.digest(commit.hash))
+ANALYSIS_FORMAT = 2
+"""The shape of the analysis job's value; part of its key, so that a new shape makes the values
+an earlier version stored again instead of reading them wrongly."""
+
+
+def _analysis_digest(commit: Commit) -> str:
+    # The commit's hash, not its ref: the same commit on two branches is analysed once.
+    return p.digest((ANALYSIS_FORMAT, commit.hash))
+
+
+@p.builder("ocaml-analysis", auto_cancel=True, pp=_pp_commit, key_digest=_analysis_digest)
 async def _analyse(job: p.Job, commit: Commit) -> dict[str, Any]:
     """The commit's message, author and date, and the analysis of a checkout of `commit`: fails
     with `analyse`'s message ("No opam files found", or the malformed file and line)."""
@@ -497,7 +506,7 @@ def branch(head: p.Term[Commit], platforms: list[P.Platform], store: str,
     def status(inputs: tuple[tuple[Commit, p.Output], p.Output]) -> St.Publication:
         (head_commit, analysis_output), platform_output = inputs
         specs = [St.JobSpec(St.ANALYSIS, "analysis", None, "ocaml-analysis",
-                            p.digest(head_commit.hash))]
+                            _analysis_digest(head_commit))]
         job_list = [St.job_status(specs[0], analysis_output)]
         if isinstance(platform_output, p.Ok):
             spec_list, outputs = platform_output.value
