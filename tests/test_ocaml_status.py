@@ -32,8 +32,10 @@ def test_job_status_from_outputs() -> None:
     # A failed step's reason is shown without its exception's type.
     assert St.job_status(BUILD, Failed("StepFailed: dune build: Error: x")).reason == \
         "dune build: Error: x"
+    # A pending job says which key it waits for, so that a page can find the job running it.
     assert St.job_status(BUILD, Active(p.NodeState.RUNNING)) == \
-        St.JobStatus("debian-12", "build", "debian-12", "pending")
+        St.JobStatus("debian-12", "build", "debian-12", "pending", op=BUILD.op,
+                     key=BUILD.key_digest)
 
 
 def test_a_passed_build_with_passed_or_skipped_lints_passes() -> None:

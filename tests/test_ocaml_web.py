@@ -3,6 +3,7 @@ pipeline file add pages to `pipeline run`'s web UI."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import textwrap
@@ -208,7 +209,7 @@ async def test_the_commit_page_has_the_matrix(client: TestClient) -> None:
     system = cells(platforms["debian-12-system"])
     assert results(system["build"]) == ["passed"]
     assert f'<a class="log" href="/job/{BUILD_ID}">' in system["build"]
-    assert "queued 2s, ran 1m 05s" in system["build"]
+    assert "queued 2.0 s, ran 1 min 5 s" in system["build"]
     assert system["lint-opam"] == ""
     # A skipped job says why (escaped) and, never having run, links nowhere.
     assert results(system["lint-fmt"]) == ["skipped"]
@@ -332,6 +333,39 @@ async def test_rebuild_buttons_rebuild_the_commits_jobs_for_builders_only(
                                     "passing"]
             bad = await client.post(form.group(1), data={"csrf": form.group(2), "jobs": "x"})
             assert bad.status == 400
+
+
+async def test_a_pending_cell_links_to_the_job_that_runs_it_and_says_for_how_long(
+        tmp_path: Path) -> None:
+    gate = asyncio.Event()
+
+    @p.builder("ocaml-test-job")
+    async def job(job: p.Job, key: str) -> str:
+        await gate.wait()
+        return key
+
+    state = tmp_path / "var"
+    async with p.Engine(job("build"), state_dir=state) as engine:
+        async with asyncio.timeout(30):
+            while not engine.jobs.active() or not engine.jobs.active()[0].started:
+                await asyncio.sleep(0.01)
+        [running] = engine.jobs.active()
+        instance = engine.cache.find(running.id)
+        assert instance is not None
+        key = instance.key_digest
+        write_commit(state, "hello", commit=SHA_1, result="pending", jobs=[
+            ANALYSIS, build("debian-12-system", "pending", op="ocaml-test-job", key=key),
+            lint("debian-12-system", "lint-opam", "pending", op="ocaml-test-job", key="other")])
+        app = make_app(engine, extra_routes=routes(state))
+        async with TestClient(TestServer(app)) as client:
+            page = await get(client, f"/ocaml/hello/commit/{SHA_1}")
+            matrix = re.search(r'<table id="matrix">.*?</table>', page, re.DOTALL).group()  # type: ignore[union-attr]
+            system = cells(rows(matrix, "data-platform")["debian-12-system"])
+            assert f'<a class="log" href="/job/{running.id}">' in system["build"]
+            assert re.search(r"queued [0-9.]+ s, has run [0-9.]+ s", system["build"])
+            # A key no job runs: its state only.
+            assert "<a " not in system["lint-opam"] and "queued" not in system["lint-opam"]
+        gate.set()
 
 
 def test_pipeline_run_serves_the_pages_a_pipeline_file_adds(

@@ -15,6 +15,7 @@ Under `STATE_DIR/ocaml-ci/status/<repo-name>/`, the publisher keeps two kinds of
                  "job_id": "...",                 # once it ran (see `JobStatus`)
                  "reason": "...",                 # for failed and skipped jobs
                  "queued": "...", "started": "...", "finished": "...",   # ISO 8601, once it ran
+                 "op": "...", "key": "...",       # while pending: its cache operation and key
                  "experimental": true}]}          # only when true
 
 - `<branch>.json` (the branch name percent-encoded, so `feature/x` is `feature%2Fx.json`): the
@@ -77,7 +78,9 @@ class JobSpec:
 @dataclasses.dataclass(frozen=True)
 class JobStatus:
     """One job of a commit as reported. `job_id` and the times are None until the job has
-    finished (and for a job blocked by an earlier failure, which never ran)."""
+    finished (and for a job blocked by an earlier failure, which never ran). A pending job
+    carries its cache operation and key digest instead (`op`, `key`), so that a page can find
+    its live job."""
 
     name: str
     kind: str
@@ -89,6 +92,8 @@ class JobStatus:
     queued: str | None = None
     started: str | None = None
     finished: str | None = None
+    op: str | None = None
+    key: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The job's entry in a status file: absent fields are left out."""
@@ -96,7 +101,7 @@ class JobStatus:
         if self.platform is not None:
             entry["platform"] = self.platform
         entry["state"] = self.state
-        for field in ("job_id", "reason", "queued", "started", "finished"):
+        for field in ("job_id", "reason", "queued", "started", "finished", "op", "key"):
             if getattr(self, field) is not None:
                 entry[field] = getattr(self, field)
         if self.experimental:
@@ -157,7 +162,7 @@ def job_status(spec: JobSpec, output: Output) -> JobStatus:
     if isinstance(output, Failed):
         return status("failed", reason=shown(output.message))
     assert isinstance(output, Active)
-    return status("pending")
+    return dataclasses.replace(status("pending"), op=spec.op, key=spec.key_digest)
 
 
 def commit_result(jobs: Sequence[JobStatus]) -> tuple[Result, str | None]:

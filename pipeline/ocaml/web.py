@@ -18,17 +18,18 @@ up among the files present: nothing a request says becomes part of a path.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
 from aiohttp import web
 
+import pipeline as p
 from pipeline.ocaml.status import COMMITS, STATUS_DIR
 from pipeline.output import NodeState
 from pipeline.web.auth import Role
-from pipeline.web.server import ACCESS, ENGINE, escape, page
+from pipeline.web.server import ACCESS, ENGINE, duration_text, escape, page
 
 NO_BUILDS = "no-builds"
 # A result or job state -> its colour: the class of the node state of that colour (app.css has
@@ -167,6 +168,11 @@ class StatusPages:
         """A commit: what git says of it, its branches, its result and its jobs' matrix."""
         name, directory, status = self._commit(request)
         commit = status["commit"]
+        engine = request.app[ENGINE]
+
+        def live(job: dict[str, Any]) -> dict[str, Any]:
+            return _with_live_job(engine, job)
+
         analysis = next((job for job in status["jobs"] if job.get("kind") == "analysis"), {})
         info = "".join(f'<dt>{label}</dt><dd id="{label.lower()}">{escape(text)}</dd>'
                        for label, text in (("Author", status["author"]),
@@ -177,8 +183,9 @@ class StatusPages:
                 f'<dt>Branches</dt><dd id="branches">{_branches_of(name, directory, commit)}</dd>'
                 f'<dt>Result</dt><dd id="result">{_result(status["result"])} '
                 f"{escape(status['reason'])}</dd>"
-                f'<dt>Analysis</dt><dd id="analysis">{_cell(analysis)}</dd></dl>\n'
-                f"{_rebuild_form(request, name, status)}{_matrix(status['jobs'])}")
+                f'<dt>Analysis</dt><dd id="analysis">{_cell(live(analysis))}</dd></dl>\n'
+                f"{_rebuild_form(request, name, status)}"
+                f"{_matrix([live(job) for job in status['jobs']])}")
         return page(request, f"{name} {commit[:12]}", body)
 
     async def rebuild(self, request: web.Request) -> web.Response:
@@ -221,6 +228,22 @@ def badge_svg(result: str) -> str:
             f'<text x="{left + right / 2}" y="14">{text}</text></g></svg>\n')
 
 
+def _with_live_job(engine: p.Engine, job: dict[str, Any]) -> dict[str, Any]:
+    """A pending job with the id and times of the job that runs it now, if one does (the status
+    file has them only once it finished), its times as far as they go: `now` ends them."""
+    op, key = job.get("op"), job.get("key")
+    if job.get("state") != "pending" or not isinstance(op, str) or not isinstance(key, str):
+        return job
+    instance = engine.cache.live(op, key)
+    running = instance.job if instance is not None else None
+    if running is None:
+        return job
+    now = datetime.now(UTC).isoformat()
+    return {**job, "job_id": running.id, "queued": running.created.isoformat(),
+            "started": running.started.isoformat() if running.started else now,
+            "finished": now if running.started else None}
+
+
 def _platform_jobs(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The jobs of a commit but its analysis: its platforms' builds and lints."""
     return [job for job in jobs if job.get("kind") in COLUMNS]
@@ -253,7 +276,7 @@ def _cell(job: dict[str, Any]) -> str:
     job_id = job.get("job_id")
     # A job that has not run yet has no page.
     link = (f' <a class="log" href="{escape("/job/" + quote(str(job_id), safe="/"))}">'
-            f"{escape(job_id)}</a>" if job_id else "")
+            "log</a>" if job_id else "")
     durations = _durations(job)
     reason = job.get("reason")
     return (_result(job.get("state")) + link
@@ -262,24 +285,17 @@ def _cell(job: dict[str, Any]) -> str:
 
 
 def _durations(job: dict[str, Any]) -> str:
-    """"queued 2s, ran 1m 05s" from a job's times (what is known of them)."""
+    """"queued 2.0 s, ran 1 min 5 s" from a job's times (what is known of them); a job that
+    runs now "has run" so far."""
     queued, started, finished = (_parse_time(job.get(name))
                                  for name in ("queued", "started", "finished"))
     parts = []
     if queued is not None and started is not None:
-        parts.append(f"queued {_duration(started - queued)}")
+        parts.append(f"queued {duration_text(started - queued)}")
     if started is not None and finished is not None:
-        parts.append(f"ran {_duration(finished - started)}")
+        verb = "has run" if job.get("state") == "pending" else "ran"
+        parts.append(f"{verb} {duration_text(finished - started)}")
     return ", ".join(parts)
-
-
-def _duration(span: timedelta) -> str:
-    seconds = max(0, round(span.total_seconds()))
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    return f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def _parse_time(text: object) -> datetime | None:
