@@ -464,7 +464,9 @@ def test_restart_after_sigkill_removes_the_checkout_and_marks_the_job_interrupte
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=30)
     assert '<span id="job-state" class="state state-failed">failed</span>' in page
-    assert '<dd id="job-error">interrupted (the process stopped)</dd>' in page
+    assert '<div id="job-error-row"><dt>Error</dt><dd id="job-error">interrupted (the process' \
+        ' stopped)</dd></div>' in page
+    assert '<div id="job-skipped-row" hidden>' in page
     assert f"{job_id}</a> " in page and "(this job)" in page, "the history lists the job"
     assert log.read_text().endswith(": Job failed: interrupted (the process stopped)\n")
 

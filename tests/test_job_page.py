@@ -62,6 +62,9 @@ async def test_a_skipped_job_reads_as_skipped_live_and_stored(tmp_path: Path) ->
         assert 'class="state state-skipped"' in page
         assert element(page, "job-skipped") == "odoc is not available"
         assert "succeeded" not in page
+        # The row of the error it does not have is hidden; its own is shown.
+        assert '<div id="job-error-row" hidden>' in page
+        assert '<div id="job-skipped-row">' in page
         html, end = await log_html(s.client, job_id)
         assert end["state"] == "skipped" and end["skipped"] == "odoc is not available"
         assert "Job skipped: odoc is not available" in html and "Job succeeded" not in html

@@ -418,6 +418,9 @@ async def job_page(request: web.Request) -> web.Response:
     body = TEMPLATES["job"].substitute(
         job_id=escape(job_id), state=escape(run.state), label=escape(label),
         error=escape(run.error), skipped=escape(run.skipped), actions=actions,
+        # Rows with nothing to say are hidden (the page's script shows them if the job ends so).
+        error_hidden="" if run.error else " hidden",
+        skipped_hidden="" if run.skipped else " hidden",
         notices="".join(notices), history=history, log_url=escape(f"/job/{job_id}/log"),
         raw_log_url=escape(f"/job/{job_id}/log.txt"), **timings)
     return page(request, job_id, body)

@@ -153,8 +153,10 @@ function followLog(log) {
     const outcome = JSON.parse(event.data);
     setState(jobState, outcome.state);
     showTimings(outcome);
-    document.getElementById("job-error").textContent = outcome.error || "";
-    document.getElementById("job-skipped").textContent = outcome.skipped || "";
+    for (const [name, text] of [["error", outcome.error], ["skipped", outcome.skipped]]) {
+      document.getElementById("job-" + name).textContent = text || "";
+      document.getElementById("job-" + name + "-row").hidden = !text;
+    }
     for (const id of ["cancel", "start-now"]) {
       const button = document.getElementById(id);
       if (button) button.closest("form").remove();
