@@ -99,6 +99,10 @@ def test_dune_and_compiler_errors() -> None:
 
 def test_test_failures() -> None:
     assert first_error(ALCOTEST) == "[FAIL] greet 0 greets by name."
+    # alcotest points at the failure it reports first with ">".
+    pointed = "> [FAIL]        greet          0   world.\n" \
+        "  [FAIL]        greet          1   empty.\n"
+    assert first_error(pointed) == "[FAIL] greet 0 world."
     assert first_error(OUNIT) == "Failure: hello:0:greets by name"
     assert first_error(EXCEPTION) == \
         'Fatal error: exception Invalid_argument("index out of bounds")'

@@ -46,8 +46,11 @@ def first_error(output: str) -> str | None:
     an alcotest `[FAIL]`, an OUnit failure, `Fatal error: exception ...`, an opam lint or apt
     error), else the first location dune gave (`File "x.ml", line 3, ...`), else None."""
     lines = [" ".join(_ANSI.sub("", line).strip(_BOX).split()) for line in output.splitlines()]
+    # alcotest marks the failure it reports first with "> ": that one is the first, wherever
+    # its line is.
+    pointed = [line.removeprefix("> ") for line in lines if line.startswith("> ")]
     for pattern in (_ERROR_LINE, _LOCATION):
-        found = next((line for line in lines if pattern.fullmatch(line)), None)
+        found = next((line for line in [*pointed, *lines] if pattern.fullmatch(line)), None)
         if found is not None:
             return found if len(found) <= LINE_LIMIT else found[:LINE_LIMIT - 1] + "…"
     return None
