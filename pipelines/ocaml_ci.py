@@ -623,6 +623,13 @@ def parse_args(args: list[str]) -> argparse.Namespace:
         parser.error(f"unknown platform {', '.join(unknown)}; known: {', '.join(P.PLATFORMS)}")
     if not (options.repo or options.remote or options.demo):
         parser.error("nothing to watch: give --repo, --remote or --demo")
+    system = any(P.PLATFORMS[name].kind == "system" for name in options.platforms.split(","))
+    if system and options.debian_mirror is None:
+        # Found now, so that a host without one hears it at once, as a usage error.
+        try:
+            options.debian_mirror = find_mirror()
+        except BuildError:
+            parser.error("no Debian mirror in this host's apt sources: give --debian-mirror URL")
     return options
 
 

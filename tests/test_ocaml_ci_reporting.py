@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from github_statuses import github_statuses
 from ocaml_fixtures import assert_labels_for_people
@@ -131,3 +132,23 @@ async def test_the_live_diagram_of_the_demo_has_labels_for_people(
     # and the GitHub status of the commit.
     assert {"analysis", "debian-12-system build", "debian-12-system lint-opam",
             "demo main", f"owner/demo@{commit}"} <= set(labels), labels
+
+
+def test_a_host_without_a_debian_mirror_is_told_to_give_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    def no_mirror() -> str:
+        raise ocaml_ci.BuildError("no Debian mirror found in the apt sources under /etc/apt")
+
+    # A host whose apt sources name no Debian mirror (this one has one).
+    monkeypatch.setattr(ocaml_ci, "find_mirror", no_mirror)
+    with pytest.raises(SystemExit) as exit_:
+        ocaml_ci.parse_args(["--repo", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "error: no Debian mirror in this host's apt sources: give --debian-mirror URL")
+    # Given one, or with no system platform, nothing is looked for.
+    assert ocaml_ci.parse_args(["--repo", str(tmp_path), "--debian-mirror", "http://m/debian"]) \
+        .debian_mirror == "http://m/debian"
+    assert ocaml_ci.parse_args(["--repo", str(tmp_path), "--platforms",
+                                "debian-12-ocaml-5.2"]).debian_mirror is None
