@@ -107,6 +107,16 @@ async def test_a_broken_test_fails_the_build_and_a_fix_passes_while_a_branch_bui
         assert re.search(r"odoc -> ocaml-odoc \d\S*", doc_log), doc_log
         assert "libalcotest-ocaml-dev" not in doc_log.partition("odoc -> ")[0], doc_log
 
+        # A second branch on the same commit shares its jobs, which are named by commit and
+        # platform, never by the first branch.
+        await repo.git("branch", "same", "main")
+        same = await final_status(state, repo, "same", status["commit"])
+        assert {name: job.get("job_id") for name, job in jobs_of(same).items()} == \
+            {name: job.get("job_id") for name, job in jobs.items()}
+        build_entry = engine.cache.db.entry(jobs["debian-12-system"]["job_id"])
+        assert build_entry is not None
+        assert build_entry.key_pp == f"{status['commit'][:7]} debian-12-system build"
+
         await repo.commit("feature", {"README.md": "A branch of its own\n"}, new=True)
         broken = await repo.commit("main", {"src/hello.ml": BROKEN_GREET})
         status = await final_status(state, repo, "main", broken)
