@@ -1,8 +1,9 @@
 """The `pipeline` command, as the console script and as `python -m pipeline`.
 
 `pipeline obuilder ...` goes straight to the builder's command line (`pipeline.obuilder.cli`),
-which needs nothing of the engine: a fully cached build then starts without importing it. Every
-other command is the engine's (`pipeline.cli`).
+which needs nothing of the engine: a fully cached build then starts without importing it.
+`pipeline cluster ...` is the build cluster's (`pipeline.cluster.cli`). Every other command is
+the engine's (`pipeline.cli`).
 """
 
 import os
@@ -40,6 +41,10 @@ def _run(args: list[str]) -> NoReturn:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
+    if args[:1] == ["cluster"]:
+        from pipeline.cluster.cli import main as cluster_main
+
+        sys.exit(cluster_main(args[1:]))
     from pipeline.cli import main as engine_main
 
     sys.exit(engine_main(args))
