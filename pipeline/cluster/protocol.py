@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 EVENTS_TOPIC = "pipeline-build"
@@ -95,3 +96,18 @@ def task_key(request: BuildRequest) -> str:
 def cancel_event(request: BuildRequest) -> str:
     """The name of the Dask `Event` that cancels a running build when set."""
     return f"pipeline-cancel-{request.request_id}"
+
+
+EventMessage = dict[str, dict[str, str | int | bytes]]
+
+
+def event_message(event: BuildEvent) -> EventMessage:
+    """`event` as it travels on `EVENTS_TOPIC`: `Worker.log_event` takes only msgpack-able
+    messages (dicts of str, int and bytes), not dataclasses; nested under "build" because the
+    scheduler sets the top-level key "worker" of a worker's message to the worker's address."""
+    return {"build": dataclasses.asdict(event)}
+
+
+def event_from_message(message: EventMessage) -> BuildEvent:
+    """The event that `event_message` made `message` of (as a subscriber receives it)."""
+    return BuildEvent(**message["build"])  # type: ignore[arg-type]
