@@ -173,8 +173,9 @@ async def test_100000_lines_arrive_complete_and_in_order(
     request, future = cluster.submit(
         '((from busybox) (run (shell "seq 1 100000")))')
     outcome = await future
-    await until(lambda: f'saved as "{outcome.result}"' in cluster.log(request), "the log")
+    # The log events travel before the result, on the same connections: all are in already.
     log = cluster.log(request)
+    assert f'saved as "{outcome.result}"' in log
     numbers = [line for line in log.splitlines() if line.isdigit()]
     assert numbers == [str(n) for n in range(1, 100001)]
     chunks = [e for e in cluster.events[request.request_id] if e.kind == "log"]
@@ -214,6 +215,16 @@ async def test_cancel_kills_the_sandboxed_process_and_sigterm_stops_cleanly(
     await Event(cancel_event(request), client=cluster.client).set()
     with pytest.raises(BuildCancelled):
         await future
+    await until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids),
+                "the sandboxed process to be gone")
+
+    # Cancelling the task alone (the client lets go of it) kills the build as well.
+    request, future = cluster.submit(
+        f'((from busybox) (run (shell "echo $((3+1)){marker}; exec sleep {seconds + 2}")))')
+    await until(lambda: f"4{marker}" in cluster.log(request), "the step to start")
+    pids = sleeping(seconds + 2)
+    assert pids
+    await future.cancel()
     await until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids),
                 "the sandboxed process to be gone")
 

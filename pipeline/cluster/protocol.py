@@ -5,7 +5,8 @@
   `NAME=capacity`), and the placement and priority the scheduler's plugin gives it
   (`PLACE_HANDLER`).
 - The worker running it sends `BuildEvent`s as Dask events on the topic `EVENTS_TOPIC`
-  (`Worker.log_event`; the client reads them with `Client.subscribe_topic`): one `started`,
+  (`Worker.log_event(EVENTS_TOPIC, event_message(event))`; the client reads them with
+  `Client.subscribe_topic` and `event_from_message`): one `started`,
   then `log` chunks numbered from 0 with nothing left out, then nothing (the task's result
   or error ends the build).
 - The client cancels a running build by setting the Dask `Event` named `cancel_event(request)`

@@ -419,7 +419,10 @@ class BuilderPlugin(WorkerPlugin):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._disk_check.wait(), DISK_CHECK_INTERVAL)
             self._disk_check.clear()
-            await self.check_disk()
+            try:
+                await self.check_disk()
+            except Exception as error:  # the watch goes on; say why this check failed
+                self._say(f"cannot check the store's free disk: {error}")
 
     async def check_disk(self) -> None:
         """Read the store's free space; below the floor, pause the worker and prune; resume
