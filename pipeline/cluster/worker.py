@@ -215,7 +215,9 @@ async def _git(*args: str, cwd: Path) -> str:
         await process.wait()
         raise
     if process.returncode != 0:
-        message = (err or out).decode(errors="replace").strip().replace("\n", "; ")
+        # Both streams: a merge names its conflicts on stdout, its failure on stderr.
+        text = b"\n".join(part for part in (err, out) if part.strip())
+        message = text.decode(errors="replace").strip().replace("\n", "; ")
         raise SourceError(f"git {args[0]} failed: {message}")
     return out.decode(errors="replace")
 
