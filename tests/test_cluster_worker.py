@@ -205,15 +205,7 @@ async def test_cancel_kills_the_sandboxed_process_and_sigterm_stops_cleanly(
         cluster: Cluster, workers: list[WorkerProcess], tmp_path: Path,
         busybox_images: Path) -> None:
     worker = await start_worker(workers, cluster, "w1", tmp_path / "store", busybox_images)
-    marker = uuid.uuid4().hex
-    # A duration of its own, to find the sandboxed process among the machine's.
-    seconds = 100000 + uuid.uuid4().int % 100000
-    request, future = cluster.submit(
-        f'((from busybox) (run (shell "echo $((1+1)){marker}; exec sleep {seconds}")))')
-    # The output, not the step's header, which shows the command.
-    await until(lambda: f"2{marker}" in cluster.log(request), "the step to start")
-    pids = sleeping(seconds)
-    assert pids, "the sandboxed sleep is running"
+    request, future, pids = await start_sleeping_build(cluster)
     await Event(cancel_event(request), client=cluster.client).set()
     with pytest.raises(BuildCancelled):
         await future
@@ -221,25 +213,31 @@ async def test_cancel_kills_the_sandboxed_process_and_sigterm_stops_cleanly(
                 "the sandboxed process to be gone")
 
     # Cancelling the task alone (the client lets go of it) kills the build as well.
-    request, future = cluster.submit(
-        f'((from busybox) (run (shell "echo $((3+1)){marker}; exec sleep {seconds + 2}")))')
-    await until(lambda: f"4{marker}" in cluster.log(request), "the step to start")
-    pids = sleeping(seconds + 2)
-    assert pids
+    _, future, pids = await start_sleeping_build(cluster)
     await future.cancel()
     await until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids),
                 "the sandboxed process to be gone")
 
     # SIGTERM during a build: the build is cancelled, its process killed, the worker exits 0.
-    request, future = cluster.submit(
-        f'((from busybox) (run (shell "echo $((2+1)){marker}; exec sleep {seconds + 1}")))')
-    await until(lambda: f"3{marker}" in cluster.log(request), "the step to start")
-    pids = sleeping(seconds + 1)
-    assert pids
+    _, future, pids = await start_sleeping_build(cluster)
     worker.process.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(worker.process.wait, HANG_GUARD) == 0
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
     await until(lambda: not cluster.scheduler.workers, "the worker to leave the scheduler")
+
+
+async def start_sleeping_build(cluster: Cluster) -> tuple[BuildRequest, Future, list[int]]:
+    """Submit a build whose step sleeps, wait for the step to run; the pids of its sandboxed
+    `sleep` (found in /proc by a duration of its own)."""
+    marker = uuid.uuid4().hex
+    seconds = 100000 + uuid.uuid4().int % 100000
+    request, future = cluster.submit(
+        f'((from busybox) (run (shell "echo $((1+1)){marker}; exec sleep {seconds}")))')
+    # The output, not the step's header, which shows the command.
+    await until(lambda: f"2{marker}" in cluster.log(request), "the step to start")
+    pids = sleeping(seconds)
+    assert pids, "the sandboxed sleep is running"
+    return request, future, pids
 
 
 def sleeping(seconds: int) -> list[int]:
