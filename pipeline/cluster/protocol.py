@@ -5,7 +5,8 @@
   `NAME=capacity`), and the placement and priority the scheduler's plugin gives it
   (`PLACE_HANDLER`).
 - The worker running it sends `BuildEvent`s as Dask events on the topic `EVENTS_TOPIC`
-  (`Worker.log_event`; the client reads them with `Client.subscribe_topic`): one `started`,
+  (`Worker.log_event`, as `dataclasses.asdict(event)`: Dask takes only msgpack data there;
+  the client reads them with `Client.subscribe_topic`): one `started`,
   then `log` chunks numbered from 0 with nothing left out, then nothing (the task's result
   or error ends the build).
 - The client cancels a running build by setting the Dask `Event` named `cancel_event(request)`
@@ -70,7 +71,8 @@ class BuildRequest:
 class BuildEvent:
     """An event of a running build on `EVENTS_TOPIC`: `kind` is "started" (with `worker`, the
     worker's name) or "log" (`data`: the next chunk of the step log, `seq` counting the log
-    chunks of this request from 0)."""
+    chunks of this request from 0). Dask sets the "worker" of a worker's event to the worker's
+    address on the way; the client turns it back into the name."""
 
     request_id: str
     kind: str
