@@ -27,7 +27,7 @@ import importlib
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -161,13 +161,17 @@ class ClusterBuild:
 
     # What the submitter uses.
 
-    def __aiter__(self) -> AsyncIterator[BuildEvent]:
+    def __aiter__(self) -> ClusterBuild:
         """The events, in order, until the build ends."""
-        return self._events()
+        return self
 
-    async def _events(self) -> AsyncIterator[BuildEvent]:
-        while not isinstance(item := await self._queue.get(), _End):
-            yield item
+    async def __anext__(self) -> BuildEvent:
+        """The next event (waiting for it can be cancelled without losing it)."""
+        item = await self._queue.get()
+        if isinstance(item, _End):
+            self._queue.put_nowait(item)  # for any later look: still ended
+            raise StopAsyncIteration
+        return item
 
     async def result(self) -> str:
         """The result id; raises the build's error."""
@@ -252,15 +256,13 @@ class ClusterClient:
         return self._names.get(address, address)
 
     async def _reconnected(self) -> None:
-        """Wait until the Dask client is connected again (it retries by itself), then follow the
-        events topic on the new connection."""
+        """Wait until the Dask client has a new connection to the scheduler (it reconnects by
+        itself once it sees the old one closed), then follow the events topic on it."""
         while self.dask.status != "running" or self.dask.scheduler_comm is self._subscribed_to:
             if self.dask.status == "closed":
                 raise ConnectionError("lost the cluster's scheduler and could not reconnect")
-            if self.dask.status == "running":
-                self._subscribe()
-                return
             await asyncio.sleep(RECONNECT_POLL)
+        self._subscribe()
 
     async def _run(self, build: ClusterBuild) -> None:
         """Submit `build` until it ends (again after each scheduler restart) and end it."""
@@ -317,7 +319,7 @@ class ClusterClient:
         except FutureCancelledError as error:
             if error.reason == SCHEDULER_LOST:
                 raise _SchedulerLost() from error
-            raise
+            raise asyncio.CancelledError() from error
         except KilledWorker as error:
             await self._ended(request, build.worker, ok=False)
             # Its name from its started event (Dask's error knows the worker by address).
