@@ -152,7 +152,9 @@ class ClusterBuild:
         """The build has ended with `result` (its result id) or `error`."""
         if self._done.done():
             return
-        if error is not None:
+        if isinstance(error, asyncio.CancelledError):
+            self._done.cancel()  # result() raises CancelledError
+        elif error is not None:
             self._done.set_exception(error)
         else:
             assert result is not None, "a build ends with a result or an error"

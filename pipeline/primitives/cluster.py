@@ -12,6 +12,7 @@ the result id (in the worker's store).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import weakref
 from collections.abc import Callable
@@ -92,6 +93,13 @@ async def shared_client(address: str) -> ClusterClient:
         task.add_done_callback(forget_failure)
     # Shielded: a cancelled build must not cancel the connection other builds wait for.
     return await asyncio.shield(task)
+
+
+async def close_clients() -> None:
+    """Close this event loop's clients (e.g. as an engine's loop ends)."""
+    for task in _clients.pop(asyncio.get_running_loop(), {}).values():
+        with contextlib.suppress(Exception):
+            await (await task).close()
 
 
 async def build_on_cluster(job: p.Job, spec: str, source: Source | None, *, pool: str,
