@@ -40,6 +40,12 @@ def submit(client: ClusterClient, command: str, pool: str = POOL) -> ClusterBuil
                                      urgent=False, client=client.name))
 
 
+async def all_events(build: ClusterBuild) -> list[BuildEvent]:
+    """Every event of the build, until it ends (bounded)."""
+    async with asyncio.timeout(HANG_GUARD):
+        return [event async for event in build]
+
+
 async def until_started(build: ClusterBuild) -> AsyncIterator[BuildEvent]:
     """The build's events, after waiting (bounded) for its started event."""
     events = aiter(build)
@@ -53,9 +59,8 @@ async def test_a_build_streams_every_line_in_order_and_gives_its_result(
         cluster: Cluster, client: ClusterClient) -> None:  # noqa: F811
     await cluster.start_worker("w1", POOL)
     build = submit(client, "seq 1 100000")
-    async with asyncio.timeout(HANG_GUARD):
-        events = [event async for event in build]
-        result = await build.result()
+    events = await all_events(build)
+    result = await build.result()
     assert events[0].kind == "started" and events[0].worker == "w1"
     assert [event.seq for event in events[1:]] == list(range(len(events) - 1))
     assert b"".join(event.data for event in events[1:]) == \
@@ -71,10 +76,9 @@ async def test_a_failed_build_raises_the_workers_error(
         cluster: Cluster, client: ClusterClient) -> None:  # noqa: F811
     await cluster.start_worker("w1", POOL)
     build = submit(client, "echo failing; exit 3")
-    async with asyncio.timeout(HANG_GUARD):
-        events = [event async for event in build]
-        with pytest.raises(Exception, match="exited with status 3") as error:
-            await build.result()
+    events = await all_events(build)
+    with pytest.raises(Exception, match="exited with status 3") as error:
+        await build.result()
     assert type(error.value).__name__ == "BuildError"
     assert events[-1].data == b"failing\n"
 
@@ -139,9 +143,8 @@ async def test_a_scheduler_restart_resubmits_unfinished_builds_and_not_finished_
     cluster.kill(cluster.scheduler)
     await cluster.start_scheduler()
     await cluster.start_worker("arm", "linux-arm64")
-    async with asyncio.timeout(HANG_GUARD):
-        events = [event async for event in queued]
-        await queued.result()
+    events = await all_events(queued)
+    await queued.result()
     assert queued.request.request_id != first_id
     assert [event.kind for event in events] == ["started", "log"]
     assert events[1].data == b"done\n"

@@ -4,15 +4,14 @@ own processes are merged)."""
 
 from __future__ import annotations
 
-import asyncio
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import cluster_standin
 import pytest
 from cluster_fixtures import Cluster, cluster  # noqa: F401 (a fixture)
-from obuilder_fixtures import HANG_GUARD
+from test_build_primitive import until
 
 import pipeline as p
 from pipeline.jobs import JobState
@@ -29,15 +28,6 @@ async def standin_task(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[None]:
     monkeypatch.setitem(sys.modules, "pipeline.cluster.worker", cluster_standin)
     yield
     await close_clients()
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    try:
-        async with asyncio.timeout(HANG_GUARD):
-            while not condition():
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        pytest.fail(f"timed out waiting for {what}")
 
 
 def job_of(engine: p.Engine) -> p.Job | None:

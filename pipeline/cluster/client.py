@@ -273,7 +273,7 @@ class ClusterClient:
         except asyncio.CancelledError:
             build.end(error=asyncio.CancelledError())
             raise
-        except BaseException as error:  # ended with it: the submitter sees it in result()
+        except Exception as error:  # ended with it: the submitter sees it in result()
             build.end(error=error)
 
     async def _submit_until_ended(self, build: ClusterBuild) -> str:
