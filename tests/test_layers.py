@@ -1,5 +1,6 @@
-"""The layers: the builder (`pipeline.obuilder`) stands alone, and the engine knows nothing of the
-web UI, the primitives or the OCaml CI's parts.
+"""The layers: the builder (`pipeline.obuilder`) stands alone, the build cluster
+(`pipeline.cluster`) uses only the builder, and the engine knows nothing of the web UI, the
+primitives, the cluster or the OCaml CI's parts.
 
 Each import runs in a fresh interpreter, whose `sys.modules` then shows everything the import
 pulled in; the sources are also read for imports inside functions, which an import alone would
@@ -75,17 +76,22 @@ def test_the_builder_imports_nothing_of_the_engine(module: str) -> None:
     assert outside == [], f"importing {module} loads {outside}"
 
 
-def test_the_builders_sources_import_nothing_but_the_builder() -> None:
-    for path in sorted((PACKAGE / "obuilder").rglob("*.py")):
+@pytest.mark.parametrize(("layer", "allowed"), [
+    ("obuilder", ["pipeline.obuilder"]),
+    ("cluster", ["pipeline.cluster", "pipeline.obuilder"]),
+])
+def test_the_builders_and_the_clusters_sources_import_only_what_they_may(
+        layer: str, allowed: list[str]) -> None:
+    for path in sorted((PACKAGE / layer).rglob("*.py")):
         names = imported_names(path)
         outside = sorted(name for name in names
-                         if within(name, ["pipeline"]) and not within(name, ["pipeline.obuilder"]))
+                         if within(name, ["pipeline"]) and not within(name, allowed))
         assert outside == [], f"{path} imports {outside}"
 
 
 @pytest.mark.parametrize("module", ENGINE)
-def test_the_engine_imports_no_web_code_no_primitive_and_no_ocaml_part(module: str) -> None:
-    forbidden = [f"pipeline.{layer}" for layer in ("web", "primitives", "ocaml")]
+def test_the_engine_imports_no_web_code_primitive_cluster_or_ocaml_part(module: str) -> None:
+    forbidden = [f"pipeline.{layer}" for layer in ("web", "primitives", "ocaml", "cluster")]
     loaded = [name for name in loaded_by(module) if within(name, forbidden)]
     assert loaded == [], f"importing {module} loads {loaded}"
     path = PACKAGE / f"{module.removeprefix('pipeline.').replace('.', '/')}"

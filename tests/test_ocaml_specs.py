@@ -26,6 +26,7 @@ from pipeline.ocaml.platforms import (
     build_spec,
     job_dependencies,
     lint_spec,
+    pool,
     reproduce_block,
 )
 from pipeline.primitives.git import Commit
@@ -307,3 +308,48 @@ def test_lint_fmt_runs_only_with_the_version_debian_has(wanted: str, skip: str |
     if skip is None:
         assert "ocamlformat" in _apt(fmt.spec)
         assert fmt.debian == ("ocamlformat -> ocamlformat 0.27.0-1+b6",)
+
+
+# With --cluster: the pool and cache hint of each job; nothing changes without it
+
+def test_a_platforms_pool_is_named_for_its_architecture() -> None:
+    assert pool(dataclasses.replace(SYSTEM, arch="amd64")) == "linux-x86_64"
+    assert pool(dataclasses.replace(SYSTEM, arch="arm64")) == "linux-arm64"
+
+
+def _cluster_jobs(analysis: Analysis, platform: Any, repo: str = "/r") -> list[Any]:
+    analysed = ocaml_ci.Analysed(Commit(repo=repo, hash="0" * 40, ref="refs/heads/main"),
+                                 to_json(analysis))
+    return ocaml_ci.platform_jobs(analysed, platform, "rsync:/s", None, debian=INDEX,
+                                  cluster="tcp://127.0.0.1:8786")
+
+
+def test_with_a_cluster_every_job_of_a_platform_has_its_cache_hint() -> None:
+    jobs = _cluster_jobs(ANALYSIS, SYSTEM)
+    assert {job.cluster for job in jobs} == {"tcp://127.0.0.1:8786"}
+    [hint] = {job.cache_hint for job in jobs}
+    assert hint == ocaml_ci.cache_hint("/r", SYSTEM, ANALYSIS)
+    # Another repository, platform or dependency list is another hint.
+    fewer = dataclasses.replace(ANALYSIS, opam_files=ANALYSIS.opam_files[1:])
+    assert job_dependencies(fewer, "build") != job_dependencies(ANALYSIS, "build")
+    others = {_cluster_jobs(ANALYSIS, SYSTEM, repo="/other")[0].cache_hint,
+              _cluster_jobs(ANALYSIS, OPAM)[0].cache_hint,
+              _cluster_jobs(fewer, SYSTEM)[0].cache_hint}
+    assert hint not in others and len(others) == 3
+
+
+def test_the_cluster_is_not_part_of_a_jobs_key() -> None:
+    in_process = {job.kind: job for job in ocaml_ci.platform_jobs(
+        ocaml_ci.Analysed(Commit(repo="/r", hash="0" * 40, ref="refs/heads/main"),
+                          to_json(ANALYSIS)), SYSTEM, "rsync:/s", None, debian=INDEX)}
+    assert all(job.cluster is None and job.cache_hint is None for job in in_process.values())
+    for job in _cluster_jobs(ANALYSIS, SYSTEM):
+        assert ocaml_ci._job_digest(job) == ocaml_ci._job_digest(in_process[job.kind])
+
+
+def test_the_cluster_option_is_read(tmp_path: Path) -> None:
+    options = ocaml_ci.parse_args(["--repo", str(tmp_path), "--debian-mirror", "http://m/d",
+                                   "--cluster", "tcp://127.0.0.1:8786"])
+    assert options.cluster == "tcp://127.0.0.1:8786"
+    assert ocaml_ci.parse_args(["--repo", str(tmp_path), "--debian-mirror",
+                                "http://m/d"]).cluster is None

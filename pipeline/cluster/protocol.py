@@ -29,7 +29,7 @@ PLACE_HANDLER = "pipeline_place"
 build should go (an empty list: anywhere in the pool) and its Dask priority."""
 
 ENDED_HANDLER = "pipeline_ended"
-"""`(pool, cache_hint, worker, client, ok)`: a build ended on `worker` (an address); the
+"""`(pool, cache_hint, worker, client, ok)`: a build ended on `worker` (its name or address); the
 cache-hint table learns that `worker` has the hint's steps."""
 
 ADMIN_HANDLER = "pipeline_admin"
@@ -72,7 +72,8 @@ class BuildRequest:
 class BuildEvent:
     """An event of a running build on `EVENTS_TOPIC`: `kind` is "started" (with `worker`, the
     worker's name) or "log" (`data`: the next chunk of the step log, `seq` counting the log
-    chunks of this request from 0)."""
+    chunks of this request from 0). Dask sets the "worker" of a worker's event to the worker's
+    address on the way; the client turns it back into the name."""
 
     request_id: str
     kind: str

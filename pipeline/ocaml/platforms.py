@@ -51,6 +51,16 @@ PLATFORMS: dict[str, Platform] = {
     )
 }
 
+# Debian's architecture names where the cluster's pool names differ (`pool`).
+_POOL_ARCH = {"amd64": "x86_64"}
+
+
+def pool(platform: Platform) -> str:
+    """The build cluster's pool of workers that build for `platform`: `linux-x86_64` for
+    amd64, `linux-arm64` for arm64, ..."""
+    return f"linux-{_POOL_ARCH.get(platform.arch, platform.arch)}"
+
+
 # What every system platform installs from Debian: the toolchain (ocaml-nox pulls gcc and binutils
 # in, which ocamlopt needs to link), findlib (which many builds call), opam for `opam lint`, and
 # rsync, without which opam cannot read `file://` sources.

@@ -1,0 +1,100 @@
+"""The cluster's build primitive in an engine, against a real Dask scheduler and workers
+(separate processes; see cluster_fixtures.py for the stand-in they preload until the cluster's
+own processes are merged)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import cluster_standin
+import pytest
+from cluster_fixtures import Cluster, cluster  # noqa: F401 (a fixture)
+from test_build_primitive import until
+
+import pipeline as p
+from pipeline.jobs import JobState
+from pipeline.output import Failed, Ok
+from pipeline.primitives.cluster import OP_ID, build, close_clients
+
+POOL = "linux-x86_64"
+
+
+@pytest.fixture(autouse=True)
+async def standin_task(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[None]:
+    """The client submits `pipeline.cluster.worker.run_build`: the stand-in's, for now; the
+    test's clients are closed at its end."""
+    monkeypatch.setitem(sys.modules, "pipeline.cluster.worker", cluster_standin)
+    yield
+    await close_clients()
+
+
+def job_of(engine: p.Engine) -> p.Job | None:
+    return next((job for job in engine.jobs.active() if OP_ID in job.id), None)
+
+
+def log_of(state: Path) -> str:
+    """The build job's log so far ("" before its first line)."""
+    logs = list((state / "job").glob(f"*/*-{OP_ID}-*.log"))
+    assert len(logs) <= 1
+    return logs[0].read_text() if logs else ""
+
+
+async def test_the_job_waits_queued_then_runs_on_a_worker_and_logs_every_line_in_order(
+        tmp_path: Path, cluster: Cluster) -> None:  # noqa: F811
+    state = tmp_path / "var"
+    term = build("seq 1 20000", pool=POOL, cluster=cluster.address, cache_hint="hint")
+    async with p.Engine(term, state_dir=state) as engine:
+        await until(lambda: job_of(engine) is not None, "the job")
+        job = job_of(engine)
+        assert job is not None
+        await until(lambda: "Waiting for a worker of pool linux-x86_64" in log_of(state),
+                    "the waiting line")
+        assert job.state is JobState.CREATED and job.started is None
+        await cluster.start_worker("w1", POOL)
+        await engine.wait_idle()
+        output = engine.root_output()
+    assert isinstance(output, Ok), output
+    assert output.value == cluster_standin.hashlib.sha256(b"seq 1 20000").hexdigest()
+    assert job.started is not None and job.finished is not None
+    assert job.created < job.started <= job.finished
+    log = log_of(state)
+    assert log.index("Waiting for a worker") < log.index("Job started") \
+        < log.index("Running on worker w1") < log.index("\n1\n")
+    numbers = [line for line in log.splitlines() if line.isdigit()]
+    assert numbers == [str(n) for n in range(1, 20001)]
+
+
+async def test_cancelling_the_job_kills_the_build_on_its_worker(
+        tmp_path: Path, cluster: Cluster) -> None:  # noqa: F811
+    await cluster.start_worker("w1", POOL)
+    state = tmp_path / "var"
+    pid_file = tmp_path / "pid"
+    term = build(f"echo $$ > {pid_file}.new && mv {pid_file}.new {pid_file} && exec sleep 600",
+                 pool=POOL, cluster=cluster.address)
+    async with p.Engine(term, state_dir=state) as engine:
+        await until(pid_file.exists, "the build's process")
+        pid = int(pid_file.read_text())
+        job = job_of(engine)
+        assert job is not None and job.state is JobState.RUNNING
+        assert engine.cancel(job.id)
+        await until(lambda: not Path(f"/proc/{pid}").exists(), "the process to be killed")
+        await engine.wait_idle()
+        output = engine.root_output()
+    assert isinstance(output, Failed) and output.message == "Cancelled"
+
+
+async def test_a_worker_killed_mid_build_fails_the_job_and_the_engine_goes_on(
+        tmp_path: Path, cluster: Cluster) -> None:  # noqa: F811
+    await cluster.start_worker("doomed", POOL)
+    state = tmp_path / "var"
+    term = build("echo running && exec sleep 600", pool=POOL, cluster=cluster.address)
+    async with p.Engine(term, state_dir=state) as engine:
+        await until(lambda: "running\n" in log_of(state), "the build to run")
+        cluster.kill(cluster.workers["doomed"])
+        await engine.wait_idle()
+        output = engine.root_output()
+    assert isinstance(output, Failed)
+    assert output.message == "WorkerLost: worker doomed was lost during the build"
+    assert "Running on worker doomed" in log_of(state)
