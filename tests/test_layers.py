@@ -20,7 +20,7 @@ import pytest
 import pipeline
 
 PACKAGE = Path(pipeline.__file__).parent
-UPPER_LAYERS = ("obuilder", "web", "primitives", "ocaml")
+UPPER_LAYERS = ("obuilder", "cluster", "web", "primitives", "ocaml")
 """The subpackages of `pipeline` that are not the engine."""
 COMMAND_LINE = ("cli", "__main__")
 """The command line: the top layer, which starts the engine, the web UI and the builder."""
@@ -28,6 +28,10 @@ ENGINE = sorted(f"pipeline.{module.name}" for module in pkgutil.iter_modules([st
                 if module.name not in UPPER_LAYERS + COMMAND_LINE)
 OBUILDER = sorted(module.name for module in pkgutil.walk_packages(
     [str(PACKAGE / "obuilder")], prefix="pipeline.obuilder."))
+CLUSTER = sorted(module.name for module in pkgutil.walk_packages(
+    [str(PACKAGE / "cluster")], prefix="pipeline.cluster."))
+CLUSTER_MAY_USE = ["pipeline.cluster", "pipeline.obuilder"]
+"""The cluster's processes run builds with the builder, and know nothing of the engine."""
 
 
 def loaded_by(module: str) -> list[str]:
@@ -91,3 +95,14 @@ def test_the_engine_imports_no_web_code_no_primitive_and_no_ocaml_part(module: s
     for source in sources:
         imported = sorted(name for name in imported_names(source) if within(name, forbidden))
         assert imported == [], f"{source} imports {imported}"
+
+
+@pytest.mark.parametrize("module", CLUSTER)
+def test_the_cluster_imports_nothing_but_itself_and_the_builder(module: str) -> None:
+    outside = [name for name in loaded_by(module)
+               if name != "pipeline" and not within(name, CLUSTER_MAY_USE)]
+    assert outside == [], f"importing {module} loads {outside}"
+    source = PACKAGE / f"{module.removeprefix('pipeline.').replace('.', '/')}.py"
+    imported = sorted(name for name in imported_names(source)
+                      if within(name, ["pipeline"]) and not within(name, CLUSTER_MAY_USE))
+    assert imported == [], f"{source} imports {imported}"
