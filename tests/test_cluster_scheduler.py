@@ -14,6 +14,7 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -119,12 +120,14 @@ async def workers(address: str, *names: str, capacity: int = 2) -> AsyncIterator
 
 @asynccontextmanager
 async def client_of(address: str) -> AsyncIterator[Client]:
+    """A Dask client of the scheduler at `address`, on the test's loop."""
     async with Client(address, asynchronous=True) as client:
         yield client
 
 
 def request(request_id: str, *, client: str = "client-a", hint: str | None = None,
             urgent: bool = False, spec: str = "ok") -> BuildRequest:
+    """A build request of the pool `POOL` (a `spec` of "fail" makes the held build fail)."""
     return BuildRequest(request_id, spec, None, POOL, hint, urgent, client)
 
 
@@ -160,10 +163,12 @@ async def until(condition: Callable[[], Awaitable[bool]], what: str) -> None:
 
 
 async def show(client: Client) -> dict[str, Any]:
+    """The scheduler's answer to the admin command `show`."""
     return await call(client, ADMIN_HANDLER, command="show")
 
 
 async def worker_row(client: Client, name: str) -> dict[str, Any]:
+    """The row of worker `name` in `show`."""
     rows = [row for row in (await show(client))["workers"] if row["name"] == name]
     assert len(rows) == 1, rows
     return rows[0]
@@ -433,10 +438,28 @@ def _fetch(url: str) -> str:
         return str(response.read().decode())
 
 
+def scheduler_command(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run `pipeline cluster scheduler ARGS...` to its end (it fails at once here)."""
+    return subprocess.run([sys.executable, "-m", "pipeline", "cluster", "scheduler", *args],
+                          capture_output=True, text=True, timeout=READY_TIMEOUT)
+
+
 def test_usage_errors(tmp_path: Path) -> None:
-    for args in (["--port", "http"], ["--metrics-port", "-1"], ["--bogus"]):
-        done = subprocess.run([sys.executable, "-m", "pipeline", "cluster", "scheduler", *args],
-                              capture_output=True, text=True, timeout=READY_TIMEOUT)
+    a_file = tmp_path / "file"
+    a_file.touch()
+    for args in (["--port", "http"], ["--metrics-port", "-1"], ["--bogus"],
+                 ["--state-dir", str(a_file)]):
+        done = scheduler_command(*args)
         assert done.returncode == 2, done
         assert done.stderr.startswith("pipeline cluster scheduler: ")
         assert done.stderr.count("\n") == 1
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = scheduler_command("--port", str(port), "--state-dir", str(tmp_path / "state"))
+    assert done.returncode == 2, done
+    # Dask's own log lines come first.
+    assert done.stderr.splitlines()[-1].startswith(
+        f"pipeline cluster scheduler: cannot listen on 127.0.0.1:{port}: ")

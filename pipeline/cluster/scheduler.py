@@ -465,9 +465,12 @@ async def _serve(host: str, scheduler_port: int, metrics_port: int | None,
         loop.add_signal_handler(signum, stop.set)
     try:
         await scheduler
-    except OSError as exc:
-        print(f"pipeline cluster scheduler: cannot listen on {host}:{scheduler_port}: {exc}",
-              file=sys.stderr)
+    except RuntimeError as exc:
+        # Dask wraps the reason it could not listen (a port in use, an unknown host).
+        if not isinstance(exc.__cause__, OSError):
+            raise
+        print(f"pipeline cluster scheduler: cannot listen on {host}:{scheduler_port}: "
+              f"{exc.__cause__}", file=sys.stderr)
         return EXIT_USAGE
     try:
         print(f"scheduler listening at {scheduler.address}", flush=True)
