@@ -106,10 +106,13 @@ def read_lines(process: subprocess.Popen[str], count: int) -> list[str]:
 
 
 @asynccontextmanager
-async def workers(address: str, *names: str, capacity: int = 2) -> AsyncIterator[list[Worker]]:
-    """Dask workers of the pool `POOL`, `capacity` slots each."""
+async def workers(address: str, *names: str, capacity: int = 2,
+                  free_disk: int | None = None) -> AsyncIterator[list[Worker]]:
+    """Dask workers of the pool `POOL`, `capacity` slots each (reporting `free_disk` bytes
+    free, as the cluster's workers do, if given)."""
+    metrics = {} if free_disk is None else {"free_disk": lambda worker: free_disk}
     started = [Worker(address, name=name, resources={POOL: capacity}, nthreads=capacity,
-                      dashboard=False)
+                      dashboard=False, metrics=metrics)
                for name in names]
     try:
         await asyncio.gather(*started)
@@ -316,12 +319,15 @@ async def test_the_admin_command(start_scheduler: Callable[..., SchedulerProcess
                                  tmp_path: Path) -> None:
     scheduler = start_scheduler(tmp_path / "state")
     address = scheduler.address
-    async with workers(address, "w1", "w2") as (w1, w2), client_of(address) as client:
+    async with workers(address, "w1", free_disk=3 * 2**30) as (w1,), \
+            workers(address, "w2") as (w2,), client_of(address) as client:
         status, out, _ = await admin(address, "show")
         assert status == 0
         assert re.search(rf"^{POOL}\s+2\s+4\s+0\s+0$", out, re.MULTILINE), out
-        assert re.search(rf"^w1\s+{POOL}\s+{w1.address}\s+0/2\s+0\s+running\s+now", out,
-                         re.MULTILINE), out
+        assert re.search(rf"^w1\s+{POOL}\s+{w1.address}\s+0/2\s+0\s+running\s+now\s+3 GiB$",
+                         out, re.MULTILINE), out
+        assert re.search(rf"^w2\s+{POOL}\s+{w2.address}\s+0/2\s+0\s+running\s+now\s+-$",
+                         out, re.MULTILINE), out
 
         assert (await admin(address, "pause", "w1"))[:2] == (0, "worker w1 paused\n")
         status, out, _ = await admin(address, "show", "--json")

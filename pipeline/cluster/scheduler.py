@@ -118,7 +118,7 @@ class ClusterPlugin(SchedulerPlugin):
             self._refresh_pool(pool)
 
     async def close(self) -> None:
-        """Stop the drains in progress (the workers stay draining in the state)."""
+        """Stop the drains in progress."""
         for task in list(self.drains.values()):
             task.cancel()
 
