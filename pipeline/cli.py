@@ -20,9 +20,10 @@ import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from pipeline import usercode
+from pipeline.cluster.cli import UsageParser, port
 from pipeline.nodes import error_message
 from pipeline.usercode import Interrupted, StopSignals
 
@@ -123,28 +124,9 @@ def _split_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose usage errors are one line (argparse adds the usage)."""
-
-    def error(self, message: str) -> NoReturn:
-        """Print `PROG: message` and the way to help on one line; exit 2."""
-        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
-
-
-def _port(text: str) -> int:
-    """A TCP port number, 0 (any free port) to 65535."""
-    try:
-        port = int(text)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535)")
-    return port
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of `pipeline`."""
-    parser = _Parser(
+    parser = UsageParser(
         prog="pipeline",
         description="Incremental, reactive CI pipelines. A pipeline file defines "
         "`pipeline(args) -> Term`; arguments after `--` are passed to it.",
@@ -167,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run until nothing is ready or running, print each node's state, label, "
                      "job and error, and exit 0 if the pipeline succeeded or 1 if not")
     web = run.add_argument_group("web UI")
-    web.add_argument("--port", metavar="PORT", type=_port,
+    web.add_argument("--port", metavar="PORT", type=port,
                      help=f"serve the web UI on PORT (default: {DEFAULT_PORT}; with --once the UI "
                      "is served only when --port is given)")
     web.add_argument("--host", metavar="HOST", default="127.0.0.1",

@@ -31,6 +31,8 @@ OBUILDER = sorted(module.name for module in pkgutil.walk_packages(
     [str(PACKAGE / "obuilder")], prefix="pipeline.obuilder."))
 CLUSTER = sorted(module.name for module in pkgutil.walk_packages(
     [str(PACKAGE / "cluster")], prefix="pipeline.cluster."))
+CLUSTER_MAY_USE = ["pipeline.cluster", "pipeline.obuilder"]
+"""The cluster's processes run builds with the builder, and know nothing of the engine."""
 
 
 def loaded_by(module: str) -> list[str]:
@@ -78,7 +80,7 @@ def test_the_builder_imports_nothing_of_the_engine(module: str) -> None:
 
 @pytest.mark.parametrize(("layer", "allowed"), [
     ("obuilder", ["pipeline.obuilder"]),
-    ("cluster", ["pipeline.cluster", "pipeline.obuilder"]),
+    ("cluster", CLUSTER_MAY_USE),
 ])
 def test_the_builders_and_the_clusters_sources_import_only_what_they_may(
         layer: str, allowed: list[str]) -> None:
@@ -102,12 +104,11 @@ def test_the_engine_imports_no_web_code_primitive_cluster_or_ocaml_part(module: 
 
 
 @pytest.mark.parametrize("module", CLUSTER)
-def test_the_cluster_imports_only_the_builder(module: str) -> None:
-    allowed = ["pipeline.cluster", "pipeline.obuilder"]
-    loaded = [name for name in loaded_by(module) if name != "pipeline"
-              and not within(name, allowed)]
-    assert loaded == [], f"importing {module} loads {loaded}"
+def test_the_cluster_imports_nothing_but_itself_and_the_builder(module: str) -> None:
+    outside = [name for name in loaded_by(module)
+               if name != "pipeline" and not within(name, CLUSTER_MAY_USE)]
+    assert outside == [], f"importing {module} loads {outside}"
     source = PACKAGE / f"{module.removeprefix('pipeline.').replace('.', '/')}.py"
     imported = sorted(name for name in imported_names(source)
-                      if within(name, ["pipeline"]) and not within(name, allowed))
+                      if within(name, ["pipeline"]) and not within(name, CLUSTER_MAY_USE))
     assert imported == [], f"{source} imports {imported}"

@@ -4,8 +4,13 @@ administration (each subcommand's options are its module's: `pipeline.cluster.sc
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
+from typing import NoReturn
+
+EXIT_USAGE = 2
+"""The exit status of a usage error."""
 
 COMMANDS = {
     "scheduler": "pipeline.cluster.scheduler",
@@ -20,7 +25,27 @@ def main(args: list[str]) -> int:
         print("usage: pipeline cluster {scheduler,worker,admin} ...\n"
               "pipeline cluster: error: give a command: scheduler, worker or admin",
               file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     module = importlib.import_module(COMMANDS[args[0]])
     status: int = module.main(args[1:])
     return status
+
+
+class UsageParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (argparse adds the usage): the
+    `pipeline cluster` commands' and `pipeline run`'s."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print `PROG: message` and the way to help on one line; exit 2."""
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def port(text: str) -> int:
+    """A TCP port number, 0 (any free port) to 65535."""
+    try:
+        number = int(text)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535)")
+    return number
