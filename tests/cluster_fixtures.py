@@ -1,18 +1,16 @@
-"""A real Dask cluster on 127.0.0.1 for the client's tests: a scheduler and workers, each its
-own process (group), killed at teardown.
-
-The processes are `dask scheduler` / `dask worker` with `cluster_standin.py` preloaded, which
-stands in for `pipeline cluster scheduler` / `pipeline cluster worker` until those are merged
-(`SCHEDULER_COMMAND` and `WORKER_COMMAND` are the two places to change then).
-"""
+"""The cluster's real processes on 127.0.0.1 for the tests: `pipeline cluster scheduler` and
+`pipeline cluster worker` (each with its own rsync store, runc and the session's local busybox
+image directory), each in its own process group, killed at teardown."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,50 +19,89 @@ from distributed import Client
 from obuilder_fixtures import HANG_GUARD
 from registry_fixtures import free_port
 
-STANDIN = Path(__file__).with_name("cluster_standin.py")
-DASK = str(Path(sys.executable).with_name("dask"))
-SCHEDULER_COMMAND = [DASK, "scheduler", "--host", "127.0.0.1", "--no-dashboard",
-                     "--preload", str(STANDIN)]
-WORKER_COMMAND = [DASK, "worker", "--no-nanny", "--no-dashboard", "--preload", str(STANDIN)]
-# No retry of a build whose worker died: the client must see the loss.
-ENVIRONMENT = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}
+from pipeline.obuilder.log_format import MARK, parse_outcome
+
+CLUSTER = [sys.executable, "-m", "pipeline", "cluster"]
+
+
+def worker_argv(address: str, name: str, pool: str, store: str, state_dir: Path, *extra: str,
+                fetcher: str | None = None, capacity: int = 2) -> list[str]:
+    """The command line of `pipeline cluster worker` `name` of `pool` building on `store`."""
+    fetcher_options = ["--fetcher", fetcher] if fetcher else []
+    return [*CLUSTER, "worker", address, "--pool", pool, "--capacity", str(capacity),
+            "--store", store, *fetcher_options, "--name", name, "--state-dir", str(state_dir),
+            *extra]
+
+
+class ClusterProcess:
+    """A process in its own process group, its stdout read line by line, its stderr (Dask's
+    logging) in the file `stderr`."""
+
+    def __init__(self, argv: list[str], stderr: Path) -> None:
+        """Start `argv`."""
+        self.stderr = stderr
+        with open(stderr, "ab") as log:
+            self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True,
+                                            start_new_session=True)
+        self.lines: list[str] = []
+
+    async def wait_for_line(self, text: str) -> str:
+        """The next line of stdout containing `text` (bounded)."""
+        async with asyncio.timeout(HANG_GUARD):
+            while True:
+                assert self.process.stdout is not None
+                line = await asyncio.to_thread(self.process.stdout.readline)
+                assert line, f"exited with {self.process.wait()}: {self.stderr.read_text()}"
+                self.lines.append(line)
+                if text in line:
+                    return line
+
+    def kill(self) -> None:
+        """Kill the process and its process group, and reap it."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        assert self.process.stdout is not None
+        self.process.stdout.close()
 
 
 class Cluster:
-    """A scheduler at `address` and the workers started by name."""
+    """A scheduler at `address` (its state under the test's directory, kept across restarts)
+    and the workers started by name."""
 
-    def __init__(self, logs: Path) -> None:
-        """Nothing started yet; the processes' output goes to files under `logs`."""
+    def __init__(self, directory: Path, images: Path) -> None:
+        """Nothing started yet; stores, states and logs go under `directory`, images come
+        from `images`."""
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
-        self.logs = logs
-        self.scheduler: subprocess.Popen[bytes] | None = None
-        self.workers: dict[str, subprocess.Popen[bytes]] = {}
-
-    def _spawn(self, command: list[str], name: str) -> subprocess.Popen[bytes]:
-        with open(self.logs / f"{name}.log", "ab") as log:
-            return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                    env=ENVIRONMENT, start_new_session=True)
+        self.directory = directory
+        self.images = images
+        self.scheduler: ClusterProcess | None = None
+        self.metrics_url = ""
+        self.workers: dict[str, ClusterProcess] = {}
 
     async def start_scheduler(self) -> None:
-        """Start the scheduler (again, on the same port) and wait until it answers."""
-        self.scheduler = self._spawn([*SCHEDULER_COMMAND, "--port", str(self.port)],
-                                     "scheduler")
-        async with asyncio.timeout(HANG_GUARD):
-            while True:
-                try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-                except OSError:
-                    await asyncio.sleep(0.1)
-                    continue
-                writer.close()
-                return
+        """Start the scheduler (again, on the same port and state) and wait until it listens."""
+        self.scheduler = ClusterProcess(
+            [*CLUSTER, "scheduler", "--host", "127.0.0.1", "--port", str(self.port),
+             "--state-dir", str(self.directory / "scheduler-state"), "--metrics-port", "0"],
+            self.directory / "scheduler.log")
+        await self.scheduler.wait_for_line(f"scheduler listening at {self.address}")
+        line = await self.scheduler.wait_for_line("metrics at ")
+        self.metrics_url = line.strip().removeprefix("metrics at ")
 
     async def start_worker(self, name: str, pool: str, capacity: int = 1) -> None:
-        """Start worker `name` offering `pool=capacity`; wait until the scheduler knows it."""
-        self.workers[name] = self._spawn(
-            [*WORKER_COMMAND, self.address, "--name", name, "--nthreads", str(capacity),
-             "--resources", f"{pool}={capacity}"], name)
+        """Start worker `name` of `pool` with its own rsync store (kept across restarts of the
+        worker); wait until the scheduler knows it."""
+        store = self.directory / f"{name}-store"
+        store.mkdir(exist_ok=True)
+        worker = ClusterProcess(
+            worker_argv(self.address, name, pool, f"rsync:{store}",
+                        self.directory / f"{name}-state", fetcher=f"local:{self.images}",
+                        capacity=capacity),
+            self.directory / f"{name}.log")
+        self.workers[name] = worker
+        await worker.wait_for_line(f"worker {name} of pool {pool} at tcp://")
         await self.wait_for_workers({name})
 
     async def wait_for_workers(self, names: set[str]) -> None:
@@ -75,26 +112,57 @@ class Cluster:
                                 (await client.scheduler.identity())["workers"].values()}:
                 await asyncio.sleep(0.1)
 
-    def kill(self, process: subprocess.Popen[bytes] | None) -> None:
-        """Kill `process` and its process group, and reap it."""
-        if process is None or process.poll() is not None:
-            return
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    async def metric(self, name: str, pool: str) -> float:
+        """The value of the scheduler's metric `name` for `pool` (0 if it has none yet)."""
+        text = await asyncio.to_thread(_fetch, self.metrics_url)
+        found = re.search(rf'^{name}{{pool="{pool}"}} (\S+)$', text, re.MULTILINE)
+        return float(found[1]) if found else 0.0
 
     def stop(self) -> None:
         """Kill every process."""
-        for process in self.workers.values():
-            self.kill(process)
-        self.kill(self.scheduler)
+        for process in [*self.workers.values(), self.scheduler]:
+            if process is not None:
+                process.kill()
+
+
+def _fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=HANG_GUARD) as response:
+        return response.read().decode()
+
+
+def command_output(log: bytes) -> str:
+    """What the last step's command printed in the step log `log`: the lines after its header,
+    without the builder's own marked lines (headers and outcomes)."""
+    printed: list[str] = []
+    for line in log.decode().splitlines(keepends=True):
+        text = line.rstrip("\n")
+        if not text.endswith(MARK.decode()):
+            printed.append(line)
+        elif parse_outcome(text.removesuffix(MARK.decode())) is None:
+            printed = []  # the header of a next step
+    return "".join(printed)
+
+
+def sleeping(seconds: int) -> list[int]:
+    """The processes running `sleep SECONDS`, found in /proc (a build's sandboxed process is
+    found by a duration of its own)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes() == \
+                    f"sleep\0{seconds}\0".encode():
+                found.append(int(entry.name))
+        except OSError:
+            pass  # a process that has just exited
+    return found
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+async def cluster(tmp_path: Path, busybox_images: Path) -> AsyncIterator[Cluster]:
     """A running scheduler, no worker yet."""
-    logs = tmp_path / "cluster-logs"
-    logs.mkdir()
-    running = Cluster(logs)
+    directory = tmp_path / "cluster"
+    directory.mkdir()
+    running = Cluster(directory, busybox_images)
     try:
         await running.start_scheduler()
         yield running

@@ -1,16 +1,15 @@
-"""The cluster's build primitive in an engine, against a real Dask scheduler and workers
-(separate processes; see cluster_fixtures.py for the stand-in they preload until the cluster's
-own processes are merged)."""
+"""The cluster's build primitive in an engine, against the cluster's real processes (a
+`pipeline cluster scheduler` and `worker`s building busybox specs with runc on their own
+stores; see cluster_fixtures.py)."""
 
 from __future__ import annotations
 
-import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import cluster_standin
 import pytest
-from cluster_fixtures import Cluster, cluster  # noqa: F401 (a fixture)
+from cluster_fixtures import Cluster, cluster, sleeping  # noqa: F401 (a fixture)
 from test_build_primitive import until
 
 import pipeline as p
@@ -22,12 +21,21 @@ POOL = "linux-x86_64"
 
 
 @pytest.fixture(autouse=True)
-async def standin_task(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[None]:
-    """The client submits `pipeline.cluster.worker.run_build`: the stand-in's, for now; the
-    test's clients are closed at its end."""
-    monkeypatch.setitem(sys.modules, "pipeline.cluster.worker", cluster_standin)
+async def closing_clients() -> AsyncIterator[None]:
+    """The test's clients are closed at its end."""
     yield
     await close_clients()
+
+
+def shell(command: str) -> str:
+    """A busybox spec running the shell `command`."""
+    return f'((from busybox) (run (shell "{command}")))'
+
+
+def sleeping_spec() -> tuple[str, int]:
+    """A spec whose step sleeps for a duration of its own (to find its process by)."""
+    seconds = 100000 + uuid.uuid4().int % 100000
+    return shell(f"exec sleep {seconds}"), seconds
 
 
 def job_of(engine: p.Engine) -> p.Job | None:
@@ -44,7 +52,7 @@ def log_of(state: Path) -> str:
 async def test_the_job_waits_queued_then_runs_on_a_worker_and_logs_every_line_in_order(
         tmp_path: Path, cluster: Cluster) -> None:  # noqa: F811
     state = tmp_path / "var"
-    term = build("seq 1 20000", pool=POOL, cluster=cluster.address, cache_hint="hint")
+    term = build(shell("seq 1 20000"), pool=POOL, cluster=cluster.address, cache_hint="hint")
     async with p.Engine(term, state_dir=state) as engine:
         await until(lambda: job_of(engine) is not None, "the job")
         job = job_of(engine)
@@ -56,10 +64,10 @@ async def test_the_job_waits_queued_then_runs_on_a_worker_and_logs_every_line_in
         await engine.wait_idle()
         output = engine.root_output()
     assert isinstance(output, Ok), output
-    assert output.value == cluster_standin.hashlib.sha256(b"seq 1 20000").hexdigest()
     assert job.started is not None and job.finished is not None
     assert job.created < job.started <= job.finished
     log = log_of(state)
+    assert f'---> saved as "{output.value}"' in log
     assert log.index("Waiting for a worker") < log.index("Job started") \
         < log.index("Running on worker w1") < log.index("\n1\n")
     numbers = [line for line in log.splitlines() if line.isdigit()]
@@ -70,12 +78,11 @@ async def test_cancelling_the_job_kills_the_build_on_its_worker(
         tmp_path: Path, cluster: Cluster) -> None:  # noqa: F811
     await cluster.start_worker("w1", POOL)
     state = tmp_path / "var"
-    pid_file = tmp_path / "pid"
-    term = build(f"echo $$ > {pid_file}.new && mv {pid_file}.new {pid_file} && exec sleep 600",
-                 pool=POOL, cluster=cluster.address)
+    spec, seconds = sleeping_spec()
+    term = build(spec, pool=POOL, cluster=cluster.address)
     async with p.Engine(term, state_dir=state) as engine:
-        await until(pid_file.exists, "the build's process")
-        pid = int(pid_file.read_text())
+        await until(lambda: bool(sleeping(seconds)), "the build's process")
+        [pid] = sleeping(seconds)
         job = job_of(engine)
         assert job is not None and job.state is JobState.RUNNING
         assert engine.cancel(job.id)
@@ -89,10 +96,11 @@ async def test_a_worker_killed_mid_build_fails_the_job_and_the_engine_goes_on(
         tmp_path: Path, cluster: Cluster) -> None:  # noqa: F811
     await cluster.start_worker("doomed", POOL)
     state = tmp_path / "var"
-    term = build("echo running && exec sleep 600", pool=POOL, cluster=cluster.address)
+    spec, seconds = sleeping_spec()
+    term = build(spec, pool=POOL, cluster=cluster.address)
     async with p.Engine(term, state_dir=state) as engine:
-        await until(lambda: "running\n" in log_of(state), "the build to run")
-        cluster.kill(cluster.workers["doomed"])
+        await until(lambda: bool(sleeping(seconds)), "the build to run")
+        cluster.workers["doomed"].kill()
         await engine.wait_idle()
         output = engine.root_output()
     assert isinstance(output, Failed)

@@ -6,7 +6,6 @@ pool's resource) and watched through the events topic."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import dask
 import pytest
+from cluster_fixtures import ClusterProcess, sleeping, worker_argv
 from distributed import Client, Event, Future, Scheduler
 from obuilder_fixtures import HANG_GUARD, _loop_mount, require
 from test_build_primitive import Repo, until
@@ -85,46 +85,21 @@ async def cluster() -> AsyncIterator[Cluster]:
             yield found
 
 
-class WorkerProcess:
-    """A worker process in its own process group, killed at the end of the test."""
-
-    def __init__(self, argv: list[str]) -> None:
-        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True, start_new_session=True)
-        self.lines: list[str] = []
-
-    async def wait_for_line(self, text: str) -> str:
-        """The next line of stdout containing `text`."""
-        async with asyncio.timeout(HANG_GUARD):
-            while True:
-                assert self.process.stdout is not None
-                line = await asyncio.to_thread(self.process.stdout.readline)
-                assert line, f"worker exited: {self.process.wait()} {self.process.stderr.read()}"
-                self.lines.append(line)
-                if text in line:
-                    return line
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-
-
 @pytest.fixture
-def workers() -> Iterator[list[WorkerProcess]]:
-    started: list[WorkerProcess] = []
+def workers() -> Iterator[list[ClusterProcess]]:
+    started: list[ClusterProcess] = []
     yield started
     for worker in started:
         worker.kill()
 
 
-async def start_worker(workers: list[WorkerProcess], cluster: Cluster, name: str, store: Path,
-                       images: Path, *extra: str, pool: str = POOL) -> WorkerProcess:
+async def start_worker(workers: list[ClusterProcess], cluster: Cluster, name: str, store: Path,
+                       images: Path, *extra: str, pool: str = POOL) -> ClusterProcess:
     store.mkdir(exist_ok=True)
-    worker = WorkerProcess([
-        sys.executable, "-m", "pipeline", "cluster", "worker", cluster.address, "--pool", pool,
-        "--capacity", "2", "--store", f"rsync:{store}", "--fetcher", f"local:{images}",
-        "--name", name, "--state-dir", str(store.parent / f"{name}-state"), *extra])
+    worker = ClusterProcess(
+        worker_argv(cluster.address, name, pool, f"rsync:{store}",
+                    store.parent / f"{name}-state", *extra, fetcher=f"local:{images}"),
+        store.parent / f"{name}.log")
     workers.append(worker)
     line = await worker.wait_for_line(f"worker {name} of pool {pool} at tcp://")
     assert line.startswith(f"worker {name} of pool {pool} at tcp://127.0.0.1:")
@@ -132,7 +107,7 @@ async def start_worker(workers: list[WorkerProcess], cluster: Cluster, name: str
 
 
 async def test_a_build_of_two_merged_commits_streams_its_log_in_order(
-        cluster: Cluster, workers: list[WorkerProcess], tmp_path: Path,
+        cluster: Cluster, workers: list[ClusterProcess], tmp_path: Path,
         busybox_images: Path) -> None:
     repo = await Repo.create(tmp_path / "repo", {"base.txt": "from the base\n"})
     base = await repo.git("rev-parse", "HEAD")
@@ -169,7 +144,7 @@ async def test_a_build_of_two_merged_commits_streams_its_log_in_order(
 
 
 async def test_100000_lines_arrive_complete_and_in_order(
-        cluster: Cluster, workers: list[WorkerProcess], tmp_path: Path,
+        cluster: Cluster, workers: list[ClusterProcess], tmp_path: Path,
         busybox_images: Path) -> None:
     await start_worker(workers, cluster, "w1", tmp_path / "store", busybox_images)
     request, future = cluster.submit(
@@ -186,7 +161,7 @@ async def test_100000_lines_arrive_complete_and_in_order(
 
 
 async def test_a_build_goes_only_to_its_pools_worker_and_failures_say_why(
-        cluster: Cluster, workers: list[WorkerProcess], tmp_path: Path,
+        cluster: Cluster, workers: list[ClusterProcess], tmp_path: Path,
         busybox_images: Path) -> None:
     await start_worker(workers, cluster, "x86", tmp_path / "x86", busybox_images)
     await start_worker(workers, cluster, "arm", tmp_path / "arm", busybox_images,
@@ -202,7 +177,7 @@ async def test_a_build_goes_only_to_its_pools_worker_and_failures_say_why(
 
 
 async def test_cancel_kills_the_sandboxed_process_and_sigterm_stops_cleanly(
-        cluster: Cluster, workers: list[WorkerProcess], tmp_path: Path,
+        cluster: Cluster, workers: list[ClusterProcess], tmp_path: Path,
         busybox_images: Path) -> None:
     worker = await start_worker(workers, cluster, "w1", tmp_path / "store", busybox_images)
     request, future, pids = await start_sleeping_build(cluster)
@@ -240,19 +215,6 @@ async def start_sleeping_build(cluster: Cluster) -> tuple[BuildRequest, Future, 
     return request, future, pids
 
 
-def sleeping(seconds: int) -> list[int]:
-    """The processes running `sleep SECONDS`, found in /proc."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and (entry / "cmdline").read_bytes() == \
-                    f"sleep\0{seconds}\0".encode():
-                found.append(int(entry.name))
-        except OSError:
-            pass  # a process that has just exited
-    return found
-
-
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 1 GiB ext4 filesystem of the test's own."""
@@ -261,7 +223,7 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
 
 
 async def test_low_disk_pauses_prunes_and_resumes(
-        cluster: Cluster, workers: list[WorkerProcess], small_fs: Path,
+        cluster: Cluster, workers: list[ClusterProcess], small_fs: Path,
         busybox_images: Path) -> None:
     store = small_fs / "store"
     worker = await start_worker(workers, cluster, "w1", store, busybox_images,
@@ -284,16 +246,16 @@ async def test_low_disk_pauses_prunes_and_resumes(
     assert (await again).worker == "w1"
 
 
-async def test_the_preload_form(cluster: Cluster, workers: list[WorkerProcess],
+async def test_the_preload_form(cluster: Cluster, workers: list[ClusterProcess],
                                 tmp_path: Path, busybox_images: Path) -> None:
     store = tmp_path / "store"
     store.mkdir()
-    dask_worker = WorkerProcess([
+    dask_worker = ClusterProcess([
         sys.executable, "-m", "distributed.cli.dask_worker", cluster.address, "--nthreads",
         "2", "--name", "preloaded", "--no-dashboard", "--preload", "pipeline.cluster.worker",
         "--pipeline-pool", POOL, "--pipeline-capacity", "2", "--pipeline-store",
         f"rsync:{store}", "--pipeline-fetcher", f"local:{busybox_images}",
-        "--pipeline-state-dir", str(tmp_path / "state")])
+        "--pipeline-state-dir", str(tmp_path / "state")], tmp_path / "preloaded.log")
     workers.append(dask_worker)
     await until(lambda: len(cluster.scheduler.workers) == 1, "the worker to register")
     request, future = cluster.submit('((from busybox) (run (shell "echo preloaded")))')
