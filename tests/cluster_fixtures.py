@@ -90,15 +90,20 @@ class Cluster:
         line = await self.scheduler.wait_for_line("metrics at ")
         self.metrics_url = line.strip().removeprefix("metrics at ")
 
-    async def start_worker(self, name: str, pool: str, capacity: int = 1) -> None:
-        """Start worker `name` of `pool` with its own rsync store (kept across restarts of the
-        worker); wait until the scheduler knows it."""
-        store = self.directory / f"{name}-store"
-        store.mkdir(exist_ok=True)
+    async def start_worker(self, name: str, pool: str, capacity: int = 1, *,
+                           store: str | None = None) -> None:
+        """Start worker `name` of `pool` on `store` with the store's default fetcher, or by
+        default on an rsync store of its own (kept across restarts of the worker) with the
+        busybox image directory; wait until the scheduler knows it."""
+        if store is None:
+            directory = self.directory / f"{name}-store"
+            directory.mkdir(exist_ok=True)
+            store, fetcher = f"rsync:{directory}", f"local:{self.images}"
+        else:
+            fetcher = None
         worker = ClusterProcess(
-            worker_argv(self.address, name, pool, f"rsync:{store}",
-                        self.directory / f"{name}-state", fetcher=f"local:{self.images}",
-                        capacity=capacity),
+            worker_argv(self.address, name, pool, store, self.directory / f"{name}-state",
+                        fetcher=fetcher, capacity=capacity),
             self.directory / f"{name}.log")
         self.workers[name] = worker
         await worker.wait_for_line(f"worker {name} of pool {pool} at tcp://")

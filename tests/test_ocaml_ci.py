@@ -46,9 +46,10 @@ async def hello_repo(path: Path, extra: dict[str, str] | None = None) -> Repo:
     return repo
 
 
-def ci(repo: Repo, store: str, mirror: str) -> p.Term[Any]:
+def ci(repo: Repo, store: str, mirror: str, *options: str) -> p.Term[Any]:
+    """The OCaml CI pipeline of `repo` building on `store` (`options`: more of its options)."""
     return load_pipeline(PIPELINE_FILE, ["--repo", str(repo.path), "--store", store,
-                                         "--debian-mirror", mirror])
+                                         "--debian-mirror", mirror, *options])
 
 
 def read_status(state: Path, repo: Repo, branch: str) -> dict[str, Any] | None:

@@ -1,0 +1,53 @@
+"""The OCaml CI pipeline through the build cluster gives the statuses it gives in-process: a real
+`pipeline cluster scheduler` and one `pipeline cluster worker` of the pool `linux-x86_64`,
+building on the session's shared OCaml store (stores take locks shared by every process using
+them), so that each build after the session's first costs seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cluster_fixtures import Cluster, cluster  # noqa: F401 (a fixture)
+from test_ocaml_ci import BROKEN_GREET, Repo, ci, final_status, head, hello_repo, jobs_of, log_of
+
+import pipeline as p
+
+ANALYSIS = "(analysis)"
+
+
+async def statuses(state: Path, repo: Repo, store: str, mirror: str, *options: str
+                   ) -> dict[str, dict[str, Any]]:
+    """The final status of each branch of `repo` ("main" passes, "broken" fails its tests)
+    under the OCaml CI pipeline with `options`, its state in `state`."""
+    found = {}
+    async with p.Engine(ci(repo, store, mirror, *options), state_dir=state):
+        for branch in ("main", "broken"):
+            found[branch] = await final_status(state, repo, branch, await head(repo, branch))
+    return found
+
+
+def outcomes(status: dict[str, Any]) -> tuple[str, dict[str, tuple[str, str | None]]]:
+    """A branch's result and each job's state and reason."""
+    return status["result"], {name: (job["state"], job.get("reason"))
+                              for name, job in jobs_of(status).items()}
+
+
+async def test_the_pipeline_through_the_cluster_gives_the_in_process_statuses(
+        tmp_path: Path, cluster: Cluster, ocaml_store: str,  # noqa: F811
+        debian_mirror: str) -> None:
+    repo = await hello_repo(tmp_path / "hello")
+    await repo.commit("broken", {"src/hello.ml": BROKEN_GREET}, new=True)
+    in_process = await statuses(tmp_path / "in-process", repo, ocaml_store, debian_mirror)
+    assert [in_process[branch]["result"] for branch in ("main", "broken")] == \
+        ["passed", "failed"], in_process
+
+    await cluster.start_worker("ocaml-worker", "linux-x86_64", capacity=2, store=ocaml_store)
+    state = tmp_path / "through-cluster"
+    clustered = await statuses(state, repo, ocaml_store, debian_mirror,
+                               "--cluster", cluster.address)
+    for branch, status in clustered.items():
+        assert outcomes(status) == outcomes(in_process[branch]), (branch, status)
+        for name, job in jobs_of(status).items():
+            if name != ANALYSIS and job["state"] != "skipped":
+                assert "Running on worker ocaml-worker" in log_of(state, job), (name, job)
