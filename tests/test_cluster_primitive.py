@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -32,10 +33,19 @@ def shell(command: str) -> str:
     return f'((from busybox) (run (shell "{command}")))'
 
 
-def sleeping_spec() -> tuple[str, int]:
-    """A spec whose step sleeps for a duration of its own (to find its process by)."""
+@asynccontextmanager
+async def sleeping_build(cluster: Cluster, worker: str, state: Path  # noqa: F811
+                         ) -> AsyncIterator[tuple[p.Engine, int]]:
+    """An engine (its state in `state`) building on the new worker `worker` a spec whose step
+    sleeps, once the step runs; the pid of its sandboxed `sleep` (found by a duration of its
+    own)."""
+    await cluster.start_worker(worker, POOL)
     seconds = 100000 + uuid.uuid4().int % 100000
-    return shell(f"exec sleep {seconds}"), seconds
+    term = build(shell(f"exec sleep {seconds}"), pool=POOL, cluster=cluster.address)
+    async with p.Engine(term, state_dir=state) as engine:
+        await until(lambda: bool(sleeping(seconds)), "the build's sandboxed process")
+        [pid] = sleeping(seconds)
+        yield engine, pid
 
 
 def job_of(engine: p.Engine) -> p.Job | None:
@@ -76,13 +86,7 @@ async def test_the_job_waits_queued_then_runs_on_a_worker_and_logs_every_line_in
 
 async def test_cancelling_the_job_kills_the_build_on_its_worker(
         tmp_path: Path, cluster: Cluster) -> None:  # noqa: F811
-    await cluster.start_worker("w1", POOL)
-    state = tmp_path / "var"
-    spec, seconds = sleeping_spec()
-    term = build(spec, pool=POOL, cluster=cluster.address)
-    async with p.Engine(term, state_dir=state) as engine:
-        await until(lambda: bool(sleeping(seconds)), "the build's process")
-        [pid] = sleeping(seconds)
+    async with sleeping_build(cluster, "w1", tmp_path / "var") as (engine, pid):
         job = job_of(engine)
         assert job is not None and job.state is JobState.RUNNING
         assert engine.cancel(job.id)
@@ -94,12 +98,8 @@ async def test_cancelling_the_job_kills_the_build_on_its_worker(
 
 async def test_a_worker_killed_mid_build_fails_the_job_and_the_engine_goes_on(
         tmp_path: Path, cluster: Cluster) -> None:  # noqa: F811
-    await cluster.start_worker("doomed", POOL)
     state = tmp_path / "var"
-    spec, seconds = sleeping_spec()
-    term = build(spec, pool=POOL, cluster=cluster.address)
-    async with p.Engine(term, state_dir=state) as engine:
-        await until(lambda: bool(sleeping(seconds)), "the build to run")
+    async with sleeping_build(cluster, "doomed", state) as (engine, _):
         cluster.workers["doomed"].kill()
         await engine.wait_idle()
         output = engine.root_output()
