@@ -315,13 +315,26 @@ async def _missing(job: p.Job, key: PlatformJob) -> str | None:
     return "; ".join(reasons) if reasons else None
 
 
-@p.builder("ocaml-job", auto_cancel=True, pp=_pp_job, key_digest=_job_digest)
+async def _start(job: p.Job) -> None:
+    """Start `job` unless a build on the cluster already has (see `build_on_cluster`)."""
+    if job.state is p.JobState.CREATED:
+        await job.start()
+
+
+@p.builder("ocaml-job", auto_cancel=True, starts_job=True, pp=_pp_job, key_digest=_job_digest)
 async def _run_job(job: p.Job, key: PlatformJob) -> dict[str, Any]:
     """Run one platform job: `{"job_id", "result"}`, or `{"job_id", "skipped"}` after
     `job.skip`; fails with the failing step's command and first error line
-    (`failures.step_reason`), else the builder's error, the step's output being in the log."""
+    (`failures.step_reason`), else the builder's error, the step's output being in the log.
+
+    In this process the job starts at once; with a cluster it starts when a worker starts its
+    first build, so that its page shows the wait for a worker as queued time, not run time.
+    """
+    if key.cluster is None:
+        await _start(job)
     skip = key.skip or await _missing(job, key)
     if skip is not None:
+        await _start(job)
         for line in key.debian:
             job.log(line)
         job.skip(skip)

@@ -50,4 +50,9 @@ async def test_the_pipeline_through_the_cluster_gives_the_in_process_statuses(
         assert outcomes(status) == outcomes(in_process[branch]), (branch, status)
         for name, job in jobs_of(status).items():
             if name != ANALYSIS and job["state"] != "skipped":
-                assert "Running on worker ocaml-worker" in log_of(state, job), (name, job)
+                log = log_of(state, job)
+                assert "Running on worker ocaml-worker" in log, (name, job)
+                # The job starts when the worker does: the wait for it is queued time.
+                assert log.index("Waiting for a worker of pool linux-x86_64") < \
+                    log.index("Job started") < log.index("Running on worker"), log
+                assert job["queued"] <= job["started"] <= job["finished"], job
