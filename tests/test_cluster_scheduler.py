@@ -9,10 +9,10 @@ run.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import os
 import re
-import select
 import signal
 import socket
 import subprocess
@@ -94,15 +94,19 @@ def start_scheduler(tmp_path: Path) -> Iterator[Callable[..., SchedulerProcess]]
 def read_lines(process: subprocess.Popen[str], count: int) -> list[str]:
     """The first `count` lines the process prints (failing if it does not within the time)."""
     assert process.stdout is not None
-    deadline = time.monotonic() + READY_TIMEOUT
-    lines: list[str] = []
-    while len(lines) < count:
-        ready, _, _ = select.select([process.stdout], [], [], deadline - time.monotonic())
-        assert ready, f"no line from the scheduler within {READY_TIMEOUT} s"
-        line = process.stdout.readline()
-        assert line, f"the scheduler exited with {process.wait()}"
-        lines.append(line.strip())
-    return lines
+    stdout = process.stdout
+    # Read in a thread: a text stream may hold several lines from one read of its pipe, which
+    # waiting on the pipe itself (select) would not see.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
+        lines = reader.submit(lambda: [stdout.readline() for _ in range(count)])
+        try:
+            read = lines.result(timeout=READY_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            process.kill()  # ends the read
+            raise AssertionError(f"no line from the scheduler within {READY_TIMEOUT} s") \
+                from None
+    assert all(read), f"the scheduler exited with {process.wait()}"
+    return [line.strip() for line in read]
 
 
 @asynccontextmanager
