@@ -39,12 +39,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NoReturn
 
 import click
 from distributed import Worker, WorkerPlugin, get_worker
 from distributed.core import Status
 
+from pipeline.cluster.cli import EXIT_USAGE, UsageParser
 from pipeline.cluster.protocol import (
     EVENTS_TOPIC,
     WORKER_PLUGIN,
@@ -62,8 +62,6 @@ from pipeline.obuilder.db_store import DbStore
 from pipeline.obuilder.full_store import min_free
 from pipeline.obuilder.protocols import BuildError, DiskUsage
 from pipeline.obuilder.setup import open_builder
-
-EXIT_USAGE = 2
 
 DEFAULT_MIN_FREE_DISK = "5%"
 """The default `--min-free-disk`: a share of the store's filesystem."""
@@ -509,16 +507,8 @@ async def dask_setup(worker: Worker, pipeline_pool: str, pipeline_capacity: int,
     await worker.plugin_add(BuilderPlugin(settings, builder), catch_errors=False)
 
 
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose usage errors are one line."""
-
-    def error(self, message: str) -> NoReturn:
-        """Print `PROG: error: message` and exit 2."""
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-def _parser() -> _Parser:
-    parser = _Parser(prog="pipeline cluster worker",
+def _parser() -> UsageParser:
+    parser = UsageParser(prog="pipeline cluster worker",
                      description="A Dask worker of one pool, building with its own store.")
     parser.add_argument("scheduler", help="the scheduler's address, tcp://HOST:PORT")
     parser.add_argument("--pool", required=True, help="the pool this worker serves")
