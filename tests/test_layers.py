@@ -1,6 +1,7 @@
 """The layers: the builder (`pipeline.obuilder`) stands alone, the build cluster
-(`pipeline.cluster`) uses only the builder, and the engine knows nothing of the web UI, the
-primitives, the cluster or the OCaml CI's parts.
+(`pipeline.cluster`) uses only the builder, the opam repository's parts (`pipeline.opam_repo`)
+use no engine, and the engine knows nothing of the web UI, the primitives, the cluster or the
+OCaml CI's and opam-repo-ci's parts.
 
 Each import runs in a fresh interpreter, whose `sys.modules` then shows everything the import
 pulled in; the sources are also read for imports inside functions, which an import alone would
@@ -21,7 +22,7 @@ import pytest
 import pipeline
 
 PACKAGE = Path(pipeline.__file__).parent
-UPPER_LAYERS = ("obuilder", "cluster", "web", "primitives", "ocaml")
+UPPER_LAYERS = ("obuilder", "cluster", "web", "primitives", "ocaml", "opam_repo")
 """The subpackages of `pipeline` that are not the engine."""
 COMMAND_LINE = ("cli", "__main__")
 """The command line: the top layer, which starts the engine, the web UI and the builder."""
@@ -31,6 +32,8 @@ OBUILDER = sorted(module.name for module in pkgutil.walk_packages(
     [str(PACKAGE / "obuilder")], prefix="pipeline.obuilder."))
 CLUSTER = sorted(module.name for module in pkgutil.walk_packages(
     [str(PACKAGE / "cluster")], prefix="pipeline.cluster."))
+OPAM_REPO = sorted(module.name for module in pkgutil.walk_packages(
+    [str(PACKAGE / "opam_repo")], prefix="pipeline.opam_repo."))
 CLUSTER_MAY_USE = ["pipeline.cluster", "pipeline.obuilder"]
 """The cluster's processes run builds with the builder, and know nothing of the engine."""
 
@@ -92,8 +95,8 @@ def test_the_builders_and_the_clusters_sources_import_only_what_they_may(
 
 
 @pytest.mark.parametrize("module", ENGINE)
-def test_the_engine_imports_no_web_code_primitive_cluster_or_ocaml_part(module: str) -> None:
-    forbidden = [f"pipeline.{layer}" for layer in ("web", "primitives", "ocaml", "cluster")]
+def test_the_engine_imports_no_web_code_primitive_cluster_or_ci_part(module: str) -> None:
+    forbidden = [f"pipeline.{layer}" for layer in UPPER_LAYERS if layer != "obuilder"]
     loaded = [name for name in loaded_by(module) if within(name, forbidden)]
     assert loaded == [], f"importing {module} loads {loaded}"
     path = PACKAGE / f"{module.removeprefix('pipeline.').replace('.', '/')}"
@@ -112,3 +115,10 @@ def test_the_cluster_imports_nothing_but_itself_and_the_builder(module: str) -> 
     imported = sorted(name for name in imported_names(source)
                       if within(name, ["pipeline"]) and not within(name, CLUSTER_MAY_USE))
     assert imported == [], f"{source} imports {imported}"
+
+
+@pytest.mark.parametrize("module", OPAM_REPO)
+def test_the_opam_repositorys_parts_load_no_engine(module: str) -> None:
+    # Library code: the analysis runs in a thread of the pipeline, or alone (the benchmark).
+    engine = [name for name in loaded_by(module) if name in ENGINE]
+    assert engine == [], f"importing {module} loads {engine}"
