@@ -68,7 +68,6 @@ import dataclasses
 import re
 import shutil
 import subprocess
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -76,18 +75,17 @@ from typing import Any
 import pipeline as p
 from pipeline.obuilder import spec as S
 from pipeline.obuilder.fetchers.debootstrap import find_mirror
-from pipeline.obuilder.protocols import BuildError, StoreFull
+from pipeline.obuilder.protocols import BuildError
 from pipeline.ocaml import analysis as A
+from pipeline.ocaml import build_job as BJ
 from pipeline.ocaml import debian as D
-from pipeline.ocaml import failures as F
 from pipeline.ocaml import github as GH
+from pipeline.ocaml import options as O
 from pipeline.ocaml import platforms as P
 from pipeline.ocaml import status as St
 from pipeline.ocaml import web as ocaml_web
 from pipeline.primitives import git, git_webhook
-from pipeline.primitives.cluster import as_source, build_on_cluster
 from pipeline.primitives.git import Commit
-from pipeline.primitives.obuilder import build_in_job, resolve_store
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "ocaml-hello"
 
@@ -117,18 +115,6 @@ def _pp_commit(commit: Commit) -> str:
     return f"{commit.short} analysis"
 
 
-async def _commit_info(checkout: Path) -> St.CommitInfo:
-    """The message, author and author date of the commit checked out at `checkout`."""
-    process = await asyncio.create_subprocess_exec(
-        "git", "show", "--no-patch", "--format=%an <%ae>%x00%aI%x00%B", "HEAD",
-        cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = await process.communicate()
-    if process.returncode != 0:
-        raise RuntimeError(f"git show failed: {err.decode(errors='replace').strip()}")
-    author, date, message = out.decode(errors="replace").split("\0", 2)
-    return St.CommitInfo(message.strip(), author, date)
-
-
 ANALYSIS_FORMAT = 2
 """The shape of the analysis job's value; part of its key, so that a new shape makes the values
 an earlier version stored again instead of reading them wrongly."""
@@ -145,7 +131,7 @@ async def _analyse(job: p.Job, commit: Commit) -> dict[str, Any]:
     with `analyse`'s message ("No opam files found", or the malformed file and line)."""
     async with git.checkout(commit) as path:
         job.log(f"Analysing {commit}")
-        info = await _commit_info(Path(path))
+        info = St.CommitInfo(*await git.describe(commit))
         analysis = await asyncio.to_thread(A.analyse, Path(path))
     for opam in analysis.opam_files:
         job.log(f"{opam.path}: {', '.join(dep.name for dep in opam.depends) or 'no dependencies'}")
@@ -256,17 +242,11 @@ def _job_digest(key: PlatformJob) -> str:
                      key.commit.hash, key.store, key.fetcher, key.opam_repository))
 
 
-async def _build(job: p.Job, key: PlatformJob, spec: str, commit: Commit | None,
-                 log: Callable[[bytes], None]) -> str:
-    """Build `spec` for `key`'s job: on its cluster (in its platform's pool) when it has one,
-    else in this process on its store; the step log goes to `log`. Raises as `build_in_job`
-    does (the worker's errors are the builder's), or the worker's loss."""
-    if key.cluster is None:
-        return await build_in_job(job, spec, commit, store=key.store, fetcher=key.fetcher,
-                                  log=log)
-    return await build_on_cluster(job, spec, as_source(commit), log=log,
-                                  pool=P.pool(P.PLATFORMS[key.platform]), cluster=key.cluster,
-                                  cache_hint=key.cache_hint)
+def _place(key: PlatformJob) -> BJ.Place:
+    """Where `key`'s builds run: on its cluster, in its platform's pool, when it has one, else
+    in this process on its store."""
+    return BJ.Place(key.store, key.fetcher, key.cluster, P.pool(P.PLATFORMS[key.platform]),
+                    key.cache_hint)
 
 
 MISSING = re.compile(r"^missing-package (\S+)$", re.MULTILINE)
@@ -308,17 +288,11 @@ async def _missing(job: p.Job, key: PlatformJob) -> str | None:
     output = bytearray()
     names = sorted({package for package, _ in key.packages})
     job.log(f"Checking that {key.platform} has the packages {', '.join(names)}")
-    await _build(job, key, _probe_spec(P.PLATFORMS[key.platform], names, key.opam_repository),
-                 None, output.extend)
+    await BJ.build(job, _probe_spec(P.PLATFORMS[key.platform], names, key.opam_repository),
+                   None, _place(key), output.extend)
     missing = set(MISSING.findall(output.decode(errors="replace")))
     reasons = [reason for package, reason in key.packages if package in missing]
     return "; ".join(reasons) if reasons else None
-
-
-async def _start(job: p.Job) -> None:
-    """Start `job` unless a build on the cluster already has (see `build_on_cluster`)."""
-    if job.state is p.JobState.CREATED:
-        await job.start()
 
 
 @p.builder("ocaml-job", auto_cancel=True, starts_job=True, pp=_pp_job, key_digest=_job_digest)
@@ -331,31 +305,16 @@ async def _run_job(job: p.Job, key: PlatformJob) -> dict[str, Any]:
     first build, so that its page shows the wait for a worker as queued time, not run time.
     """
     if key.cluster is None:
-        await _start(job)
+        await BJ.start(job)
     skip = key.skip or await _missing(job, key)
     if skip is not None:
-        await _start(job)
+        await BJ.start(job)
         for line in key.debian:
             job.log(line)
         job.skip(skip)
         return {"job_id": job.id, "skipped": skip}
     assert key.spec is not None, "platform_jobs gives a spec to every job it does not skip"
-    # First, so that a reader of the log sees at once how to run this job by hand (the store
-    # as an absolute path: the reader runs it elsewhere).
-    job.write(P.reproduce_block(key.spec, store=resolve_store(key.store, job.state_dir)) + "\n")
-    for line in key.debian:
-        job.log(line)
-    step = F.StepLog(job.write)
-    try:
-        result = await _build(job, key, key.spec, key.commit, step.write)
-    except StoreFull:
-        raise  # its message says how to free space
-    except BuildError as error:
-        # The failing command and the first error line it printed say more than its status.
-        reason = F.step_reason(key.spec, step.text)
-        if reason is None:
-            raise
-        raise F.StepFailed(reason) from error
+    result = await BJ.run_spec(job, key.spec, key.commit, _place(key), notes=key.debian)
     return {"job_id": job.id, "result": result}
 
 
@@ -607,14 +566,6 @@ def branch(head: p.Term[Commit], platforms: list[P.Platform], store: str,
 
 # Options
 
-def _default_store() -> str:
-    try:
-        overlay = "\toverlay\n" in Path("/proc/filesystems").read_text()
-    except OSError:
-        overlay = False
-    return f"{'overlayfs' if overlay else 'rsync'}:ocaml-store"
-
-
 def _make_demo(directory: Path) -> Path:
     """A git repository of the demo project at `directory`, made unless there is one already
     (so that a restart keeps the user's commits)."""
@@ -634,20 +585,8 @@ def _make_demo(directory: Path) -> Path:
 def parse_args(args: list[str]) -> argparse.Namespace:
     """The options; exits with status 2 on a usage error."""
     parser = argparse.ArgumentParser(prog="ocaml_ci.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--repo", action="append", default=[], metavar="PATH",
-                        help="a local repository: every branch is built (repeatable)")
-    parser.add_argument("--remote", action="append", default=[], metavar="URL",
-                        help="a remote repository, polled (repeatable)")
-    parser.add_argument("--poll", type=float, default=60, metavar="SECONDS",
-                        help="how often remotes are polled (default: 60)")
-    parser.add_argument("--platforms", default="debian-12-system", metavar="NAMES",
-                        help=f"comma-separated, among {', '.join(P.PLATFORMS)}")
-    parser.add_argument("--store", default=None, metavar="KIND:PATH",
-                        help="the builder's store (default: overlayfs:ocaml-store, or rsync"
-                             " without overlayfs; a relative PATH is in the state directory)")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--fetcher", help="registry, debootstrap or local:DIR")
-    which.add_argument("--image-dir", metavar="DIR", help="base images as DIR/NAME.tar")
+    O.add_sources(parser, what="every branch is built")
+    O.add_builds(parser, store="ocaml-store")
     parser.add_argument("--opam-repository", metavar="DIR",
                         help="on opam platforms, an opam repository at DIR inside the image"
                              " replaces the image's (e.g. a local one, for offline builds)")
@@ -658,25 +597,12 @@ def parse_args(args: list[str]) -> argparse.Namespace:
                         help="make a repository of examples/ocaml-hello and watch it")
     parser.add_argument("--demo-dir", default="var/ocaml-hello", metavar="DIR",
                         help="where --demo makes it (default: var/ocaml-hello)")
-    parser.add_argument("--github-token-file", type=Path, metavar="FILE",
-                        help="set each head's result as a GitHub commit status with this token")
-    parser.add_argument("--github-api-url", default=GH.DEFAULT_API_URL, metavar="URL",
-                        help=f"the GitHub API (default: {GH.DEFAULT_API_URL})")
-    parser.add_argument("--github-repo", metavar="OWNER/NAME",
-                        help="the GitHub repository of the watched local repositories")
-    parser.add_argument("--cluster", metavar="tcp://HOST:PORT",
-                        help="send the builds to this build cluster's scheduler (default: build"
-                             " in this process)")
-    parser.add_argument("--public-url", metavar="URL",
-                        help="the web UI's address as GitHub's users reach it: GitHub statuses"
-                             " link to the commit's page there")
+    O.add_github(parser, statuses="result (the status ocaml-ci)")
     options = parser.parse_args(args)
-    unknown = [name for name in options.platforms.split(",") if name not in P.PLATFORMS]
-    if unknown:
-        parser.error(f"unknown platform {', '.join(unknown)}; known: {', '.join(P.PLATFORMS)}")
+    options.platform_list = O.platforms(parser, options)
     if not (options.repo or options.remote or options.demo):
         parser.error("nothing to watch: give --repo, --remote or --demo")
-    system = any(P.PLATFORMS[name].kind == "system" for name in options.platforms.split(","))
+    system = any(platform.kind == "system" for platform in options.platform_list)
     if system and options.debian_mirror is None:
         # Found now, so that a host without one hears it at once, as a usage error.
         try:
@@ -689,18 +615,13 @@ def parse_args(args: list[str]) -> argparse.Namespace:
 def pipeline(args: list[str]) -> p.Term[list[list[str]]]:
     """The CI of every branch of the repositories given by `args`."""
     options = parse_args(args)
-    platforms = [P.PLATFORMS[name] for name in options.platforms.split(",")]
-    store = options.store or _default_store()
-    fetcher = (f"local:{Path(options.image_dir).absolute()}" if options.image_dir
-               else options.fetcher)
+    platforms = options.platform_list
+    store = O.store(options)
+    fetcher = O.fetcher(options)
     repos = list(options.repo)
     if options.demo:
         repos.append(str(_make_demo(Path(options.demo_dir).absolute())))
-    sources = [git.local_heads(repo) for repo in repos] + \
-        [git.remote_heads(url, poll=options.poll) for url in options.remote]
-
-    github = (GitHub(options.github_token_file, options.github_api_url, options.github_repo)
-              if options.github_token_file else None)
+    github = O.github(options)
 
     # One index per release, shared by every branch.
     indexes = debian_indexes(options.debian_mirror, platforms)
@@ -710,4 +631,5 @@ def pipeline(args: list[str]) -> p.Term[list[list[str]]]:
                       options.public_url, options.cluster)
 
     return p.all(*(p.list_map(per_branch, heads, key=lambda commit: commit.ref,
-                              label="branches") for heads in sources), label="repositories")
+                              label="branches") for heads in O.heads(options, repos)),
+                 label="repositories")

@@ -243,9 +243,11 @@ def lint_spec(platform: Platform, a: Analysis, kind: Literal["opam", "fmt", "doc
     return S.to_sexp(S.Spec(from_=platform.image, ops=tuple(ops)))
 
 
-def reproduce_block(spec_text: str, *, store: str = "rsync:/tmp/store") -> str:
-    """The "To reproduce locally" text for a job log: from a checkout of the commit, write the
-    spec to `build.spec` and run it with `pipeline obuilder build` (as root, which runc needs).
+def reproduce_block(spec_text: str, *, store: str = "rsync:/tmp/store",
+                    checkout: str = "this commit") -> str:
+    """The "To reproduce locally" text for a job log: from a checkout of `checkout` (what the
+    build's context is: "this commit"), write the spec to `build.spec` and run it with
+    `pipeline obuilder build` (as root, which runc needs).
 
     `store` is `KIND:PATH`; its directory is created first. Never fails: the here-document's
     end marker is lengthened until no line of the spec equals it.
@@ -257,7 +259,7 @@ def reproduce_block(spec_text: str, *, store: str = "rsync:/tmp/store") -> str:
     _, _, store_dir = store.partition(":")
     body = spec_text.rstrip("\n")
     return (
-        "To reproduce locally, in a checkout of this commit:\n\n"
+        f"To reproduce locally, in a checkout of {checkout}:\n\n"
         f"cat > build.spec <<'{marker}'\n"
         f"{body}\n"
         f"{marker}\n"

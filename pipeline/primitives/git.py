@@ -650,3 +650,12 @@ async def read_file(commit: Commit, path: str) -> bytes:
     if await _has_commit(commit.repo, commit.hash):
         raise FileNotFoundError(f"{path}: no such file in {commit}")
     raise GitError(f"{commit.repo}: cannot read {path} at {commit.short}: {message}")
+
+
+async def describe(commit: Commit) -> tuple[str, str, str]:
+    """The whole message, author ("Name <mail>") and author date (ISO 8601) of `commit` (whose
+    `repo` must be local: see `fetch`); raises GitError if git cannot read it."""
+    out = await _git("show", "--no-patch", "--format=%an <%ae>%x00%aI%x00%B", commit.hash,
+                     cwd=commit.repo, context=f"{commit.repo}: reading {commit.short}")
+    author, date, message = out.decode(errors="replace").split("\0", 2)
+    return message.strip(), author, date

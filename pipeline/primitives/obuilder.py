@@ -200,12 +200,20 @@ async def build_in_job(job: p.Job, spec: str, commit: Commit | None, *, store: s
     Cancelling the job cancels the build: the running step's sandbox is killed unless another
     build waits for that step.
     """
+    async with _context_dir(commit) as context:
+        return await build_in_dir(job, spec, context, store=store, fetcher=fetcher, log=log,
+                                  secrets=secrets)
+
+
+async def build_in_dir(job: p.Job, spec: str, context: Path, *, store: str,
+                       fetcher: str | None, log: Callable[[bytes], None] | None = None,
+                       secrets: Mapping[str, bytes] | None = None) -> str:
+    """Build the spec `spec` (its text) with the directory `context` as its context, as
+    `build_in_job` does with a checkout."""
     parsed = S.parse(spec, filename="spec")
     builder = await shared_builder(store, fetcher, job.state_dir)
-    async with _context_dir(commit) as context:
-        job.log(f"Building in {context}")
-        return await builder.build(parsed, context, log=log or job.write,
-                                   secrets=secrets or {})
+    job.log(f"Building in {context}")
+    return await builder.build(parsed, context, log=log or job.write, secrets=secrets or {})
 
 
 @p.builder(OP_ID, auto_cancel=True, config=BuildConfig, starts_job=True, pp=_pp,
