@@ -457,12 +457,20 @@ def repository(heads: p.Term[list[Commit]], options: argparse.Namespace,
     return p.list_map(per_pr, pulls, key=lambda commit: commit.ref, label="pull requests")
 
 
+def _demo(directory: Path) -> Path:
+    """The sample repository with its demo pull requests at `directory`, made unless there is
+    one already (so that a restart keeps the user's commits)."""
+    if not (directory / ".git").exists():
+        sample.make_demo(directory)
+    return directory
+
+
 def pipeline(args: list[str]) -> p.Term[list[list[str]]]:
     """The CI of every pull request of the repositories given by `args`."""
     options = parse_args(args)
     repos = list(options.repo)
     if options.demo:
-        repos.append(str(sample.make_demo(Path(options.demo_dir).absolute())))
+        repos.append(str(_demo(Path(options.demo_dir).absolute())))
     place = BJ.Place(O.store(options), O.fetcher(options), options.cluster)
     return p.all(*(repository(heads, options, place) for heads in O.heads(options, repos)),
                  label="repositories")
