@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 import pipeline as p
 from pipeline import cli
-from pipeline.ocaml.status import STATUS_DIR, commit_path, status_path
+from pipeline.ocaml.status import commit_path, status_dir, status_path
 from pipeline.ocaml.web import routes
 from pipeline.web import server
 from pipeline.web.server import SECURITY_HEADERS, make_app
@@ -258,7 +258,7 @@ async def test_path_traversal_is_refused(client: TestClient, state_dir: Path) ->
     # A JSON file outside the status directory that a traversal would reach.
     write_status(state_dir, "..", "secret", commit="", result="passed", jobs=[])
     (state_dir / "secret.json").write_text(json.dumps({"commit": "leaked"}))
-    (state_dir / STATUS_DIR / "hello" / "commits" / f"{'a' * 40}.json").symlink_to(
+    (status_dir(state_dir) / "hello" / "commits" / f"{'a' * 40}.json").symlink_to(
         state_dir / "secret.json")
     for path in ("/ocaml/%2E%2E/secret", "/ocaml/hello/..%2F..%2F..%2Fsecret",
                  "/ocaml/hello/%2E%2E/%2E%2E/%2E%2E/secret", "/ocaml/..%2F..%2F..%2F/secret",
@@ -272,7 +272,7 @@ async def test_path_traversal_is_refused(client: TestClient, state_dir: Path) ->
 
 async def test_a_malformed_status_file_shows_as_unknown(client: TestClient,
                                                         state_dir: Path) -> None:
-    (state_dir / STATUS_DIR / "hello" / "half.json").write_text('{"commit": "12')
+    (status_dir(state_dir) / "hello" / "half.json").write_text('{"commit": "12')
     page = await get(client, "/ocaml/hello")
     assert results(rows(page, "data-branch")["half"]) == ["unknown"]
     assert commit_result(await get(client, "/ocaml/hello/half")) == ["unknown"]
