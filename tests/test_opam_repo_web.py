@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from ci_pages import get, job_ids, log_in_to_rebuild, rebuild, recorded_jobs, results
 
 import pipeline as p
 from pipeline.ocaml import status as St
@@ -85,16 +86,6 @@ async def client(state_dir: Path) -> AsyncIterator[TestClient]:
                                              *routes(state_dir)])
         async with TestClient(TestServer(app)) as test_client:
             yield test_client
-
-
-async def get(client: TestClient, path: str, status: int = 200) -> str:
-    response = await client.get(path)
-    assert response.status == status, (path, await response.text())
-    return await response.text()
-
-
-def results(page: str) -> list[str]:
-    return re.findall(r'data-result="([^"]*)"', page)
 
 
 def element(page: str, pattern: str) -> str:
@@ -225,20 +216,12 @@ async def test_hostile_names_are_text(client: TestClient) -> None:
 
 
 async def test_rebuild_needs_the_builder_role_and_the_csrf_token(tmp_path: Path) -> None:
-    runs: list[str] = []
-
-    @p.builder("opam-test-job")
-    async def run(job: p.Job, key: str) -> str:
-        runs.append(key)
-        if key.startswith("failing"):
-            raise RuntimeError("opam install failed")
-        return key
-
     keys = ("analysis", "lint", "build", "failing-revdep", "revdeps")
+    root, runs = recorded_jobs("opam-test-job", keys)
     state = tmp_path / "var"
-    async with p.Engine(p.all(*(p.catch(run(key)) for key in keys)), state_dir=state) as engine:
+    async with p.Engine(root, state_dir=state) as engine:
         await engine.wait_idle()
-        ids = {entry.key_pp.strip("'"): entry.job_id for entry in engine.cache.db.query()}
+        ids = job_ids(engine)
         write(state, "new-release", SHA_1, "failed", (
             job("analysis", "passed", package=None, platform=None, job_id=ids["analysis"]),
             job("lint", "passed", package=None, platform=None, job_id=ids["lint"]),
@@ -249,30 +232,10 @@ async def test_rebuild_needs_the_builder_role_and_the_csrf_token(tmp_path: Path)
                        extra_routes=routes(state, OPAM_REPO_CI))
         async with TestClient(TestServer(app)) as client:
             url = f"/opam/opam-repository/commit/{SHA_1}"
-            page = await get(client, url)
-            assert "rebuild-failed" not in page and "rebuild-all" not in page
-            csrf = re.search(r'name="csrf" value="([^"]*)"', await get(client, "/login"))
-            assert csrf is not None
-            refused = await client.post(url + "/rebuild", data={"csrf": csrf.group(1),
-                                                                "jobs": "all"})
-            assert refused.status == 403
-            login = await client.post("/login", data={"csrf": csrf.group(1),
-                                                      "token": "secret-token"})
-            assert login.status == 200
-            page = await get(client, url)
-            form = re.search(r'action="([^"]*/rebuild)">.*?name="csrf" value="([^"]*)"', page)
-            assert form is not None and form.group(1) == url + "/rebuild"
-            assert (await client.post(form.group(1), data={"jobs": "failed"})).status == 403
-            done = await client.post(form.group(1), data={"csrf": form.group(2),
-                                                          "jobs": "failed"},
-                                     allow_redirects=False)
-            assert done.status == 303 and done.headers["Location"] == url
-            await engine.wait_idle()
+            action, csrf = await log_in_to_rebuild(client, url, "secret-token")
+            await rebuild(client, engine, action, csrf, "failed")
             assert sorted(runs) == sorted([*keys, "failing-revdep"])
-            done = await client.post(form.group(1), data={"csrf": form.group(2), "jobs": "all"},
-                                     allow_redirects=False)
-            assert done.status == 303
-            await engine.wait_idle()
+            await rebuild(client, engine, action, csrf, "all")
             # The build, the listing and the revdep again; never the analysis nor the lint.
             assert sorted(runs) == sorted([*keys, "failing-revdep", "build", "failing-revdep",
                                            "revdeps"])

@@ -321,9 +321,8 @@ class _Row:
 
     def experimental(self) -> bool:
         """Whether a job of the row is experimental (its platform is)."""
-        return any(job.get("experimental")
-                   for job in (*self.jobs.values(), *(j for js in self.listed.values()
-                                                      for j in js)))
+        listed = [job for jobs in self.listed.values() for job in jobs]
+        return any(job.get("experimental") for job in [*self.jobs.values(), *listed])
 
 
 def _matrix(site: Site, jobs: list[dict[str, Any]]) -> str:
