@@ -28,8 +28,9 @@ directory *inside that image* holding an opam repository, replaces the image's d
 repository (e.g. a local one, with `file://` sources, where the public one is out of reach). The
 fmt and doc lints are skipped when opam knows no ocamlformat or odoc.
 
-`pipeline.ocaml.status` turns the jobs' states into the commit's result and writes the
-commit's file and the branch's (its head and history) under `STATE_DIR/ocaml-ci/status/<repo>/`.
+`pipeline.ocaml.status` turns the jobs' states into the commit's result, and
+`pipeline.ocaml.report` writes the commit's file and the branch's (its head and history) under
+`STATE_DIR/ocaml-ci/status/<repo>/`.
 A commit where no build ran (each skipped) is "no-builds", not passed. A branch whose result is
 failed, no-builds (or an error) fails its node, so that `--once` exits 1 when any branch fails.
 
@@ -79,9 +80,9 @@ from pipeline.obuilder.protocols import BuildError
 from pipeline.ocaml import analysis as A
 from pipeline.ocaml import build_job as BJ
 from pipeline.ocaml import debian as D
-from pipeline.ocaml import github as GH
 from pipeline.ocaml import options as O
 from pipeline.ocaml import platforms as P
+from pipeline.ocaml import report as R
 from pipeline.ocaml import status as St
 from pipeline.ocaml import web as ocaml_web
 from pipeline.primitives import git, git_webhook
@@ -427,60 +428,8 @@ def platform_jobs(analysed: Analysed, platform: P.Platform, store: str, fetcher:
 
 # Per branch
 
-def repo_name(repo: str) -> str:
-    """A repository's short name: the last part of its path or URL, without `.git`."""
-    name = repo.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1]
-    return name.removesuffix(".git") or name
-
-
-def _fail_unless_passed(status: St.CommitStatus) -> str:
-    """The result, unless it is one that fails the branch (failed, no builds, an error)."""
-    if status.result in ("failed", "no-builds", "error"):
-        failed = [job.name for job in status.jobs if job.state == "failed"]
-        because = ", ".join(failed) if failed else status.reason
-        raise RuntimeError(f"{status.branch}: {status.result}"
-                           + (f" ({because})" if because else ""))
-    return status.result
-
-
-@dataclasses.dataclass(frozen=True)
-class GitHub:
-    """Where commit statuses go: the token file, the API, and a repository for local ones."""
-
-    token_file: Path
-    api_url: str
-    repo: str | None
-
-
-# A commit with no build is not a success: ocaml-ci reports it as a failed check ("No builds at
-# all!", or the skip's message), so it is a failure here too (GitHub's "error" is for the CI's
-# own trouble).
-GITHUB_STATES = {"passed": "success", "failed": "failure", "pending": "pending",
-                 "no-builds": "failure", "error": "error"}
-GITHUB_REMOTE = re.compile(r"github\.com[:/]([^/]+/[^/]+?)(?:\.git)?/?$")
-
-
-def _github_repo(repo: str, github: GitHub) -> str | None:
-    found = GITHUB_REMOTE.search(repo)
-    return found.group(1) if found else github.repo
-
-
-def _github_value(publication: St.Publication, public_url: str | None) -> dict[str, Any]:
-    """The GitHub status of a publication: its state, description and, with `public_url`
-    (the web UI's address), a link to the commit's page."""
-    status = publication.status
-    description = {"passed": "Passed", "failed": "Failed", "pending": "Running",
-                   "no-builds": f"No builds: {status.reason}",
-                   "error": f"Error: {status.reason}"}.get(status.result, status.result)
-    value = {"state": GITHUB_STATES.get(status.result, "error"), "description": description}
-    if public_url is not None:
-        value["target_url"] = public_url.rstrip("/") + ocaml_web.commit_url(status.repo,
-                                                                            status.commit)
-    return value
-
-
 def branch(head: p.Term[Commit], platforms: list[P.Platform], store: str,
-           fetcher: str | None, github: GitHub | None = None,
+           fetcher: str | None, github: R.GitHub | None = None,
            opam_repository: str | None = None,
            debian: p.Term[dict[tuple[str, str], D.DebianIndex]] | None = None,
            public_url: str | None = None, cluster: str | None = None) -> p.Term[str]:
@@ -534,34 +483,14 @@ def branch(head: p.Term[Commit], platforms: list[P.Platform], store: str,
             else None
         info = St.CommitInfo(**known) if known else None
         return St.Publication(
-            St.CommitStatus(repo_name(head_commit.repo), head_commit.branch or head_commit.ref,
+            St.CommitStatus(R.repo_name(head_commit.repo), head_commit.branch or head_commit.ref,
                             head_commit.hash, result, tuple(job_list), reason, info),
             tuple(specs))
 
     publication = p.pair(p.pair(head, analysis_state), platform_states).map(
         status, label="result")
-
-    def publish(head_commit: Commit) -> p.Term[None]:
-        return St.publish(repo_name(head_commit.repo), head_commit.branch or head_commit.ref,
-                          publication)
-
-    published = head.bind(publish, label="publish")
-    if github is not None:
-        def report(head_commit: Commit) -> p.Term[None]:
-            target = _github_repo(head_commit.repo, github)
-            if target is None:
-                return p.const(None, label="no GitHub repository")
-            key = p.const((target, head_commit.hash, "ocaml-ci"),
-                          label=f"{target}@{head_commit.short}")
-            value = publication.map(lambda item: _github_value(item, public_url),
-                                    label="github state")
-            return GH.github_status(key, value,
-                                    token_file=github.token_file, api_url=github.api_url)
-
-        published = p.pair(published, head.bind(report, label="github")).map(
-            lambda _: None, label="published")
-    return p.pair(published, publication).map(
-        lambda pair: _fail_unless_passed(pair[1].status), label="branch result")
+    return R.report(head, publication, ci=St.DEFAULT_CI, github=github, public_url=public_url,
+                    site=ocaml_web.OCAML_CI, statuses={"ocaml-ci": R.ocaml_github_value})
 
 
 # Options

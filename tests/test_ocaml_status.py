@@ -6,6 +6,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+import pytest
+
 import pipeline as p
 from pipeline.ocaml import status as St
 from pipeline.output import Active, Failed, Ok
@@ -167,3 +169,56 @@ async def test_jobs_get_their_ids_and_times_from_the_engines_records(tmp_path: P
             assert (job["queued"], job["started"], job["finished"]) == (
                 entry.queued.isoformat(), entry.started.isoformat(), entry.finished.isoformat())
         assert written["jobs"][0]["reason"] == "RuntimeError: dune failed"
+
+
+def test_with_builds_not_required_nothing_to_build_passes() -> None:
+    lint = job("(lint)", "passed", kind="lint", platform="")
+    # No build at all: passed when no build is required (opam-repo-ci's "no build was
+    # necessary"), no builds otherwise.
+    assert St.commit_result([ANALYSED, lint], builds_required=False) == ("passed", None)
+    assert St.commit_result([ANALYSED, lint]) == ("no-builds", "no build job")
+    # Failures and pending jobs still decide first.
+    assert St.commit_result([ANALYSED, job("(lint)", "failed", kind="lint")],
+                            builds_required=False) == ("failed", None)
+    assert St.commit_result([ANALYSED, job("(lint)", "pending", kind="lint")],
+                            builds_required=False) == ("pending", None)
+
+
+def test_a_jobs_package_and_revdep_come_from_its_spec_and_go_to_the_json_when_set() -> None:
+    spec = St.JobSpec("debian-12 foo.1.0 revdep bar.2.0", "revdep", "debian-12", "opam-job",
+                      "d2", package="foo.1.0", revdep="bar.2.0")
+    passed = St.job_status(spec, Ok({"job_id": "J"}))
+    assert (passed.package, passed.revdep) == ("foo.1.0", "bar.2.0")
+    assert passed.to_json() == {"name": spec.name, "kind": "revdep", "platform": "debian-12",
+                                "package": "foo.1.0", "revdep": "bar.2.0", "state": "passed",
+                                "job_id": "J"}
+    pending = St.job_status(spec, Active(p.NodeState.RUNNING))
+    assert (pending.package, pending.revdep, pending.op) == ("foo.1.0", "bar.2.0", "opam-job")
+    build = St.job_status(dataclasses.replace(spec, kind="build", revdep=None),
+                          Failed("RuntimeError: no"))
+    assert build.to_json()["package"] == "foo.1.0" and "revdep" not in build.to_json()
+    assert "package" not in St.job_status(BUILD, Ok({})).to_json()
+
+
+async def test_each_ci_has_its_own_status_files(tmp_path: Path) -> None:
+    ocaml = St.publish("hello", "main", p.const(status("a" * 40, "passed")))
+    opam = St.publish("hello", "main", p.const(status("b" * 40, "failed")), ci="opam-repo-ci")
+    async with p.Engine(p.pair(ocaml, opam), state_dir=tmp_path) as engine:
+        await engine.wait_idle()
+    assert St.status_path(tmp_path, "hello", "main", ci="opam-repo-ci") == \
+        tmp_path / "opam-repo-ci" / "status" / "hello" / "main.json"
+    assert json.loads(St.status_path(tmp_path, "hello", "main").read_text())["commit"] == \
+        "a" * 40
+    opam_branch = json.loads(
+        St.status_path(tmp_path, "hello", "main", ci="opam-repo-ci").read_text())
+    assert (opam_branch["commit"], opam_branch["result"]) == ("b" * 40, "failed")
+    assert St.commit_path(tmp_path, "hello", "b" * 40, ci="opam-repo-ci").exists()
+    assert not St.commit_path(tmp_path, "hello", "b" * 40).exists()
+
+
+def test_a_ci_name_is_never_a_path() -> None:
+    for name in ("..", "a/b", "", "Opam", "-x"):
+        with pytest.raises(ValueError, match="is not a CI name"):
+            St.publish("hello", "main", p.const(status("a" * 40, "passed")), ci=name)
+        with pytest.raises(ValueError, match="is not a CI name"):
+            St.status_dir(Path("/state"), name)

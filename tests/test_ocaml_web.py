@@ -15,10 +15,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from ci_pages import get, job_ids, log_in_to_rebuild, rebuild, recorded_jobs, results
 
 import pipeline as p
 from pipeline import cli
-from pipeline.ocaml.status import STATUS_DIR, commit_path, status_path
+from pipeline.ocaml.status import commit_path, status_dir, status_path
 from pipeline.ocaml.web import routes
 from pipeline.web import server
 from pipeline.web.server import SECURITY_HEADERS, make_app
@@ -95,16 +96,6 @@ async def client(state_dir: Path) -> AsyncIterator[TestClient]:
         app = make_app(engine, extra_routes=routes(state_dir), extra_links=[("/ocaml", "OCaml")])
         async with TestClient(TestServer(app)) as test_client:
             yield test_client
-
-
-async def get(client: TestClient, path: str, status: int = 200) -> str:
-    response = await client.get(path)
-    assert response.status == status, (path, await response.text())
-    return await response.text()
-
-
-def results(page: str) -> list[str]:
-    return re.findall(r'data-result="([^"]*)"', page)
 
 
 def commit_result(page: str) -> list[str]:
@@ -258,7 +249,7 @@ async def test_path_traversal_is_refused(client: TestClient, state_dir: Path) ->
     # A JSON file outside the status directory that a traversal would reach.
     write_status(state_dir, "..", "secret", commit="", result="passed", jobs=[])
     (state_dir / "secret.json").write_text(json.dumps({"commit": "leaked"}))
-    (state_dir / STATUS_DIR / "hello" / "commits" / f"{'a' * 40}.json").symlink_to(
+    (status_dir(state_dir) / "hello" / "commits" / f"{'a' * 40}.json").symlink_to(
         state_dir / "secret.json")
     for path in ("/ocaml/%2E%2E/secret", "/ocaml/hello/..%2F..%2F..%2Fsecret",
                  "/ocaml/hello/%2E%2E/%2E%2E/%2E%2E/secret", "/ocaml/..%2F..%2F..%2F/secret",
@@ -272,7 +263,7 @@ async def test_path_traversal_is_refused(client: TestClient, state_dir: Path) ->
 
 async def test_a_malformed_status_file_shows_as_unknown(client: TestClient,
                                                         state_dir: Path) -> None:
-    (state_dir / STATUS_DIR / "hello" / "half.json").write_text('{"commit": "12')
+    (status_dir(state_dir) / "hello" / "half.json").write_text('{"commit": "12')
     page = await get(client, "/ocaml/hello")
     assert results(rows(page, "data-branch")["half"]) == ["unknown"]
     assert commit_result(await get(client, "/ocaml/hello/half")) == ["unknown"]
@@ -280,20 +271,11 @@ async def test_a_malformed_status_file_shows_as_unknown(client: TestClient,
 
 async def test_rebuild_buttons_rebuild_the_commits_jobs_for_builders_only(
         tmp_path: Path) -> None:
-    runs: list[str] = []
-
-    @p.builder("ocaml-test-job")
-    async def job(job: p.Job, key: str) -> str:
-        runs.append(key)
-        if key.startswith("failing"):
-            raise RuntimeError("dune failed")
-        return key
-
+    root, runs = recorded_jobs("ocaml-test-job", ("failing", "passing", "analysis"))
     state = tmp_path / "var"
-    root = p.all(*(p.catch(job(key)) for key in ("failing", "passing", "analysis")))
     async with p.Engine(root, state_dir=state) as engine:
         await engine.wait_idle()
-        ids = {entry.key_pp.strip("'"): entry.job_id for entry in engine.cache.db.query()}
+        ids = job_ids(engine)
         write_commit(state, "hello", commit=SHA_1, result="failed", jobs=[
             {**ANALYSIS, "job_id": ids["analysis"]},
             build("debian-12-system", "failed", job_id=ids["failing"]),
@@ -301,37 +283,14 @@ async def test_rebuild_buttons_rebuild_the_commits_jobs_for_builders_only(
         app = make_app(engine, admin_token="secret-token", extra_routes=routes(state))
         async with TestClient(TestServer(app)) as client:
             url = f"/ocaml/hello/commit/{SHA_1}"
-            # A viewer sees no buttons and may not post.
-            page = await get(client, url)
-            assert "rebuild-failed" not in page and "rebuild-all" not in page
-            csrf = re.search(r'name="csrf" value="([^"]*)"', await get(client, "/login"))
-            assert csrf is not None
-            refused = await client.post(url + "/rebuild", data={"csrf": csrf.group(1),
-                                                                "jobs": "failed"})
-            assert refused.status == 403
-            login = await client.post("/login", data={"csrf": csrf.group(1),
-                                                      "token": "secret-token"})
-            assert login.status == 200
-            page = await get(client, url)
-            assert 'id="rebuild-failed"' in page and 'id="rebuild-all"' in page
-            form = re.search(r'action="([^"]*/rebuild)">.*?name="csrf" value="([^"]*)"', page)
-            assert form is not None and form.group(1) == url + "/rebuild"
-            # Without the CSRF token: refused.
-            assert (await client.post(form.group(1), data={"jobs": "failed"})).status == 403
-            done = await client.post(form.group(1), data={"csrf": form.group(2),
-                                                          "jobs": "failed"},
-                                     allow_redirects=False)
-            assert done.status == 303 and done.headers["Location"] == url
-            await engine.wait_idle()
+            action, csrf = await log_in_to_rebuild(client, url, "secret-token")
+            await rebuild(client, engine, action, csrf, "failed")
             assert sorted(runs) == ["analysis", "failing", "failing", "passing"]
-            done = await client.post(form.group(1), data={"csrf": form.group(2), "jobs": "all"},
-                                     allow_redirects=False)
-            assert done.status == 303
-            await engine.wait_idle()
+            await rebuild(client, engine, action, csrf, "all")
             # Every platform job, not the analysis.
             assert sorted(runs) == ["analysis", "failing", "failing", "failing", "passing",
                                     "passing"]
-            bad = await client.post(form.group(1), data={"csrf": form.group(2), "jobs": "x"})
+            bad = await client.post(action, data={"csrf": csrf, "jobs": "x"})
             assert bad.status == 400
 
 
