@@ -141,6 +141,7 @@ _PUNCTUATION = frozenset("{}[]():")
 _ESCAPES = {"n": "\n", "t": "\t", "b": "\b", "r": "\r", "\\": "\\", '"': '"', "'": "'", " ": " "}
 _NUMERIC_ESCAPE = re.compile(r"[0-9]{3}|x[0-9a-fA-F]{2}")
 _CONTINUATION = re.compile(r"\r?\n[ \t]*")
+_PLAIN = re.compile(r'[^"\\]+')
 
 
 class _Lexer:
@@ -237,11 +238,16 @@ class _Lexer:
             c = text[self.i]
             if c == "\\":
                 self._escape(out)
-            else:
-                if c == "\n":
-                    self.line += 1
+            elif c == '"':  # a quote inside a triple-quoted string
                 out.append(c)
                 self.i += 1
+            else:
+                # Up to the next quote or escape at once: strings make most of an opam file.
+                plain = _PLAIN.match(text, self.i)
+                assert plain is not None  # c itself is plain
+                out.append(plain.group())
+                self.line += plain.group().count("\n")
+                self.i = plain.end()
 
     def _escape(self, out: list[str]) -> None:
         after = self.i + 1
