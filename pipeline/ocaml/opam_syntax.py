@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -332,17 +333,17 @@ class _Parser:
     def value(self) -> Value:
         # Precedence as in opam-file-format: `|` < `&` < prefix and relational operators <
         # options `{...}`.
-        left = self.conjunction()
-        while self.peek.text == "|" and self.peek.kind == "op":
-            op = self.take()
-            left = Value("logop", op.line, "|", (left, self.conjunction()))
-        return left
+        return self.logop("|", self.conjunction)
 
     def conjunction(self) -> Value:
-        left = self.unary()
-        while self.peek.text == "&" and self.peek.kind == "op":
-            op = self.take()
-            left = Value("logop", op.line, "&", (left, self.unary()))
+        return self.logop("&", self.unary)
+
+    def logop(self, op: str, operand: Callable[[], Value]) -> Value:
+        """Operands joined by the left-associative operator `op`."""
+        left = operand()
+        while self.peek.kind == "op" and self.peek.text == op:
+            token = self.take()
+            left = Value("logop", token.line, op, (left, operand()))
         return left
 
     def unary(self) -> Value:
