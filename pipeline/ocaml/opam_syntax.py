@@ -265,7 +265,7 @@ class _Lexer:
             raise self.error(self.line, f"expected a valid escape after `\\`; got `\\{c}`")
 
 
-# --- The grammar ---------------------------------------------------------------------------------
+# --- The grammar --------------------------------------------------------------------------------
 
 
 class _Parser:
