@@ -31,6 +31,7 @@ import json
 import os
 import random
 import resource
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -216,17 +217,27 @@ def opam_environment(root: Path) -> dict[str, str]:
             "OPAMROOTISOK": "1", "OPAMCOLOR": "never", "OPAMNODEPEXTS": "1"}
 
 
-def run_opam(command: list[str], env: dict[str, str]) -> str:
-    """Run an opam command; its output. Raises SystemExit with opam's errors if it fails."""
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(command)}: {done.stdout}{done.stderr}")
-    return done.stdout
+def run_opam(command: list[str], env: dict[str, str], timeout: float | None = None) -> str:
+    """Run an opam command; its output. Raises SystemExit with opam's errors if it fails,
+    subprocess.TimeoutExpired after `timeout` seconds (its process group killed: `sh -c`
+    leaves opam in a child)."""
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command)}: {out}{err}")
+    return out
 
 
-def time_revdeps(repo: Path, work: Path, package: str) -> dict[str, Any]:
+def time_revdeps(repo: Path, work: Path, package: str, timeout: float) -> dict[str, Any]:
     """Check out master of `repo`, initialise an opam root on it with an empty switch, and time
-    the listing of `package`'s reverse dependencies."""
+    the listing of `package`'s reverse dependencies, each command stopped after `timeout`
+    seconds (then the listing's time is None)."""
     checkout = work / "checkout"
     checkout.mkdir(parents=True)
     archive = subprocess.Popen(["git", "--git-dir", str(repo), "archive", "master"],
@@ -242,20 +253,31 @@ def time_revdeps(repo: Path, work: Path, package: str) -> dict[str, Any]:
     run_opam(["opam", "switch", "create", "default", "--empty"], env)
     switch_s = time.perf_counter() - start
     listed: set[str] = set()
-    start = time.perf_counter()
+    commands: list[dict[str, Any]] = []
     for command in revdeps_commands(package):
-        listed.update(run_opam(["sh", "-c", command], env).split())
-    listing_s = time.perf_counter() - start
+        start = time.perf_counter()
+        try:
+            found = run_opam(["sh", "-c", command], env, timeout).split()
+        except subprocess.TimeoutExpired:
+            commands.append({"command": command, "seconds": None, "timed_out_after_s": timeout})
+            continue
+        commands.append({"command": command, "seconds": round(time.perf_counter() - start, 3),
+                         "listed": len(found)})
+        listed.update(found)
     listed.discard(package)
-    return {"package": package, "listing_s": round(listing_s, 3),
-            "reverse_dependencies_listed": len(listed),
-            "reverse_dependency_packages": len({p.split(".", 1)[0] for p in listed}),
+    done = all(c["seconds"] is not None for c in commands)
+    return {"package": package,
+            "listing_s": round(sum(c["seconds"] for c in commands), 3) if done else None,
+            "commands": commands,
+            "reverse_dependencies_listed": len(listed) if done else None,
+            "reverse_dependency_packages": len({p.split(".", 1)[0] for p in listed})
+                                           if done else None,
             "opam_init_s": round(init_s, 1), "switch_create_s": round(switch_s, 1),
-            "timed": "only the two `opam list` commands of revdeps_commands, after opam init "
-                     "and the creation of an empty switch"}
+            "timed": "only the two `opam list` commands of revdeps_commands, one after the "
+                     "other, after opam init and the creation of an empty switch"}
 
 
-def real_repository(source: Path, work: Path) -> dict[str, Any]:
+def real_repository(source: Path, work: Path, timeout: float) -> dict[str, Any]:
     """The one-package analysis and a revdeps listing on a `--shared` clone of the real
     opam-repository at `source`, with a pull request adding a new release of `fmt`."""
     repo = work / "opam-repository.git"
@@ -292,7 +314,7 @@ def real_repository(source: Path, work: Path) -> dict[str, Any]:
                                                  base_name="master"), 5),
                          "kinds": [c.kind for c in analysis.packages],
                          "lint_messages": len(analysis.lint)}}
-    result["revdeps"] = time_revdeps(repo, work / "real", latest.rsplit("/", 1)[1])
+    result["revdeps"] = time_revdeps(repo, work / "real", latest.rsplit("/", 1)[1], timeout)
     return result
 
 
@@ -303,6 +325,8 @@ def main() -> None:
     parser.add_argument("--packages", type=int, default=5000)
     parser.add_argument("--versions", type=int, default=7)
     parser.add_argument("--seed", type=int, default=16)
+    parser.add_argument("--revdeps-timeout", type=float, default=300,
+                        help="seconds each revdeps listing command may take")
     parser.add_argument("--opam-repository", type=Path,
                         help="a git directory of ocaml/opam-repository to measure too")
     args = parser.parse_args()
@@ -313,18 +337,20 @@ def main() -> None:
         generated = generate(repo, args.packages, args.versions, args.seed)
         generated["generate_s"] = round(time.perf_counter() - start, 1)
         analyses = time_analyses(repo, (1, 50, 500))
-        revdeps = time_revdeps(repo, work / "generated", f"{TARGET}.{version(args.versions - 1)}")
-        real = None if args.opam_repository is None else \
-            real_repository(args.opam_repository, work / "real-opam-repository")
+        revdeps = time_revdeps(repo, work / "generated", f"{TARGET}.{version(args.versions - 1)}",
+                               args.revdeps_timeout)
+        real = None if args.opam_repository is None else real_repository(
+            args.opam_repository, work / "real-opam-repository", args.revdeps_timeout)
     one = analyses["pr_1_packages"]["median_s"]
+    listing = revdeps["listing_s"]
     report = {
         "machine": f"{os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
         "seed": args.seed, "repository": generated, "analyse": analyses, "revdeps": revdeps,
         "targets": {
             "analyse_1_package_s": {"target": ANALYSE_TARGET_S, "measured": one,
                                     "met": one <= ANALYSE_TARGET_S},
-            "revdeps_s": {"target": REVDEPS_TARGET_S, "measured": revdeps["listing_s"],
-                          "met": revdeps["listing_s"] <= REVDEPS_TARGET_S}},
+            "revdeps_s": {"target": REVDEPS_TARGET_S, "measured": listing,
+                          "met": listing is not None and listing <= REVDEPS_TARGET_S}},
         "peak_rss_mb": {
             "self": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "children": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)},
