@@ -7,7 +7,8 @@ Every spec's build context is a checkout of the pull request merged into its bas
 with the OCaml CI's specs, see `pipeline.ocaml.platforms.base_stage`), user `opam` (uid 1000) in
 its home, opam's environment for CI, then the merged repository copied to `REPOSITORY` and opam
 pointed at it. On a system platform (Debian's OCaml, dune and opam) that is `opam init` on it and
-a switch on the system compiler (`ocaml-system`); on an opam platform (an `ocaml/opam` image,
+a switch on the system compiler (`ocaml-system`, of which opam picks the version whose
+`sys-ocaml-version` matches Debian's OCaml); on an opam platform (an `ocaml/opam` image,
 whose switch exists) the image's repository is replaced and `opam repository set-url` points at
 it. The jobs of a package then share their first steps too, so that the store builds them once
 per merged repository:
@@ -38,8 +39,8 @@ from pipeline.obuilder import spec as S
 from pipeline.obuilder.log_format import MARK
 from pipeline.ocaml.platforms import Platform, base_stage
 
-HOME = "/home/opam"
-REPOSITORY = f"{HOME}/opam-repository"
+_HOME = "/home/opam"
+REPOSITORY = f"{_HOME}/opam-repository"
 """Where the specs copy the merged repository in the image (`file://` sources point into it)."""
 LOWER_BOUNDS_CRITERIA = "+removed,+count[version-lag,solution]"
 """The solver criteria of lower-bounds builds: the oldest versions that satisfy the constraints."""
@@ -54,7 +55,7 @@ _REVDEPS_BEGIN = "@@@ revdeps begin @@@"
 _REVDEPS_END = "@@@ revdeps end @@@"
 _REVDEPS_FILE = "revdeps.txt"
 # "NAME.VERSION": opam's package names are letters, digits and `-_+`; versions have no spaces.
-_PACKAGE = re.compile(r"[A-Za-z0-9_+-]+\.[^\s]+")
+_PACKAGE = re.compile(r"[A-Za-z0-9_+-]+\.\S+")
 
 
 def revdeps_commands(package: str) -> tuple[str, ...]:
@@ -71,7 +72,7 @@ def revdeps_commands(package: str) -> tuple[str, ...]:
 
 def _setup(platform: Platform) -> list[S.Op]:
     """The steps every job of `platform` starts with (see the module's docstring)."""
-    ops: list[S.Op] = [*S.parse(base_stage(platform)).ops, S.UserIds(_UID, _UID), S.Workdir(HOME),
+    ops: list[S.Op] = [*S.parse(base_stage(platform)).ops, S.UserIds(_UID, _UID), S.Workdir(_HOME),
                        *_CI_ENV]
     copy = S.Copy(src=(".",), dst=f"{REPOSITORY}/", exclude=(".git",))
     if platform.kind == "system":
