@@ -64,6 +64,7 @@ from typing import Any
 
 import pipeline as p
 from pipeline.ocaml import build_job as BJ
+from pipeline.ocaml import failures as F
 from pipeline.ocaml import options as O
 from pipeline.ocaml import platforms as P
 from pipeline.ocaml import report as R
@@ -126,7 +127,7 @@ def _analysis_digest(pr: PullRequest) -> str:
     return p.digest((ANALYSIS_FORMAT, pr.base.hash, pr.head.hash, pr.base_name))
 
 
-class AnalysisFailed(Exception):
+class AnalysisFailed(F.Reason):
     """The pull request cannot be analysed (a conflict, a path outside the layout) or linted;
     the message says why."""
 
@@ -212,6 +213,11 @@ class PackageJob:
         return f"{name} {self.revdep}" if self.revdep is not None else name
 
     @property
+    def label(self) -> str:
+        """Its name in the diagram, where its platform is its group's: "foo.1.0 build"."""
+        return self.revdep if self.revdep is not None else f"{self.package} {self.kind}"
+
+    @property
     def digest(self) -> str:
         """Its key's digest: the commits, never the branches."""
         return p.digest((self.pr.base.hash, self.pr.head.hash, self.platform, self.package,
@@ -267,17 +273,17 @@ def package_jobs(pr: PullRequest, change: PackageChange, platform: P.Platform,
                           exclude if kind == "revdeps" else ())
 
     build_key = key("build", RS.build_spec(platform, package, "build"))
-    build = _run_job(p.const(build_key, label=f"{build_key.name} spec"), label=build_key.name)
+    build = _run_job(p.const(build_key, label="build spec"), label=build_key.label)
     after = [key(kind, RS.build_spec(platform, package, kind))
              for kind in (("test",) if change.has_tests else ()) + ("lower-bounds",)]
     listing = key("revdeps", RS.revdeps_spec(platform, package))
-    gated = {job: _run_job(build.map(lambda _, job=job: job, label=f"{job.name} spec"),
-                           label=job.name) for job in (*after, listing)}
+    gated = {job: _run_job(build.map(lambda _, job=job: job, label=f"{job.kind} spec"),
+                           label=job.label) for job in (*after, listing)}
 
     def revdep_jobs(value: dict[str, Any]) -> p.Term[JobOutputs]:
         keys = [key("revdep", RS.revdep_spec(platform, package, name), name)
                 for name in value["revdeps"]]
-        states = [p.state(_run_job(p.const(job, label=f"{job.revdep} spec"), label=job.revdep))
+        states = [p.state(_run_job(p.const(job, label="revdep spec"), label=job.label))
                   for job in keys]
         return p.all(*states, label="revdep builds").map(
             lambda outputs: [(job.status_spec, output)
@@ -299,7 +305,7 @@ def package_jobs(pr: PullRequest, change: PackageChange, platform: P.Platform,
 
     return p.all(p.state(build), *(p.state(term) for term in gated.values()),
                  p.state(revdeps), label=f"{package} {platform.name}").map(
-        outputs, label=f"{package} {platform.name} states")
+        outputs, label="job states")
 
 
 def pr_jobs(pr: PullRequest, analysis: PrAnalysis, platforms: list[P.Platform],

@@ -105,7 +105,7 @@ async def test_the_demos_pull_requests_an_insignificant_change_and_a_conflict(
         assert "testkit" in log_of(state, jobs[package_job(release, "test")])
         # The oldest strutil the release allows is the one its lower bounds are built with.
         lower = log_of(state, jobs[package_job(release, "lower-bounds")])
-        assert "strutil.1.0" in lower and "strutil.1.1" not in lower, lower
+        assert "-> installed strutil.1.0" in lower, lower
         analysis_log = log_of(state, jobs["(analysis)"])
         assert f"{release}: new-release" in analysis_log, analysis_log
 

@@ -37,7 +37,12 @@ _BOX = "│┌┐└┘─ \t"
 _MARKED = re.compile(rb"^([^\n]*)" + re.escape(MARK) + rb"\n", re.MULTILINE)
 
 
-class StepFailed(Exception):
+class Reason(Exception):
+    """A job's failure whose message is the whole one-line reason: pages show it without the
+    exception's type (see `shown`)."""
+
+
+class StepFailed(Reason):
     """A build or lint step failed; the message is its one-line reason (see `step_reason`)."""
 
 
@@ -104,7 +109,16 @@ class StepLog:
         return self._current.decode(errors="replace")
 
 
+def _reasons(kind: type[Reason]) -> Iterator[type[Reason]]:
+    yield kind
+    for subclass in kind.__subclasses__():
+        yield from _reasons(subclass)
+
+
 def shown(message: str) -> str:
-    """A job's error as a page shows it: a failed step's reason without the exception's type
-    (which the engine puts before every job's error)."""
-    return message.removeprefix(f"{StepFailed.__name__}: ")
+    """A job's error as a page shows it: a `Reason`'s message (a failed step's, say) without
+    the exception's type, which the engine puts before every job's error."""
+    kind, separator, rest = message.partition(": ")
+    if separator and any(reason.__name__ == kind for reason in _reasons(Reason)):
+        return rest
+    return message
