@@ -161,7 +161,7 @@ async def test_a_removed_pull_request_has_its_build_cancelled(
     async with p.Engine(ci(repo, ocaml_store), state_dir=state) as engine:
         await until(lambda: bool(processes_with(token)), "the held build running")
         [job] = [job for job in engine.jobs.active()
-                 if job.label.endswith(f"waits.1.0 {PLATFORM} build")]
+                 if f"waits.1.0 {PLATFORM} build" in job.log_path.read_text()]
         subprocess.run(["git", "branch", "-D", "waits"], cwd=repo, check=True,
                        capture_output=True)
         await until(lambda: job.state is p.JobState.FAILED, "the build cancelled")
