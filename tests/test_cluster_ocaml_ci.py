@@ -1,4 +1,5 @@
-"""The OCaml CI pipeline through the build cluster gives the statuses it gives in-process: a real
+"""The OCaml CI pipeline through the build cluster gives the statuses it gives in-process, and the
+opam-repo-ci pipeline's pull requests are merged and built by the worker: a real
 `pipeline cluster scheduler` and one `pipeline cluster worker` of the pool `linux-x86_64`,
 building on the session's shared OCaml store (stores take locks shared by every process using
 them), so that each build after the session's first costs seconds."""
@@ -10,8 +11,12 @@ from typing import Any
 
 from cluster_fixtures import Cluster, cluster  # noqa: F401 (a fixture)
 from test_ocaml_ci import BROKEN_GREET, Repo, ci, final_status, head, hello_repo, jobs_of, log_of
+from test_opam_repo_ci import ci as opam_ci
+from test_opam_repo_ci import final_status as opam_status
+from test_opam_repo_ci import log_of as opam_log
 
 import pipeline as p
+from pipeline.opam_repo import sample
 
 ANALYSIS = "(analysis)"
 
@@ -56,3 +61,22 @@ async def test_the_pipeline_through_the_cluster_gives_the_in_process_statuses(
                 assert log.index("Waiting for a worker of pool linux-x86_64") < \
                     log.index("Job started") < log.index("Running on worker"), log
                 assert job["queued"] <= job["started"] <= job["finished"], job
+
+
+async def test_a_pull_request_is_merged_and_built_by_the_clusters_worker(
+        tmp_path: Path, cluster: Cluster, ocaml_store: str) -> None:  # noqa: F811
+    repo = sample.make_repository(tmp_path / "opam-repository")
+    sample.add_release(repo, "new-release", sample.NEW_RELEASE)
+    await cluster.start_worker("opam-worker", "linux-x86_64", capacity=2, store=ocaml_store)
+    state = tmp_path / "var"
+    async with p.Engine(opam_ci(repo, ocaml_store, "--cluster", cluster.address),
+                        state_dir=state):
+        status = await opam_status(state, repo, "new-release")
+    assert status["result"] == "passed", status
+    builds = [job for job in status["jobs"] if job.get("package")]
+    assert {job["kind"] for job in builds} == {"build", "test", "lower-bounds", "revdeps",
+                                               "revdep"}, status
+    for job in builds:
+        log = opam_log(state, job)
+        # The worker fetched both commits and merged the head into the base itself.
+        assert "Running on worker opam-worker" in log, (job["name"], log)
