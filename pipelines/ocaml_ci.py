@@ -522,15 +522,10 @@ def parse_args(args: list[str]) -> argparse.Namespace:
     parser.add_argument("--debian-mirror", metavar="URL",
                         help="the Debian mirror whose indexes say which package gives each"
                              " dependency on system platforms (default: the host's)")
-    parser.add_argument("--demo", action="store_true",
-                        help="make a repository of examples/ocaml-hello and watch it")
-    parser.add_argument("--demo-dir", default="var/ocaml-hello", metavar="DIR",
-                        help="where --demo makes it (default: var/ocaml-hello)")
+    O.add_demo(parser, what="a repository of examples/ocaml-hello",
+               directory="var/ocaml-hello")
     O.add_github(parser, statuses="result (the status ocaml-ci)")
-    options = parser.parse_args(args)
-    options.platform_list = O.platforms(parser, options)
-    if not (options.repo or options.remote or options.demo):
-        parser.error("nothing to watch: give --repo, --remote or --demo")
+    options = O.parse(parser, args)
     system = any(platform.kind == "system" for platform in options.platform_list)
     if system and options.debian_mirror is None:
         # Found now, so that a host without one hears it at once, as a usage error.

@@ -421,17 +421,10 @@ def parse_args(args: list[str]) -> argparse.Namespace:
     parser.add_argument("--analyse-only", action="store_true",
                         help="merge, classify and lint each pull request, print one JSON line"
                              " per pull request, and build nothing (use with --once)")
-    parser.add_argument("--demo", action="store_true",
-                        help="make a sample opam repository with three pull requests and"
-                             " watch it")
-    parser.add_argument("--demo-dir", default="var/opam-repository", metavar="DIR",
-                        help="where --demo makes it (default: var/opam-repository)")
+    O.add_demo(parser, what="a sample opam repository with three pull requests",
+               directory="var/opam-repository")
     O.add_github(parser, statuses="statuses opam-ci and opam-repo-ci (linter)")
-    options = parser.parse_args(args)
-    options.platform_list = O.platforms(parser, options)
-    if not (options.repo or options.remote or options.demo):
-        parser.error("nothing to watch: give --repo, --remote or --demo")
-    return options
+    return O.parse(parser, args)
 
 
 def _base_of(base: str, commits: list[Commit]) -> Commit:

@@ -12,8 +12,7 @@ from typing import Any
 from cluster_fixtures import Cluster, cluster  # noqa: F401 (a fixture)
 from test_ocaml_ci import BROKEN_GREET, Repo, ci, final_status, head, hello_repo, jobs_of, log_of
 from test_opam_repo_ci import ci as opam_ci
-from test_opam_repo_ci import final_status as opam_status
-from test_opam_repo_ci import log_of as opam_log
+from test_opam_repo_ci import pr_status
 
 import pipeline as p
 from pipeline.opam_repo import sample
@@ -71,12 +70,12 @@ async def test_a_pull_request_is_merged_and_built_by_the_clusters_worker(
     state = tmp_path / "var"
     async with p.Engine(opam_ci(repo, ocaml_store, "--cluster", cluster.address),
                         state_dir=state):
-        status = await opam_status(state, repo, "new-release")
+        status = await pr_status(state, repo, "new-release")
     assert status["result"] == "passed", status
     builds = [job for job in status["jobs"] if job.get("package")]
     assert {job["kind"] for job in builds} == {"build", "test", "lower-bounds", "revdeps",
                                                "revdep"}, status
     for job in builds:
-        log = opam_log(state, job)
+        log = log_of(state, job)
         # The worker fetched both commits and merged the head into the base itself.
         assert "Running on worker opam-worker" in log, (job["name"], log)

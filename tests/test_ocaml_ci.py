@@ -52,15 +52,19 @@ def ci(repo: Repo, store: str, mirror: str, *options: str) -> p.Term[Any]:
                                          "--debian-mirror", mirror, *options])
 
 
-def read_status(state: Path, repo: Repo, branch: str) -> dict[str, Any] | None:
-    path = St.status_path(state, repo.path.name, branch)
+def read_status(state: Path, repo: Repo | Path, branch: str, *, ci: str = St.DEFAULT_CI,
+                ) -> dict[str, Any] | None:
+    """The status file of `branch` of `repo` (a `Repo` or its path) written by the CI `ci`."""
+    name = (repo.path if isinstance(repo, Repo) else repo).name
+    path = St.status_path(state, name, branch, ci=ci)
     return json.loads(path.read_text()) if path.exists() else None
 
 
-async def final_status(state: Path, repo: Repo, branch: str, commit: str) -> dict[str, Any]:
+async def final_status(state: Path, repo: Repo | Path, branch: str, commit: str, *,
+                       ci: str = St.DEFAULT_CI) -> dict[str, Any]:
     """The status of `branch` once `commit`'s result is known (not pending)."""
     def done() -> dict[str, Any] | None:
-        status = read_status(state, repo, branch)
+        status = read_status(state, repo, branch, ci=ci)
         if status is not None and status["commit"] == commit and status["result"] != "pending":
             return status
         return None

@@ -9,7 +9,6 @@ runs of the command line find their steps cached.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import uuid
@@ -19,10 +18,10 @@ from typing import Any
 import pytest
 from ocaml_fixtures import HANG_GUARD, PIPELINE, assert_labels_for_people
 from test_build_primitive import processes_with, until
+from test_ocaml_ci import final_status, jobs_of, log_of, read_status
 
 import pipeline as p
 from pipeline.cli import load_pipeline
-from pipeline.ocaml import status as St
 from pipeline.opam_repo import sample
 from pipeline.web.diagram import DiagramCache
 
@@ -37,39 +36,14 @@ def ci(repo: Path, store: str, *options: str) -> p.Term[Any]:
     return load_pipeline(PIPELINE_FILE, ["--repo", str(repo), "--store", store, *options])
 
 
-def read_status(state: Path, repo: Path, branch: str) -> dict[str, Any] | None:
-    path = St.status_path(state, repo.name, branch, ci=CI)
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-async def final_status(state: Path, repo: Path, branch: str) -> dict[str, Any]:
+async def pr_status(state: Path, repo: Path, branch: str) -> dict[str, Any]:
     """The status of the pull request `branch` once its head's result is known."""
-    commit = head(repo, branch)
-
-    def done() -> dict[str, Any] | None:
-        status = read_status(state, repo, branch)
-        if status is not None and status["commit"] == commit and status["result"] != "pending":
-            return status
-        return None
-
-    async with asyncio.timeout(HANG_GUARD):
-        while (status := done()) is None:
-            await asyncio.sleep(0.1)
-    return status
+    return await final_status(state, repo, branch, head(repo, branch), ci=CI)
 
 
 def head(repo: Path, branch: str) -> str:
     return subprocess.run(["git", "rev-parse", branch], cwd=repo, check=True,
                           capture_output=True, text=True).stdout.strip()
-
-
-def jobs_of(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {job["name"]: job for job in status["jobs"]}
-
-
-def log_of(state: Path, job: dict[str, Any]) -> str:
-    [log] = (state / "job").glob(f"{job['job_id']}.log")
-    return log.read_text()
 
 
 def package_job(package: str, kind: str, revdep: str | None = None) -> str:
@@ -84,7 +58,7 @@ async def test_the_demos_pull_requests_an_insignificant_change_and_a_conflict(
     async with p.Engine(ci(repo, ocaml_store), state_dir=state) as engine:
         # A new release of the library others depend on: built, tested, built against the
         # oldest versions it allows, and its reverse dependency built with it.
-        new = await final_status(state, repo, "new-release")
+        new = await pr_status(state, repo, "new-release")
         assert new["result"] == "passed", new
         release = sample.NEW_RELEASE.package
         jobs = jobs_of(new)
@@ -111,7 +85,7 @@ async def test_the_demos_pull_requests_an_insignificant_change_and_a_conflict(
 
         # A publication rule broken: the lint fails with the rule's message; the package is
         # still built.
-        lint = await final_status(state, repo, "lint-error")
+        lint = await pr_status(state, repo, "lint-error")
         assert lint["result"] == "failed", lint
         lint_job = jobs_of(lint)["(lint)"]
         assert lint_job["state"] == "failed"
@@ -121,7 +95,7 @@ async def test_the_demos_pull_requests_an_insignificant_change_and_a_conflict(
 
         # A release that does not compile: the build fails with the compiler's error, and the
         # jobs that needed it are skipped saying so.
-        broken = await final_status(state, repo, "build-failure")
+        broken = await pr_status(state, repo, "build-failure")
         assert broken["result"] == "failed", broken
         failure = sample.BUILD_FAILURE.package
         build = jobs_of(broken)[package_job(failure, "build")]
@@ -136,14 +110,14 @@ async def test_the_demos_pull_requests_an_insignificant_change_and_a_conflict(
 
         # Only a description changed: nothing is built, and the pull request passes.
         sample.add_insignificant_change(repo, "description")
-        described = await final_status(state, repo, "description")
+        described = await pr_status(state, repo, "description")
         assert described["result"] == "passed", described
         assert [job["name"] for job in described["jobs"]] == ["(analysis)", "(lint)"]
         assert "hello.1.0: insignificant" in log_of(state, jobs_of(described)["(analysis)"])
 
         # A pull request that cannot be merged says to rebase.
         sample.add_conflicting_change(repo, "conflict")
-        conflict = await final_status(state, repo, "conflict")
+        conflict = await pr_status(state, repo, "conflict")
         assert conflict["result"] == "failed", conflict
         assert jobs_of(conflict)["(analysis)"]["reason"] == \
             "Cannot merge to master - please rebase!"
@@ -218,7 +192,7 @@ def test_once_exits_0_when_every_pull_request_passes_and_1_otherwise(
         sample.add_release(repo, "build-failure", sample.BUILD_FAILURE)
     done = run_once(tmp_path / "var", "--repo", str(repo), "--store", ocaml_store)
     assert done.returncode == status, done
-    results = {branch: (read_status(tmp_path / "var", repo, branch) or {}).get("result")
+    results = {branch: (read_status(tmp_path / "var", repo, branch, ci=CI) or {}).get("result")
                for branch in ("new-release", *branches)}
     assert results == {"new-release": "passed", **dict.fromkeys(branches, "failed")}
 

@@ -1,9 +1,9 @@
 """The command-line options that the OCaml CI and opam-repo-ci pipelines share: what to watch,
 where and for which platforms to build, and where to report.
 
-Each `add_*` adds a group of options to a pipeline file's parser; the functions after them turn
-the parsed options into what the pipeline needs, exiting through `parser.error` (status 2, one
-line) on a usage error.
+Each `add_*` adds a group of options to a pipeline file's parser, `parse` reads them (exiting
+through `parser.error`, status 2 and one line, on a usage error), and the functions after it
+turn the parsed options into what the pipeline needs.
 """
 
 from __future__ import annotations
@@ -62,13 +62,25 @@ def add_github(parser: argparse.ArgumentParser, *, statuses: str) -> None:
                              " link to the commit's page there")
 
 
-def platforms(parser: argparse.ArgumentParser, options: argparse.Namespace) -> list[P.Platform]:
-    """The platforms `--platforms` names; a usage error for an unknown one."""
+def add_demo(parser: argparse.ArgumentParser, *, what: str, directory: str) -> None:
+    """`--demo` (make `what` and watch it) and `--demo-dir` (default `directory`)."""
+    parser.add_argument("--demo", action="store_true", help=f"make {what} and watch it")
+    parser.add_argument("--demo-dir", default=directory, metavar="DIR",
+                        help=f"where --demo makes it (default: {directory})")
+
+
+def parse(parser: argparse.ArgumentParser, args: list[str]) -> argparse.Namespace:
+    """The options of `args`, with `platform_list` the platforms `--platforms` names; a usage
+    error for an unknown platform, or for nothing to watch."""
+    options = parser.parse_args(args)
     names = options.platforms.split(",")
     unknown = [name for name in names if name not in P.PLATFORMS]
     if unknown:
         parser.error(f"unknown platform {', '.join(unknown)}; known: {', '.join(P.PLATFORMS)}")
-    return [P.PLATFORMS[name] for name in names]
+    options.platform_list = [P.PLATFORMS[name] for name in names]
+    if not (options.repo or options.remote or options.demo):
+        parser.error("nothing to watch: give --repo, --remote or --demo")
+    return options
 
 
 def store(options: argparse.Namespace) -> str:
