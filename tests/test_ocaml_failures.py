@@ -8,6 +8,7 @@ from pipeline.obuilder.builder import step_header
 from pipeline.obuilder.log_format import MARK, outcome
 from pipeline.ocaml.failures import (
     LINE_LIMIT,
+    Reason,
     StepFailed,
     StepLog,
     first_error,
@@ -97,6 +98,27 @@ def test_dune_and_compiler_errors() -> None:
         "Error (warning 32 [unused-value-declaration]): unused value debug."
 
 
+OPAM_BUILD = """\
+[ERROR] The compilation of wordcount.1.1 failed at "dune build -p wordcount -j 1".
+
+#=== ERROR while compiling wordcount.1.1 ======================================#
+# command              /usr/bin/dune build -p wordcount -j 1
+# exit-code            1
+### output ###
+#       ocamlc bin/.wordcount.eobjs/byte/dune__exe__Wordcount.{cmi,cmo,cmt} (exit 2)
+# File "bin/wordcount.ml", line 1, characters 22-57:
+# 1 | let () = print_string (List.length (Strutil.words "a b"))
+#                           ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+# Error: This expression has type int but an expression was expected of type
+#          string
+"""
+
+
+def test_the_compilers_error_as_opam_quotes_it() -> None:
+    assert first_error(OPAM_BUILD) == \
+        "Error: This expression has type int but an expression was expected of type"
+
+
 def test_test_failures() -> None:
     assert first_error(ALCOTEST) == "[FAIL] greet 0 greets by name."
     # alcotest points at the failure it reports first with ">".
@@ -181,3 +203,11 @@ def test_a_failed_steps_reason_is_shown_without_its_type() -> None:
     message = f"{StepFailed.__name__}: dune build: Error: Unbound value nme"
     assert shown(message) == "dune build: Error: Unbound value nme"
     assert shown("BuildError: step failed") == "BuildError: step failed"
+
+
+def test_any_reasons_message_is_shown_without_its_type() -> None:
+    class MergeRefused(Reason):
+        pass
+
+    assert shown(f"{MergeRefused.__name__}: Cannot merge") == "Cannot merge"
+    assert shown("ValueError: Cannot merge") == "ValueError: Cannot merge"

@@ -100,7 +100,9 @@ async def test_the_demos_pull_requests_an_insignificant_change_and_a_conflict(
         failure = sample.BUILD_FAILURE.package
         build = jobs_of(broken)[package_job(failure, "build")]
         assert build["state"] == "failed", broken
-        assert "Error:" in build["reason"], build
+        # The compiler's error as opam quoted it, after the failing command.
+        assert build["reason"].startswith(f"opam reinstall -y {failure}: Error: This "
+                                          "expression has type int"), build
         assert "Error: This expression has type" in log_of(state, build)
         lower_bounds = jobs_of(broken)[package_job(failure, "lower-bounds")]
         assert (lower_bounds["state"], lower_bounds["reason"]) == ("skipped", "the build failed")

@@ -48,9 +48,12 @@ class StepFailed(Reason):
 
 def first_error(output: str) -> str | None:
     """The first line of `output` that says what failed (an `Error:` of the compiler or dune,
+    also as opam quotes it when a package fails to build,
     an alcotest `[FAIL]`, an OUnit failure, `Fatal error: exception ...`, an opam lint or apt
     error), else the first location dune gave (`File "x.ml", line 3, ...`), else None."""
-    lines = [" ".join(_ANSI.sub("", line).strip(_BOX).split()) for line in output.splitlines()]
+    # opam quotes the output of a package's failed command with "# " before each line.
+    lines = [" ".join(_ANSI.sub("", line).removeprefix("# ").strip(_BOX).split())
+             for line in output.splitlines()]
     # alcotest marks the failure it reports first with "> ": that one is the first, wherever
     # its line is.
     pointed = [line.removeprefix("> ") for line in lines if line.startswith("> ")]
