@@ -401,7 +401,8 @@ def analyse_only(base: p.Term[Commit], head: p.Term[Commit]) -> p.Term[str]:
         if analysis.error is not None:
             raise AnalysisFailed(analysis.error)
         if analysis.lint:
-            raise AnalysisFailed(f"{len(analysis.lint)} lint messages")
+            count = len(analysis.lint)
+            raise AnalysisFailed(f"{count} lint {'message' if count == 1 else 'messages'}")
         return "passed"
 
     return _analyse_only(_pull_request(base, head), label="analysis").map(
