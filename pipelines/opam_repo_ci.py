@@ -401,8 +401,9 @@ def analyse_only(base: p.Term[Commit], head: p.Term[Commit]) -> p.Term[str]:
         if analysis.error is not None:
             raise AnalysisFailed(analysis.error)
         if analysis.lint:
-            count = len(analysis.lint)
-            raise AnalysisFailed(f"{count} lint {'message' if count == 1 else 'messages'}")
+            count, first = len(analysis.lint), analysis.lint[0]
+            raise AnalysisFailed(f"{count} lint {'message' if count == 1 else 'messages'}, "
+                                 f"the first: {first.file}: {first.message}")
         return "passed"
 
     return _analyse_only(_pull_request(base, head), label="analysis").map(
@@ -437,6 +438,24 @@ def _base_of(base: str, commits: list[Commit]) -> Commit:
     return found
 
 
+class PullRequestFailed(F.Reason):
+    """A pull request's result is not passed; the message says why."""
+
+
+def named(head: p.Term[Commit], result: p.Term[str]) -> p.Term[str]:
+    """`result` again, as one node labelled with the pull request's branch, so that `--once`
+    prints one line per pull request: its state and, for one that failed, why."""
+    outcome = p.catch(result)
+
+    def check(output: Ok[str] | Failed) -> str:
+        if isinstance(output, Failed):
+            raise PullRequestFailed(F.shown(output.message))
+        return output.value
+
+    return head.bind(lambda commit: outcome.map(check, label=commit.branch or commit.ref),
+                     label="pull request")
+
+
 def repository(heads: p.Term[list[Commit]], options: argparse.Namespace,
                place: BJ.Place) -> p.Term[list[str]]:
     """The pull requests of one repository (every branch but the base), each merged into the
@@ -447,9 +466,9 @@ def repository(heads: p.Term[list[Commit]], options: argparse.Namespace,
 
     def per_pr(head: p.Term[Commit]) -> p.Term[str]:
         if options.analyse_only:
-            return analyse_only(base, head)
-        return pull_request(base, head, options.platform_list, place, github,
-                            options.public_url)
+            return named(head, analyse_only(base, head))
+        return named(head, pull_request(base, head, options.platform_list, place, github,
+                                        options.public_url))
 
     pulls = heads.map(lambda commits: [commit for commit in commits
                                        if commit.branch not in (None, options.base)],

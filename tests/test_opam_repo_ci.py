@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,18 @@ def run_once(state: Path, *options: str) -> subprocess.CompletedProcess[str]:
                           timeout=HANG_GUARD)
 
 
+def pr_lines(stdout: str, branches: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """The state and error `--once` printed on each pull request's line (its label is the
+    branch)."""
+    found = {}
+    for line in stdout.splitlines():
+        state, _, rest = line.partition(" ")
+        label, _, error = rest.strip().partition(" ")
+        if label in branches:
+            found[label] = (state, error.strip())
+    return found
+
+
 def test_analyse_only_prints_one_json_line_per_pull_request(tmp_path: Path) -> None:
     repo = sample.make_demo(tmp_path / "opam-repository")
     sample.add_conflicting_change(repo, "conflict")
@@ -169,6 +182,14 @@ def test_analyse_only_prints_one_json_line_per_pull_request(tmp_path: Path) -> N
     assert "md5" in message["message"], message
     assert by_pr["conflict"]["error"] == "Cannot merge to master - please rebase!"
     assert by_pr["conflict"]["packages"] == [] and by_pr["conflict"]["lint"] == []
+    # And one line per pull request among the nodes' states, saying why one failed.
+    states = pr_lines(done.stdout, by_pr)
+    assert states["new-release"] == states["build-failure"] == ("ok", ""), done.stdout
+    state, error = states["lint-error"]
+    assert state == "failed" and error.startswith(
+        "PullRequestFailed: 1 lint message, the first: packages/testkit/"), done.stdout
+    assert states["conflict"] == (
+        "failed", "PullRequestFailed: Cannot merge to master - please rebase!"), done.stdout
     # Nothing was built: no build job ran.
     assert not list((tmp_path / "var" / "job").glob("*/*-opam-repo-job-*.log"))
 
@@ -194,6 +215,14 @@ def test_once_exits_0_when_every_pull_request_passes_and_1_otherwise(
         sample.add_release(repo, "build-failure", sample.BUILD_FAILURE)
     done = run_once(tmp_path / "var", "--repo", str(repo), "--store", ocaml_store)
     assert done.returncode == status, done
+    # One line per pull request: its state, and why it failed.
+    states = pr_lines(done.stdout, ["new-release", *branches])
+    assert states["new-release"] == ("ok", ""), done.stdout
+    if branches:
+        state, error = states["build-failure"]
+        assert state == "failed" and error.startswith(
+            "PullRequestFailed: build-failure: failed (wordcount.1.1 debian-12-system build"), \
+            done.stdout
     results = {branch: (read_status(tmp_path / "var", repo, branch, ci=CI) or {}).get("result")
                for branch in ("new-release", *branches)}
     assert results == {"new-release": "passed", **dict.fromkeys(branches, "failed")}

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pipeline as p
+from pipeline.ocaml import failures as F
 from pipeline.ocaml import github as GH
 from pipeline.ocaml import status as St
 from pipeline.ocaml.web import Site, commit_url
@@ -67,12 +68,16 @@ def ocaml_github_value(status: St.CommitStatus) -> dict[str, Any]:
     return {"state": GITHUB_STATES.get(status.result, "error"), "description": description}
 
 
+class BranchFailed(F.Reason):
+    """A branch head's result is one that fails it; the message says which and why."""
+
+
 def _fail_unless_passed(status: St.CommitStatus) -> str:
     """The result, unless it is one that fails the branch (failed, no builds, an error)."""
     if status.result in FAILING_RESULTS:
         failed = [job.name for job in status.jobs if job.state == "failed"]
         because = ", ".join(failed) if failed else status.reason
-        raise RuntimeError(f"{status.branch}: {status.result}"
+        raise BranchFailed(f"{status.branch}: {status.result}"
                            + (f" ({because})" if because else ""))
     return status.result
 
