@@ -25,7 +25,7 @@ from pipeline.obuilder.protocols import BuildError, StoreFull
 from pipeline.ocaml import failures as F
 from pipeline.ocaml import platforms as P
 from pipeline.opam_repo.merge import merged_checkout
-from pipeline.primitives.cluster import build_on_cluster
+from pipeline.primitives.cluster import as_source, build_on_cluster
 from pipeline.primitives.git import Commit
 from pipeline.primitives.obuilder import build_in_dir, build_in_job, resolve_store
 
@@ -77,10 +77,8 @@ async def build(job: p.Job, spec: str, source: Commit | Merge | None, place: Pla
     Raises as `build_in_job` does (a worker's errors are the builder's), `MergeConflict` when a
     merge cannot be made here, or the loss of a cluster's worker."""
     if place.cluster is not None:
-        if isinstance(source, Merge):
-            remote: Source | None = Source(source.repo, (source.base, source.head))
-        else:
-            remote = Source(source.repo, (source.hash,)) if source is not None else None
+        remote = (Source(source.repo, (source.base, source.head)) if isinstance(source, Merge)
+                  else as_source(source))
         return await build_on_cluster(job, spec, remote, log=log, pool=place.pool,
                                       cluster=place.cluster, cache_hint=place.cache_hint)
     if isinstance(source, Merge):
