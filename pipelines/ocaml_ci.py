@@ -455,7 +455,8 @@ def branch(head: p.Term[Commit], platforms: list[P.Platform], store: str,
                   for key in keys]
         specs = [St.JobSpec(key.name, key.job_kind, key.platform, "ocaml-job", _job_digest(key),
                             experimental[key.platform]) for key in keys]
-        return p.all(*states).map(lambda outputs: [specs, outputs], label="job states")
+        return p.all(*states).map(lambda outputs: list(zip(specs, outputs, strict=True)),
+                                  label="job states")
 
     analysis_state = p.state(analysed_value)
     indexes = debian if debian is not None else debian_indexes(None, platforms)
@@ -463,29 +464,9 @@ def branch(head: p.Term[Commit], platforms: list[P.Platform], store: str,
 
     def status(inputs: tuple[tuple[Commit, p.Output], p.Output]) -> St.Publication:
         (head_commit, analysis_output), platform_output = inputs
-        specs = [St.JobSpec(St.ANALYSIS, "analysis", None, "ocaml-analysis",
-                            _analysis_digest(head_commit))]
-        job_list = [St.job_status(specs[0], analysis_output)]
-        if isinstance(platform_output, p.Ok):
-            spec_list, outputs = platform_output.value
-            specs += spec_list
-            job_list += [St.job_status(spec, output)
-                         for spec, output in zip(spec_list, outputs, strict=True)]
-        result, reason = St.commit_result(job_list)
-        if isinstance(platform_output, p.Active):
-            # The platform jobs are not known until the analysis is read.
-            result, reason = "pending", None
-        elif isinstance(platform_output, p.Failed) and job_list[0].state == "passed":
-            # The jobs could not be made from the analysis (a bug, not the project's fault).
-            result, reason = "error", platform_output.message
-        # What git says of the commit, from the analysis (none from an analysis that failed).
-        known = analysis_output.value.get("commit") if isinstance(analysis_output, p.Ok) \
-            else None
-        info = St.CommitInfo(**known) if known else None
-        return St.Publication(
-            St.CommitStatus(R.repo_name(head_commit.repo), head_commit.branch or head_commit.ref,
-                            head_commit.hash, result, tuple(job_list), reason, info),
-            tuple(specs))
+        analysis = St.JobSpec(St.ANALYSIS, "analysis", None, "ocaml-analysis",
+                              _analysis_digest(head_commit))
+        return R.publication(head_commit, [(analysis, analysis_output)], platform_output)
 
     publication = p.pair(p.pair(head, analysis_state), platform_states).map(
         status, label="result")

@@ -133,7 +133,8 @@ class AnalysisFailed(F.Reason):
 
 
 async def _analysis(job: p.Job, pr: PullRequest, *, lint: bool) -> PrAnalysis:
-    """`analyse` of `pr` (merged, classified and, with `lint`, linted) in a thread, logged."""
+    """`analyse` of `pr` (merged, classified and, with `lint`, linted) in a thread, its
+    changes and lint messages logged."""
     job.log(f"Merging {pr.head} into {pr.base_name} at {pr.base.short}")
     analysis = await asyncio.to_thread(RA.analyse, pr.head.repo, pr.base.hash, pr.head.hash,
                                        pr=pr.head.branch or pr.head.ref,
@@ -142,6 +143,8 @@ async def _analysis(job: p.Job, pr: PullRequest, *, lint: bool) -> PrAnalysis:
         job.log(f"{change.package}: {change.kind}")
     if not analysis.packages and analysis.error is None:
         job.log("No package changed")
+    for message in analysis.lint:
+        job.log(f"{message.file}: [{message.rule}] {message.message}")
     return analysis
 
 
@@ -166,8 +169,6 @@ async def _lint(job: p.Job, pr: PullRequest) -> dict[str, Any]:
     analysis = await _analysis(job, pr, lint=True)
     if analysis.error is not None:
         raise AnalysisFailed(analysis.error)
-    for message in analysis.lint:
-        job.log(f"{message.file}: [{message.rule}] {message.message}")
     if analysis.lint:
         first = analysis.lint[0]
         more = f" (and {len(analysis.lint) - 1} more)" if len(analysis.lint) > 1 else ""
@@ -181,10 +182,7 @@ async def _lint(job: p.Job, pr: PullRequest) -> dict[str, Any]:
 async def _analyse_only(job: p.Job, pr: PullRequest) -> dict[str, Any]:
     """The whole analysis, lint included, as a value (`PrAnalysis.to_value`): the pull
     request's faults are in it, not failures of the job."""
-    analysis = await _analysis(job, pr, lint=True)
-    for message in analysis.lint:
-        job.log(f"{message.file}: [{message.rule}] {message.message}")
-    return analysis.to_value()
+    return (await _analysis(job, pr, lint=True)).to_value()
 
 
 # The package jobs
@@ -334,31 +332,15 @@ def _lint_value(status: St.CommitStatus) -> dict[str, Any]:
     return {"state": github, "description": description}
 
 
-def publication(pr: PullRequest, analysis: Output, lint: Output, jobs: Output,
+def publication(head: Commit, pr: PullRequest, analysis: Output, lint: Output, jobs: Output,
                 ) -> St.Publication:
-    """The pull request's status from the outputs of its analysis, lint and package jobs:
-    pending while the jobs are not known, an error when the analysis passed but its jobs could
-    not be made."""
+    """The status of the pull request whose head is `head` (as its monitor saw it: its
+    repository names the status files, where `pr`'s is the fetched one's) from the outputs of
+    its analysis, lint and package jobs; nothing to build is passed."""
     digest = _analysis_digest(pr)
-    specs = [St.JobSpec(St.ANALYSIS, "analysis", None, "opam-repo-analysis", digest),
-             St.JobSpec(LINT, "lint", None, "opam-repo-lint", digest)]
-    job_list = [St.job_status(specs[0], analysis), St.job_status(specs[1], lint)]
-    if isinstance(jobs, Ok):
-        specs += [spec for spec, _ in jobs.value]
-        job_list += [St.job_status(spec, output) for spec, output in jobs.value]
-    result, reason = St.commit_result(job_list, builds_required=False)
-    if isinstance(jobs, Active) and result != "failed":
-        # The package jobs are not known until the analysis is read.
-        result, reason = "pending", None
-    elif isinstance(jobs, Failed) and job_list[0].state == "passed":
-        # The jobs could not be made from the analysis (a bug, not the pull request's fault).
-        result, reason = "error", jobs.message
-    known = analysis.value.get("commit") if isinstance(analysis, Ok) else None
-    head = pr.head
-    return St.Publication(
-        St.CommitStatus(R.repo_name(head.repo), head.branch or head.ref, head.hash, result,
-                        tuple(job_list), reason, St.CommitInfo(**known) if known else None),
-        tuple(specs))
+    first = [(St.JobSpec(St.ANALYSIS, "analysis", None, "opam-repo-analysis", digest), analysis),
+             (St.JobSpec(LINT, "lint", None, "opam-repo-lint", digest), lint)]
+    return R.publication(head, first, jobs, builds_required=False)
 
 
 STATUSES = {"opam-ci": R.ocaml_github_value, "opam-repo-ci (linter)": _lint_value}
@@ -384,8 +366,8 @@ def pull_request(base: p.Term[Commit], head: p.Term[Commit], platforms: list[P.P
     states = p.all(p.state(analysed), p.state(_lint(pr, label="lint")),
                    p.state(p.pair(pr, analysed).bind(jobs, label="packages")),
                    label="job states")
-    status = p.pair(pr, states).map(lambda pair: publication(pair[0], *pair[1]),
-                                    label="result")
+    status = p.pair(p.pair(head, pr), states).map(
+        lambda pair: publication(*pair[0], *pair[1]), label="result")
     return R.report(head, status, ci=CI, github=github, public_url=public_url,
                     site=ocaml_web.OPAM_REPO_CI, statuses=STATUSES)
 

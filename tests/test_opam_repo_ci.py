@@ -23,6 +23,7 @@ from test_ocaml_ci import final_status, jobs_of, log_of, read_status
 
 import pipeline as p
 from pipeline.cli import load_pipeline
+from pipeline.ocaml import status as St
 from pipeline.opam_repo import sample
 from pipeline.web.diagram import DiagramCache
 
@@ -145,6 +146,20 @@ async def test_a_removed_pull_request_has_its_build_cancelled(
         assert job.is_cancelled, job.error
         await until(lambda: not processes_with(token), "the build's processes gone")
     assert processes_with(token) == []
+
+
+async def test_a_remotes_pull_requests_are_filed_under_the_remotes_name(tmp_path: Path) -> None:
+    # Fetched, the commits live in a mirror named by a digest of the URL: the status files
+    # must still be under the repository's name.
+    repo = sample.make_repository(tmp_path / "opam-repository")
+    sample.add_insignificant_change(repo, "description")
+    state = tmp_path / "var"
+    root = load_pipeline(PIPELINE_FILE, ["--remote", f"file://{repo}", "--store", "rsync:store"])
+    async with p.Engine(root, state_dir=state):
+        status = await pr_status(state, repo, "description")
+    assert status["result"] == "passed", status
+    assert status["repo"] == "opam-repository"
+    assert [path.name for path in St.status_dir(state, CI).iterdir()] == ["opam-repository"]
 
 
 def run_once(state: Path, *options: str) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from pipeline.ocaml import failures as F
 from pipeline.ocaml import github as GH
 from pipeline.ocaml import status as St
 from pipeline.ocaml.web import Site, commit_url
+from pipeline.output import Active, Failed, Ok, Output
 from pipeline.primitives.git import Commit
 
 # A commit with no build is not a success: ocaml-ci reports it as a failed check ("No builds at
@@ -70,6 +71,36 @@ def ocaml_github_value(status: St.CommitStatus) -> dict[str, Any]:
 
 class BranchFailed(F.Reason):
     """A branch head's result is one that fails it; the message says which and why."""
+
+
+def publication(head: Commit, first: Sequence[tuple[St.JobSpec, Output]], jobs: Output, *,
+                builds_required: bool = True) -> St.Publication:
+    """The status of the branch head `head` (as its monitor saw it, not as fetched: its
+    repository names the status files) from the outputs of its `first` jobs (the analysis
+    first, whose value carries what git says of the commit, then any other made from the
+    commit alone) and `jobs`, the output of the (spec, output) list of the jobs made from the
+    analysis; `builds_required` as for `commit_result`.
+
+    Pending while those jobs are not known (unless the result is already failed); an error when
+    the analysis passed but its jobs could not be made (a bug, not the project's fault).
+    """
+    specs = [spec for spec, _ in first]
+    job_list = [St.job_status(spec, output) for spec, output in first]
+    if isinstance(jobs, Ok):
+        specs += [spec for spec, _ in jobs.value]
+        job_list += [St.job_status(spec, output) for spec, output in jobs.value]
+    result, reason = St.commit_result(job_list, builds_required=builds_required)
+    if isinstance(jobs, Active) and result != "failed":
+        result, reason = "pending", None
+    elif isinstance(jobs, Failed) and job_list[0].state == "passed":
+        result, reason = "error", jobs.message
+    # What git says of the commit, from the analysis (none from an analysis that failed).
+    analysis = first[0][1]
+    known = analysis.value.get("commit") if isinstance(analysis, Ok) else None
+    return St.Publication(
+        St.CommitStatus(repo_name(head.repo), head.branch or head.ref, head.hash, result,
+                        tuple(job_list), reason, St.CommitInfo(**known) if known else None),
+        tuple(specs))
 
 
 def _fail_unless_passed(status: St.CommitStatus) -> str:
