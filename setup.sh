@@ -9,6 +9,7 @@ apt-get install -y -qq --no-install-recommends \
     python3 python3-venv python3-pip git graphviz ca-certificates \
     runc btrfs-progs xfsprogs rsync busybox-static buildah \
     debootstrap docker-registry skopeo umoci apache2-utils opam \
+    qemu-user-static binfmt-support podman \
     chromium fonts-dejavu-core >/dev/null
 if [ ! -x .venv/bin/python ]; then
     /usr/bin/python3 -m venv .venv
