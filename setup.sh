@@ -11,6 +11,13 @@ apt-get install -y -qq --no-install-recommends \
     debootstrap docker-registry skopeo umoci apache2-utils opam \
     qemu-user-static binfmt-support podman \
     chromium fonts-dejavu-core >/dev/null
+# Emulated builds (arm64, ppc64le, s390x, riscv64) run through qemu's binfmt_misc handlers,
+# which Debian registers with the F flag (the interpreter is opened here, so sandboxes need no
+# copy of it). A machine without systemd has neither binfmt_misc mounted nor the handlers on.
+if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
+    mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+fi
+update-binfmts --enable
 if [ ! -x .venv/bin/python ]; then
     /usr/bin/python3 -m venv .venv
 fi

@@ -3,7 +3,8 @@
 A step's id is the SHA-256 of everything that determines its result (see "Step ids" in
 `docs/architecture.md`):
 
-- `from`: the image reference;
+- `from`: the image reference and the platform (`linux/ARCH`) the build is for, so that every
+  step of an arm64 build differs from the same step of an amd64 one;
 - `run`: the parent id, workdir, user, whole environment, shell, command, network and secrets
   (ids and targets; never the values). Caches are not part of it;
 - `copy`: the parent id, user, digest of the copy's manifest (files, hashes, symlinks,
@@ -66,6 +67,7 @@ from pipeline.obuilder import spec as S
 from pipeline.obuilder.full_store import is_disk_full, reporting_full, space_problem
 from pipeline.obuilder.log_format import MARK, MARK_SHOWN, outcome
 from pipeline.obuilder.manifest import manifest
+from pipeline.obuilder.platforms import host_platform, parse_platform
 from pipeline.obuilder.protocols import (
     BuildError,
     Fetcher,
@@ -92,9 +94,11 @@ def step_id(**fields: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def from_id(image: str) -> str:
-    """The id of the step `(from image)`: it depends on the image reference only."""
-    return step_id(op="from", image=image)
+def from_id(image: str, platform: str | None = None) -> str:
+    """The id of the step `(from image)` built for `platform` (`linux/ARCH` or any form
+    `platforms.parse_platform` takes; None: this host's): it depends on the image reference and
+    the platform only. Raises BuildError for an unknown platform."""
+    return step_id(op="from", image=image, platform=parse_platform(platform or host_platform()))
 
 
 def base_digest(result: Path) -> str | None:
@@ -193,18 +197,22 @@ class _Step:
 
 class Builder:
     """Builds specs with results kept in `store`, commands run in `sandbox`, images from
-    `fetcher`.
+    `fetcher`, for `platform` (`linux/ARCH`; the fetcher must make images of that platform).
 
     Several builders, in one process or many, may share a store: each step is built once.
     `close` (or the end of the process) lets go of what the store holds.
     """
 
-    def __init__(self, store: Store, sandbox: Sandbox, fetcher: Fetcher) -> None:
+    def __init__(self, store: Store, sandbox: Sandbox, fetcher: Fetcher, *,
+                 platform: str | None = None) -> None:
         """Build with these backends; `store` is normally a `DbStore`, whose `mark_used`
-        records cache hits for pruning (a bare backend ignores them)."""
+        records cache hits for pruning (a bare backend ignores them). `platform` is any form
+        `platforms.parse_platform` takes (None: this host's); BuildError for an unknown one."""
         self.store = store
         self.sandbox = sandbox
         self.fetcher = fetcher
+        self.platform = parse_platform(platform or host_platform())
+        """The platform every build of this builder is for, `linux/ARCH`."""
         self._running: dict[str, _Step] = {}
         # Start-up cleaning, done (or being done) before the first step runs; see `clean`.
         self._cleaning: asyncio.Future[None] | None = None
@@ -300,7 +308,7 @@ class Builder:
 
     async def _from(self, image: str, request: _Request) -> tuple[str, dict[str, str]]:
         """The result of `(from image)` and the image's environment."""
-        id = from_id(image)
+        id = from_id(image, self.platform)
 
         async def work(tmp: Path, step_log: Log) -> None:
             rootfs = tmp / "rootfs"

@@ -56,9 +56,11 @@ def _fetcher_options(parser: argparse.ArgumentParser) -> None:
                        help="short for --fetcher local:DIR")
     parser.add_argument("--fetcher-map", metavar="FILE", type=Path,
                         help="PATTERN -> FETCHER lines choosing the fetcher of some images")
-    parser.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
-                        help="the platform picked from a registry's multi-platform images "
-                        "(default: this host's)")
+    parser.add_argument("--platform", metavar="linux/ARCH",
+                        help="the platform the build is for: its images (an image index's "
+                        "matching manifest, debootstrap's architecture) and its step ids; "
+                        "ARCH amd64, arm64, ppc64le, s390x or riscv64, another than this "
+                        "host's running under emulation (default: this host's)")
     parser.add_argument("--insecure-registry", metavar="HOST:PORT", action="append",
                         default=[], help="a registry reached over plain HTTP (may be "
                         "repeated; registries on loopback always are)")
@@ -279,7 +281,7 @@ async def _pull(options: argparse.Namespace) -> int:
     async with _opened_store(options) as store:
         fetcher = choose(select_fetcher(store.state_dir, **_fetcher_settings(options)), image)
         # Only the `from` step runs: the sandbox is never used.
-        builder = Builder(store, open_sandbox(store.root), fetcher)
+        builder = Builder(store, open_sandbox(store.root), fetcher, platform=options.platform)
         try:
             return await _pull_image(image, builder, fetcher)
         finally:
@@ -291,7 +293,7 @@ async def _pull_image(image: str, builder: Any, fetcher: Any) -> int:
     from pipeline.obuilder.builder import base_digest, from_id
 
     store = builder.store
-    id = from_id(image)
+    id = from_id(image, builder.platform)
     existing = await store.result(id)
     refresh = getattr(fetcher, "refresh", None)
     if refresh is not None:

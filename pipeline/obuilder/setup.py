@@ -106,4 +106,4 @@ async def open_builder(store_spec: str, *, rsync_mode: str = "copy", fetcher: st
     except BaseException:
         store.close()
         raise
-    return Builder(store, sandbox, chosen)
+    return Builder(store, sandbox, chosen, platform=platform)

@@ -22,6 +22,7 @@ from pathlib import Path
 import pipeline as p
 from pipeline.obuilder import spec as S
 from pipeline.obuilder.builder import Builder
+from pipeline.obuilder.platforms import parse_platform
 from pipeline.obuilder.setup import open_builder, open_sandbox, sandbox_dir
 from pipeline.obuilder.stores import KINDS
 from pipeline.primitives import git
@@ -37,8 +38,9 @@ class BuildKey:
     `spec` is the canonical text of the spec, or the text as written when it does not parse
     (the job then fails with the spec error); `commit` the context (None: an empty directory);
     `store` is `KIND:PATH` and `fetcher` a fetcher name (`local:DIR`, `registry`, ...) or None for
-    the default. `secrets` are handed to the build but are part of neither the key's digest nor
-    its equality, so that their values are never stored.
+    the default; `platform` is `linux/ARCH` (None: the host's). `secrets` are handed to the
+    build but are part of neither the key's digest nor its equality, so that their values are
+    never stored.
     """
 
     spec: str
@@ -47,6 +49,7 @@ class BuildKey:
     fetcher: str | None
     secrets: tuple[tuple[str, bytes], ...] = dataclasses.field(
         default=(), compare=False, repr=False)
+    platform: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +66,13 @@ def _key_digest(key: BuildKey, _config: BuildConfig) -> str:
     # The commit's hash, not its repository or ref: the same commit seen on two branches (or in
     # two clones) is one build.
     commit_hash = key.commit.hash if key.commit is not None else None
-    return p.digest((key.spec, commit_hash, key.store, key.fetcher))
+    return p.digest((key.spec, commit_hash, key.store, key.fetcher, key.platform))
 
 
 def _pp(key: BuildKey) -> str:
     where = f"{key.commit.ref} at {key.commit.short}" if key.commit is not None else "no context"
-    return f"{where} on {key.store}"
+    platform = f" for {key.platform}" if key.platform is not None else ""
+    return f"{where} on {key.store}{platform}"
 
 
 def canonical_spec(text: str) -> str:
@@ -79,11 +83,12 @@ def canonical_spec(text: str) -> str:
         return text
 
 
-# One Builder per (store, fetcher) per event loop: builds of one Builder share a running step's
-# live log; other builders (and processes) wait for the step's lock and then replay its log.
+# One Builder per (store, fetcher, platform) per event loop: builds of one Builder share a
+# running step's live log; other builders (and processes) wait for the step's lock and then
+# replay its log.
 # A Builder is never closed by hand: its store lets go of its locks and mounts at exit.
 _builders: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, dict[tuple[str, str | None], asyncio.Task[Builder]]
+    asyncio.AbstractEventLoop, dict[tuple[str, str | None, str | None], asyncio.Task[Builder]]
 ] = weakref.WeakKeyDictionary()
 
 
@@ -131,11 +136,11 @@ async def clean_stores(state_dir: Path) -> None:
 p.on_start(clean_stores)
 
 
-async def _open(store: str, create: Path | None, fetcher: str | None, state_dir: Path
-                ) -> Builder:
+async def _open(store: str, create: Path | None, fetcher: str | None, platform: str | None,
+                state_dir: Path) -> Builder:
     if create is not None:
         await asyncio.to_thread(create.mkdir, parents=True, exist_ok=True)
-    builder = await open_builder(store, fetcher=fetcher)
+    builder = await open_builder(store, fetcher=fetcher, platform=platform)
     try:
         # Before any step runs in it, so that a restart after a crash knows where to clean.
         await asyncio.to_thread(_remember_store, state_dir, builder.store.root.absolute())
@@ -145,9 +150,11 @@ async def _open(store: str, create: Path | None, fetcher: str | None, state_dir:
     return builder
 
 
-async def shared_builder(store: str, fetcher: str | None, state_dir: Path) -> Builder:
+async def shared_builder(store: str, fetcher: str | None, state_dir: Path, *,
+                         platform: str | None = None) -> Builder:
     """The Builder of this event loop for `store` (a relative PATH is under `state_dir`,
-    created if missing) and `fetcher`, opened on first use.
+    created if missing), `fetcher` and `platform` (`linux/ARCH`; None: the host's), opened on
+    first use.
 
     Raises what `open_builder` raises (a bad store or fetcher, no runc, not root); a failed
     opening is forgotten, so that the next build tries again.
@@ -157,10 +164,10 @@ async def shared_builder(store: str, fetcher: str | None, state_dir: Path) -> Bu
     # A store under the state directory is ours to create; an absolute one must exist.
     create = Path(resolved.partition(":")[2]) if resolved != store else None
     builders = _builders.setdefault(loop, {})
-    memo = (resolved, fetcher)
+    memo = (resolved, fetcher, platform)
     task = builders.get(memo)
     if task is None:
-        task = loop.create_task(_open(resolved, create, fetcher, state_dir),
+        task = loop.create_task(_open(resolved, create, fetcher, platform, state_dir),
                                 name=f"open store {resolved}")
         builders[memo] = task
 
@@ -189,10 +196,11 @@ async def _context_dir(commit: Commit | None) -> AsyncIterator[Path]:
 
 async def build_in_job(job: p.Job, spec: str, commit: Commit | None, *, store: str,
                        fetcher: str | None, log: Callable[[bytes], None] | None = None,
-                       secrets: Mapping[str, bytes] | None = None) -> str:
+                       secrets: Mapping[str, bytes] | None = None,
+                       platform: str | None = None) -> str:
     """Build the spec `spec` (its text) with a clean checkout of `commit` as the context (None:
     an empty directory), inside the running `job`, on the shared builder of `store` (see
-    `shared_builder`) and `fetcher`; return the result id.
+    `shared_builder`), `fetcher` and `platform`; return the result id.
 
     Each step's output goes to `log` (default: the job's log). Raises (failing the job) the
     spec error, located by line and column, if the spec does not parse; the builder's error
@@ -202,16 +210,17 @@ async def build_in_job(job: p.Job, spec: str, commit: Commit | None, *, store: s
     """
     async with _context_dir(commit) as context:
         return await build_in_dir(job, spec, context, store=store, fetcher=fetcher, log=log,
-                                  secrets=secrets)
+                                  secrets=secrets, platform=platform)
 
 
 async def build_in_dir(job: p.Job, spec: str, context: Path, *, store: str,
                        fetcher: str | None, log: Callable[[bytes], None] | None = None,
-                       secrets: Mapping[str, bytes] | None = None) -> str:
+                       secrets: Mapping[str, bytes] | None = None,
+                       platform: str | None = None) -> str:
     """Build the spec `spec` (its text) with the directory `context` as its context, as
     `build_in_job` does with a checkout."""
     parsed = S.parse(spec, filename="spec")
-    builder = await shared_builder(store, fetcher, job.state_dir)
+    builder = await shared_builder(store, fetcher, job.state_dir, platform=platform)
     job.log(f"Building in {context}")
     return await builder.build(parsed, context, log=log or job.write, secrets=secrets or {})
 
@@ -223,7 +232,7 @@ async def _build(job: p.Job, key: BuildKey, config: BuildConfig) -> str:
     `build_in_job` describes."""
     await job.start(pool=config.pool, level=config.level)
     return await build_in_job(job, key.spec, key.commit, store=key.store, fetcher=key.fetcher,
-                              secrets=dict(key.secrets))
+                              secrets=dict(key.secrets), platform=key.platform)
 
 
 def build(
@@ -237,6 +246,7 @@ def build(
     label: str = "build",
     secrets: Mapping[str, bytes] | None = None,
     level: p.Level = p.Level.AVERAGE,
+    platform: str | None = None,
 ) -> p.Term[str]:
     """The result id of building `spec` (its text) with the commit `context` as the source of
     `copy` steps (a local commit, e.g. from `git.local_heads` or `git.fetch`; None: an empty
@@ -246,16 +256,20 @@ def build(
       the engine's state directory and is created if missing (an absolute one must exist).
     - `fetcher`: `registry`, `debootstrap` or `local:DIR`; `image_dir`: short for `local:DIR`
       (not both); neither: debootstrap for Debian, a registry for the rest.
+    - `platform`: `linux/ARCH` (or any name `obuilder.platforms.parse_platform` takes) the
+      build is for; another architecture than the host's runs under emulation. None: the host's.
     - `pool`, `level`: the job's pool and risk level; `label`: the node's name in the diagram;
       `secrets`: values of the spec's secrets by id (not part of the key: a new value alone does
       not rebuild).
 
     The job streams each step's output into its log and fails as `_build` describes; a new spec
     or commit cancels the running build of the old one (auto-cancel). Raises ValueError for
-    both `fetcher` and `image_dir`.
+    both `fetcher` and `image_dir`, and BuildError for an unknown platform.
     """
     if fetcher is not None and image_dir is not None:
         raise ValueError("give fetcher or image_dir, not both")
+    if platform is not None:
+        platform = parse_platform(platform)
     if image_dir is not None:
         fetcher = f"local:{Path(image_dir).absolute()}"
     secret_items = tuple(sorted((secrets or {}).items()))
@@ -263,7 +277,7 @@ def build(
     context_term: p.Term[Commit | None] = context if context is not None else p.const(None)
 
     def key(pair: tuple[str, Commit | None]) -> BuildKey:
-        return BuildKey(pair[0], pair[1], store, fetcher, secret_items)
+        return BuildKey(pair[0], pair[1], store, fetcher, secret_items, platform)
 
     return _build(p.pair(spec_term, context_term).map(key, label="build key"),
                   config=BuildConfig(pool, level), label=label)
