@@ -181,9 +181,9 @@ def build_argv(spec_file: Path, context: Path, images: Path) -> list[str]:
             str(context), "--image-dir", str(images)]
 
 
-def measure(stores: list[str], work: Path) -> dict[str, Any]:
-    """Run everything; return the figures."""
-    compileall.compile_dir(Path(pipeline.__file__).parent, quiet=1)
+def make_build(work: Path) -> tuple[Path, Path, Path]:
+    """The 10-step build in `work`: its busybox image directory, its context (the files it
+    copies and the Dockerfile converted from the spec, for buildah) and its spec file."""
     images = make_image(work / "image")
     context = work / "context"
     context.mkdir()
@@ -194,8 +194,13 @@ def measure(stores: list[str], work: Path) -> dict[str, Any]:
     parsed = obuilder_spec.parse(spec_file.read_text())
     (context / "Dockerfile").write_text(
         obuilder_spec.to_dockerfile(parsed, buildkit=False, os="unix"))
+    return images, context, spec_file
 
-    results: dict[str, Any] = {"steps": STEPS, "stores": {}}
+
+def buildah_times(context: Path, images: Path) -> dict[str, float]:
+    """`buildah bud --layers` of the context's Dockerfile: one cold build (`--no-cache`) and the
+    median of `CACHED_RUNS` cached ones, in seconds. The image `bench` and the busybox base it
+    is built on are left for `remove_buildah_images`."""
     container = subprocess.run(["buildah", "from", "scratch"], check=True, capture_output=True,
                                text=True).stdout.strip()
     subprocess.run(["buildah", "add", container, str(images / "busybox.tar"), "/"], check=True,
@@ -204,9 +209,25 @@ def measure(stores: list[str], work: Path) -> dict[str, Any]:
                    check=True, capture_output=True)
     subprocess.run(["buildah", "rm", container], check=True, capture_output=True)
     bud = ["buildah", "bud", "--layers", "--pull=never", "-q", "-t", "bench", str(context)]
-    buildah_cold = timed([*bud[:2], "--no-cache", *bud[2:]])
-    buildah_cached, _, _ = median_of(CACHED_RUNS, bud)
-    results["buildah"] = {"cold_s": round(buildah_cold, 3), "cached_s": round(buildah_cached, 3)}
+    cold = timed([*bud[:2], "--no-cache", *bud[2:]])
+    cached, _, _ = median_of(CACHED_RUNS, bud)
+    return {"cold_s": round(cold, 3), "cached_s": round(cached, 3)}
+
+
+def remove_buildah_images() -> None:
+    """Remove what `buildah_times` made."""
+    subprocess.run(["buildah", "rmi", "-f", "bench", "localhost/busybox:latest"],
+                   capture_output=True)
+
+
+def measure(stores: list[str], work: Path) -> dict[str, Any]:
+    """Run everything; return the figures."""
+    compileall.compile_dir(Path(pipeline.__file__).parent, quiet=1)
+    images, context, spec_file = make_build(work)
+
+    results: dict[str, Any] = {"steps": STEPS, "stores": {}}
+    results["buildah"] = buildah_times(context, images)
+    buildah_cold, buildah_cached = results["buildah"]["cold_s"], results["buildah"]["cached_s"]
 
     for kind in stores:
         if kind == "btrfs":
@@ -243,6 +264,16 @@ def measure(stores: list[str], work: Path) -> dict[str, Any]:
     return results
 
 
+def unmount_under(work: Path) -> None:
+    """Unmount everything below `work`, deepest first: the overlayfs store's result views,
+    then the loop-mounted filesystems."""
+    with open("/proc/self/mountinfo") as mountinfo:
+        points = [line.split()[4] for line in mountinfo]
+    for mount_point in sorted((p for p in points if p.startswith(f"{work}/")),
+                              key=len, reverse=True):
+        subprocess.run(["umount", "-l", mount_point], capture_output=True)
+
+
 def main() -> None:
     """Parse the arguments, measure, print."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -254,14 +285,8 @@ def main() -> None:
     try:
         figures = measure(options.stores.split(","), work)
     finally:
-        # Deepest first: the overlayfs store's result views, then the loop-mounted filesystems.
-        with open("/proc/self/mountinfo") as mountinfo:
-            points = [line.split()[4] for line in mountinfo]
-        for mount_point in sorted((p for p in points if p.startswith(f"{work}/")),
-                                  key=len, reverse=True):
-            subprocess.run(["umount", "-l", mount_point], capture_output=True)
-        subprocess.run(["buildah", "rmi", "-f", "bench", "localhost/busybox:latest"],
-                       capture_output=True)
+        unmount_under(work)
+        remove_buildah_images()
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(figures, indent=None if options.json else 2))
 
