@@ -224,7 +224,7 @@ def _architectures(mirror: str, suite: str) -> set[str] | None:
 
 async def _run(argv: list[str], log: Log, name: str) -> None:
     """Run `argv` with Debian's PATH, streaming its output to `log`; BuildError naming it
-    `name` if it fails.
+    `name` if it fails, with debootstrap's last error line (`E: ...`) if it printed one.
 
     It runs in its own session so that a cancellation kills the chroot'ed children too.
     """
@@ -232,9 +232,11 @@ async def _run(argv: list[str], log: Log, name: str) -> None:
         *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env={"PATH": DEFAULT_PATH}, start_new_session=True)
     assert process.stdout is not None
+    tail = b""
     try:
         while chunk := await process.stdout.read(65536):
             log.write(chunk)
+            tail = (tail + chunk)[-_TAIL:]
         status = await process.wait()
     except BaseException:
         if process.returncode is None:
@@ -242,7 +244,24 @@ async def _run(argv: list[str], log: Log, name: str) -> None:
             await process.wait()
         raise
     if status != 0:
-        raise BuildError(f"{name} exited with status {status} (see the log above)")
+        raise BuildError(f"{name} exited with status {status}: {_last_error(tail)}")
+
+
+_TAIL = 4096
+"""How much of debootstrap's output is kept for finding its last error line."""
+_ERROR_LENGTH = 300
+
+
+def _last_error(tail: bytes) -> str:
+    """debootstrap's last `E: ` line in `tail` (its output's end), shown safely on one line
+    and shortened; or a pointer to the log if there is none."""
+    errors = [line for line in tail.decode(errors="replace").splitlines()
+              if line.startswith("E: ")]
+    if not errors:
+        return "see the log above"
+    # The line names packages and URLs from the mirror: nothing in it may drive a terminal.
+    text = "".join(ch if ch.isprintable() else "?" for ch in errors[-1][3:])
+    return text if len(text) <= _ERROR_LENGTH else text[:_ERROR_LENGTH] + "..."
 
 
 def _unmount_under(rootfs: Path) -> None:
