@@ -7,16 +7,20 @@ build on a btrfs store; two tests use that store.
 from __future__ import annotations
 
 import asyncio
+import functools
+import http.server
 import re
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from obuilder_fixtures import RecordingLog
+from ocaml_fixtures import _QuietHandler
 
 from pipeline.obuilder import spec as S
 from pipeline.obuilder.builder import Builder, base_digest, from_id
@@ -160,3 +164,25 @@ def test_mirror_from_one_line_sources(tmp_path: Path) -> None:
 
 def test_the_hosts_mirror_is_found() -> None:
     assert re.fullmatch(r"https?://\S+", find_mirror())
+
+
+async def test_a_failing_debootstrap_says_why_in_one_line(tmp_path: Path) -> None:
+    """A mirror without the suite: debootstrap's own error line ends the fetcher's message."""
+    empty = tmp_path / "mirror"
+    empty.mkdir()
+    handler = functools.partial(_QuietHandler, directory=str(empty))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        mirror = f"http://127.0.0.1:{server.server_address[1]}/debian"
+        rootfs = tmp_path / "rootfs"
+        rootfs.mkdir()
+        try:
+            with pytest.raises(BuildError) as error:
+                await asyncio.wait_for(DebootstrapFetcher(mirror=mirror).fetch(
+                    "debian:13", rootfs, log=RecordingLog()), 120)
+        finally:
+            server.shutdown()
+            thread.join()
+    assert str(error.value) == (f"debootstrap exited with status 1: Failed getting release "
+                                f"file {mirror}/dists/trixie/Release")
