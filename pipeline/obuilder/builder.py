@@ -33,6 +33,11 @@ and mounts them read-only (mode 0400, owned by the step's user). They are not pa
 id, so a build that joins a step already running shares the result made with the first build's
 secret values.
 
+A build for another platform than the host's (`Builder.platform`) runs its commands under
+emulation: before its first step, the builder checks once that qemu's binfmt_misc handler for
+that platform is there (`emulation.find_emulator`; MissingTool otherwise), and gives every `run`
+step the mounts the handler needs (its interpreter, unless the handler has the `F` flag).
+
 Before the first step a builder runs, it cleans what crashed processes left (`Builder.clean`):
 not when it is made, so that a fully cached build does no start-up work beyond looking its
 results up.
@@ -64,10 +69,11 @@ from typing import Any, BinaryIO
 
 from pipeline.obuilder import confined
 from pipeline.obuilder import spec as S
+from pipeline.obuilder.emulation import BINFMT_DIR, find_emulator
 from pipeline.obuilder.full_store import is_disk_full, reporting_full, space_problem
 from pipeline.obuilder.log_format import MARK, MARK_SHOWN, outcome
 from pipeline.obuilder.manifest import manifest
-from pipeline.obuilder.platforms import host_platform, parse_platform
+from pipeline.obuilder.platforms import host_platform, is_emulated, parse_platform
 from pipeline.obuilder.protocols import (
     BuildError,
     Fetcher,
@@ -204,15 +210,19 @@ class Builder:
     """
 
     def __init__(self, store: Store, sandbox: Sandbox, fetcher: Fetcher, *,
-                 platform: str | None = None) -> None:
+                 platform: str | None = None, binfmt_dir: Path = BINFMT_DIR) -> None:
         """Build with these backends; `store` is normally a `DbStore`, whose `mark_used`
         records cache hits for pruning (a bare backend ignores them). `platform` is any form
-        `platforms.parse_platform` takes (None: this host's); BuildError for an unknown one."""
+        `platforms.parse_platform` takes (None: this host's); BuildError for an unknown one.
+        An emulated platform's handler is looked for under `binfmt_dir` (binfmt_misc)."""
         self.store = store
         self.sandbox = sandbox
         self.fetcher = fetcher
         self.platform = parse_platform(platform or host_platform())
         """The platform every build of this builder is for, `linux/ARCH`."""
+        self.binfmt_dir = binfmt_dir
+        # What every `run` step mounts for emulation; None until checked (see `_emulation`).
+        self._emulation_mounts: list[Mount] | None = None
         self._running: dict[str, _Step] = {}
         # Start-up cleaning, done (or being done) before the first step runs; see `clean`.
         self._cleaning: asyncio.Future[None] | None = None
@@ -247,9 +257,19 @@ class Builder:
         store is full (see `full_store`) or runs out of space. Cancelling the calling task stops
         the current step unless another build is waiting for it too.
         """
+        self._emulation()
         request = _Request(_BuildLog(log), secrets)
         async with self._space_guard(), self._noting_cache_hits(request):
             return await self._build(spec, context, request, {})
+
+    def _emulation(self) -> list[Mount]:
+        """The mounts a `run` step needs to run this builder's platform: none for the host's;
+        for an emulated one, the emulator's, its handler checked once (raises MissingTool as
+        `emulation.find_emulator` does, and again at the next build)."""
+        if self._emulation_mounts is None:
+            self._emulation_mounts = (find_emulator(self.platform, self.binfmt_dir).mounts()
+                                      if is_emulated(self.platform) else [])
+        return self._emulation_mounts
 
     @asynccontextmanager
     async def _noting_cache_hits(self, request: _Request) -> AsyncIterator[None]:
@@ -301,6 +321,7 @@ class Builder:
         not, and return its id; `log` gets the step's header, output and outcome. Raises
         BuildError naming the step if the fetcher fails (nothing is saved then), StoreFull as
         `build` does."""
+        self._emulation()
         request = _Request(_BuildLog(log), _NO_SECRETS)
         async with self._space_guard(), self._noting_cache_hits(request):
             id, _ = await self._from(image, request)
@@ -346,6 +367,8 @@ class Builder:
                           c.target)
                     for c in op.cache
                 ]
+                # Last: a cache mounted over the interpreter's directory cannot hide it.
+                mounts += self._emulation()
                 config = SandboxConfig(argv=[*ctx.shell, op.shell], cwd=ctx.workdir, uid=uid,
                                        gid=gid, env=dict(env), mounts=mounts,
                                        network="host" in op.network,

@@ -58,9 +58,10 @@ def _fetcher_options(parser: argparse.ArgumentParser) -> None:
                         help="PATTERN -> FETCHER lines choosing the fetcher of some images")
     parser.add_argument("--platform", metavar="linux/ARCH",
                         help="the platform the build is for: its images (an image index's "
-                        "matching manifest, debootstrap's architecture) and its step ids; "
-                        "ARCH amd64, arm64, ppc64le, s390x or riscv64, another than this "
-                        "host's running under emulation (default: this host's)")
+                        "matching manifest, debootstrap's architecture; local:DIR tarballs "
+                        "are used as they are) and its step ids; ARCH amd64, arm64, ppc64le, "
+                        "s390x or riscv64, another than this host's running under emulation "
+                        "(qemu-user-static; default: this host's)")
     parser.add_argument("--insecure-registry", metavar="HOST:PORT", action="append",
                         default=[], help="a registry reached over plain HTTP (may be "
                         "repeated; registries on loopback always are)")
@@ -156,6 +157,14 @@ def main(argv: Sequence[str]) -> int:
     from pipeline.obuilder.protocols import BuildError
 
     options = build_parser().parse_args(list(argv))
+    if getattr(options, "platform", None) is not None:
+        from pipeline.obuilder.platforms import parse_platform
+
+        try:
+            options.platform = parse_platform(options.platform)
+        except BuildError as exc:
+            print(f"pipeline obuilder {options.command}: --platform: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         if options.command in ("fmt", "dockerfile"):
             return _convert(options)
@@ -323,6 +332,10 @@ async def _healthcheck(options: argparse.Namespace) -> int:
     from pipeline.obuilder.sandboxes.runc import check_runc
 
     print(f"runc: {await check_runc()}")
+    from pipeline.obuilder.emulation import describe_platforms
+
+    for line in describe_platforms():
+        print(f"platform {line}")
     return EXIT_OK
 
 

@@ -16,6 +16,9 @@ Two ways of walking:
 - *literal* (`open_dir`, `make_dirs`): every symlink and every `..` component is refused, so the
   caller gets the directory the path names literally, or an error.
 
+`make_entry` creates a path (a mount point, a file put in for a while) and `remove_made` removes
+what it created, and only that, once done.
+
 Paths are written as inside the tree: `/etc/passwd` and `etc/passwd` are the same entry. Errors
 are the kernel's `OSError`s, whose `filename` is the path walked up to the offending component:
 ELOOP for a symlink a literal walk may not follow (or after `MAX_SYMLINKS` of them), EXDEV for a
@@ -31,6 +34,7 @@ import os
 import posixpath
 import stat
 from collections import deque
+from dataclasses import dataclass
 
 MAX_SYMLINKS = 40
 """Symlinks followed in one path before giving up with ELOOP (the kernel's limit)."""
@@ -74,6 +78,73 @@ def make_dirs(root: Root, path: str, mode: int) -> int:
     fds, _ = _walk(root, path, follow_in_root=False, must_exist=True, create_mode=mode)
     _close(fds[:-1])
     return fds[-1]
+
+
+@dataclass(frozen=True)
+class Made:
+    """An entry `make_entry` made: its path relative to the root (free of symlinks when it was
+    made), and the (st_dev, st_ino) of the entry and of its parent directory."""
+
+    path: str
+    identity: tuple[int, int]
+    parent: tuple[int, int]
+
+
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    return info.st_dev, info.st_ino
+
+
+def make_entry(root: int, path: str, *, is_dir: bool, made: list[Made]) -> None:
+    """Create `path` in the tree of the descriptor `root` (a directory if `is_dir`, else an
+    empty file, mode 0644), and its missing parents, unless it exists; symlinks on the way are
+    followed as if the root were `/`. Each entry made is appended to `made` as soon as it
+    exists, so that a failure half-way still lets the caller remove them (`remove_made`).
+    Raises OSError as `resolve` and `open_dir` do."""
+    parts = resolve(root, path).split("/")
+    for depth, name in enumerate(parts):
+        if not name:
+            continue  # the path is the root itself
+        parent = open_dir(root, "/".join(parts[:depth]), follow_in_root=False)
+        try:
+            if depth < len(parts) - 1 or is_dir:
+                os.mkdir(name, dir_fd=parent)
+            else:
+                os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC, 0o644, dir_fd=parent))
+        except FileExistsError:
+            continue
+        else:
+            info = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            made.append(Made("/".join(parts[:depth + 1]), _identity(info),
+                             _identity(os.fstat(parent))))
+        finally:
+            os.close(parent)
+
+
+def remove_made(root: int, made: list[Made]) -> None:
+    """Remove what `make_entry` made, deepest first, without following any symlink.
+
+    An entry stays if it or anything on its path was replaced since (a different inode, a
+    symlink on the way), or if files were put into it (a directory not empty): it is no longer
+    only what `make_entry` made. Errors are ignored: what cannot be removed stays."""
+    for entry in reversed(made):
+        parent_path, _, name = entry.path.rpartition("/")
+        try:
+            parent = open_dir(root, parent_path, follow_in_root=False)
+        except OSError:
+            continue
+        try:
+            info = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            if _identity(os.fstat(parent)) != entry.parent or _identity(info) != entry.identity:
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                os.rmdir(name, dir_fd=parent)
+            else:
+                os.unlink(name, dir_fd=parent)
+        except OSError:
+            continue
+        finally:
+            os.close(parent)
 
 
 def _walk(root: Root, path: str, *, follow_in_root: bool, must_exist: bool,

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.obuilder.builder import Builder
 from pipeline.obuilder.db_store import DbStore
+from pipeline.obuilder.platforms import host_platform, parse_platform
 from pipeline.obuilder.protocols import STATE_DIR, Fetcher
 
 if TYPE_CHECKING:
@@ -40,10 +41,12 @@ def select_fetcher(state_dir: Path, *, fetcher: str | None = None, image_dir: st
     """The fetcher chosen as `pipeline obuilder` documents it: `image_dir` (short for
     `local:DIR`), else `fetcher` by name, else the default; `fetcher_map` sends chosen images
     elsewhere. A registry keeps its layers and resolved tags in `registry/` under `state_dir`,
-    the store's state directory (`Store.state_dir`).
+    the store's state directory (`Store.state_dir`). Every fetcher makes images of `platform`
+    (any form `platforms.parse_platform` takes; None: the host's), except `local:DIR`, whose
+    tarballs are used as they are, whatever their architecture.
 
-    Raises BuildError for an unknown fetcher or a malformed fetcher map. Nothing is fetched,
-    and nothing beyond the map is checked, until an image is asked for.
+    Raises BuildError for an unknown fetcher, platform or a malformed fetcher map. Nothing is
+    fetched, and nothing beyond the map is checked, until an image is asked for.
     """
     from pipeline.obuilder.fetchers.select import (
         default_fetcher,
@@ -51,7 +54,8 @@ def select_fetcher(state_dir: Path, *, fetcher: str | None = None, image_dir: st
         read_fetcher_map,
     )
 
-    settings = {"cache_dir": state_dir / "registry", "platform": platform,
+    settings = {"cache_dir": state_dir / "registry",
+                "platform": parse_platform(platform or host_platform()),
                 "insecure": insecure, "mirror": mirror}
     chosen: Fetcher
     if image_dir is not None:

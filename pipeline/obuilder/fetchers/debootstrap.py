@@ -9,6 +9,14 @@ and ignored: minbase is already smaller than Docker's slim images. The `library/
 `docker.io/library/` prefixes are accepted too. Point releases (`debian:12.5`) and digests are
 refused: debootstrap cannot reproduce them.
 
+The image is of the fetcher's platform (`linux/ARCH`, by default the host's). The host's own
+architecture is debootstrapped in one go; another one (`debian:13` for `linux/riscv64`, say) in
+two stages: `debootstrap --arch ARCH --foreign` downloads and unpacks the packages with the
+host's tools, then `chroot ROOTFS /debootstrap/debootstrap --second-stage` configures them,
+running the image's own programs under emulation (`emulation.py`; qemu's binfmt_misc handler is
+checked first). An architecture the mirror's Release file does not list for the suite (riscv64
+is in trixie, not in bookworm) is refused before anything is downloaded.
+
 The image is whatever the mirror serves now; the builder stores it as the `from` step's result,
 so it is made once per store (`pipeline obuilder pull` makes it again). Its digest is the
 SHA-256 of the suite's Release file debootstrap verified, which identifies the archive's state.
@@ -23,9 +31,12 @@ import re
 import shutil
 import signal
 import subprocess
+import urllib.request
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from pipeline.obuilder.emulation import BINFMT_DIR, find_emulator
+from pipeline.obuilder.platforms import architecture, host_platform, is_emulated, parse_platform
 from pipeline.obuilder.protocols import BuildError, ImageInfo, Log, MissingTool
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -36,6 +47,9 @@ SCRIPTS = Path("/usr/share/debootstrap/scripts")
 """debootstrap's per-suite scripts: a suite is known if it has one."""
 
 APT_DIR = Path("/etc/apt")
+
+RELEASE_TIMEOUT = 60
+"""Seconds the suite's Release file may take to download, for the architecture check."""
 
 RELEASES = {"10": "buster", "11": "bullseye", "12": "bookworm", "13": "trixie", "14": "forky"}
 """Release numbers to code names, for `debian:N`."""
@@ -128,21 +142,30 @@ def _deb822(stanza: str) -> dict[str, str]:
 class DebootstrapFetcher:
     """Makes `debian:SUITE` images with debootstrap; implements the `Fetcher` protocol."""
 
-    def __init__(self, *, mirror: str | None = None, apt_dir: Path = APT_DIR) -> None:
+    def __init__(self, *, mirror: str | None = None, apt_dir: Path = APT_DIR,
+                 platform: str | None = None, binfmt_dir: Path = BINFMT_DIR) -> None:
         """Use `mirror`, or else the first Debian mirror of the apt sources under `apt_dir`
-        (read at the first `fetch`, so that making a fetcher never fails)."""
+        (read at the first `fetch`, so that making a fetcher never fails). Images are of
+        `platform` (any form `platforms.parse_platform` takes; None: the host's), another
+        one than the host's emulated through the handlers under `binfmt_dir`. Raises
+        BuildError for an unknown platform."""
         self.mirror = mirror
         self.apt_dir = apt_dir
+        self.platform = parse_platform(platform or host_platform())
+        self.binfmt_dir = binfmt_dir
 
     async def fetch(self, image: str, rootfs: Path, *, log: Log) -> ImageInfo:
-        """Run `debootstrap --variant=minbase SUITE ROOTFS MIRROR`, its output going to `log`.
+        """Run `debootstrap --variant=minbase SUITE ROOTFS MIRROR` (for another architecture,
+        with `--arch ARCH --foreign`, then its second stage under emulation), its output going
+        to `log`.
 
         Raises BuildError for an image that is not `debian:SUITE`, a suite debootstrap does not
-        know, no mirror in the apt sources, or debootstrap failing (naming its exit status; the
-        reason is in the log); MissingTool if debootstrap is not installed. Cancelling the
-        calling task kills debootstrap and everything it started. On failure or cancellation
-        the file systems debootstrap mounted inside `rootfs` are unmounted, so the store can
-        discard it.
+        know, an architecture the mirror lacks for the suite, no mirror in the apt sources, or
+        debootstrap failing (naming its exit status; the reason is in the log); MissingTool if
+        debootstrap is not installed, or qemu's handler for an emulated platform is missing
+        (see `emulation.find_emulator`). Cancelling the calling task kills debootstrap and
+        everything it started. On failure or cancellation the file systems debootstrap mounted
+        inside `rootfs` are unmounted, so the store can discard it.
         """
         suite = suite_of(image)
         if shutil.which("debootstrap", path=DEFAULT_PATH) is None:
@@ -150,11 +173,29 @@ class DebootstrapFetcher:
         if not (SCRIPTS / suite).is_file():
             raise BuildError(f"debootstrap fetcher: cannot make {image}: debootstrap knows no "
                              f"suite {suite!r} (no {SCRIPTS / suite})")
+        emulator = (find_emulator(self.platform, self.binfmt_dir)
+                    if is_emulated(self.platform) else None)
         mirror = self.mirror or find_mirror(self.apt_dir)
-        log.write(f"debootstrap --variant=minbase {suite} from {mirror}\n".encode())
-        argv = ["debootstrap", "--variant=minbase", suite, str(rootfs), mirror]
+        arch = architecture(self.platform).debian
+        offered = await asyncio.to_thread(_architectures, mirror, suite)
+        if offered is not None and arch not in offered:
+            raise BuildError(f"debootstrap fetcher: cannot make {image} for {self.platform}: "
+                             f"the mirror {mirror} has no {arch} packages for {suite} "
+                             f"(it has {', '.join(sorted(offered)) or 'none'})")
         try:
-            await _run(argv, log)
+            if emulator is None:
+                log.write(f"debootstrap --variant=minbase {suite} from {mirror}\n".encode())
+                await _run(["debootstrap", "--variant=minbase", suite, str(rootfs), mirror],
+                           log, "debootstrap")
+            else:
+                log.write(f"debootstrap --variant=minbase --arch {arch} --foreign {suite} "
+                          f"from {mirror}\n".encode())
+                await _run(["debootstrap", "--variant=minbase", f"--arch={arch}", "--foreign",
+                            suite, str(rootfs), mirror], log, "debootstrap")
+                log.write(f"debootstrap --second-stage under {emulator.interpreter}\n".encode())
+                with emulator.visible_in(rootfs):
+                    await _run(["chroot", str(rootfs), "/debootstrap/debootstrap",
+                                "--second-stage"], log, "debootstrap's second stage")
         except BaseException:
             await asyncio.to_thread(_unmount_under, rootfs)
             raise
@@ -166,8 +207,24 @@ class DebootstrapFetcher:
         return ImageInfo(env={"PATH": DEFAULT_PATH}, digest=digest)
 
 
-async def _run(argv: list[str], log: Log) -> None:
-    """Run `argv` with Debian's PATH, streaming its output to `log`.
+def _architectures(mirror: str, suite: str) -> set[str] | None:
+    """The architectures the `Architectures` field of the suite's Release file on `mirror`
+    lists, or None if it cannot be read (debootstrap then says what is wrong)."""
+    url = f"{mirror.rstrip('/')}/dists/{suite}/Release"
+    try:
+        with urllib.request.urlopen(url, timeout=RELEASE_TIMEOUT) as response:
+            text = response.read(4 << 20).decode(errors="replace")
+    except (OSError, ValueError):
+        return None
+    fields = _deb822(text.split("\n\n", 1)[0])
+    if "architectures" not in fields:
+        return None
+    return set(fields["architectures"].split())
+
+
+async def _run(argv: list[str], log: Log, name: str) -> None:
+    """Run `argv` with Debian's PATH, streaming its output to `log`; BuildError naming it
+    `name` if it fails.
 
     It runs in its own session so that a cancellation kills the chroot'ed children too.
     """
@@ -185,7 +242,7 @@ async def _run(argv: list[str], log: Log) -> None:
             await process.wait()
         raise
     if status != 0:
-        raise BuildError(f"debootstrap exited with status {status} (see the log above)")
+        raise BuildError(f"{name} exited with status {status} (see the log above)")
 
 
 def _unmount_under(rootfs: Path) -> None:

@@ -53,10 +53,14 @@ def parse_fetcher(text: str, *, cache_dir: Path, platform: str | None = None,
                   insecure: Sequence[str] = (), mirror: str | None = None) -> Deferred:
     """The fetcher named by `text`: `registry`, `debootstrap` or `local:DIR`.
 
-    `cache_dir` (layers and resolved tags), `platform` (`os/arch[/variant]`) and `insecure`
-    (`HOST:PORT` served over plain HTTP) configure a registry fetcher; `mirror` a debootstrap
-    fetcher (default: the host's). Raises BuildError for any other text, or `local:` without
-    a directory. Nothing is imported or checked until the fetcher is first used.
+    `platform` (`linux/ARCH`; None: the host's) is the platform of the images a registry or
+    debootstrap fetcher makes (a registry picks an image index's manifest for it; a registry
+    alone also takes `os/arch/variant`); a local directory's tarballs carry no platform and
+    are used as they are. `cache_dir` (layers and resolved tags) and `insecure` (`HOST:PORT`
+    served over plain HTTP) configure a registry fetcher; `mirror` a debootstrap fetcher
+    (default: the host's). Raises BuildError for any other text, or `local:` without a
+    directory. Nothing is imported or checked (the platform included) until the fetcher is
+    first used.
     """
     if text == "registry":
 
@@ -71,7 +75,7 @@ def parse_fetcher(text: str, *, cache_dir: Path, platform: str | None = None,
         def debootstrap() -> Fetcher:
             from pipeline.obuilder.fetchers.debootstrap import DebootstrapFetcher
 
-            return DebootstrapFetcher(mirror=mirror)
+            return DebootstrapFetcher(mirror=mirror, platform=platform)
 
         return Deferred(text, debootstrap)
     kind, sep, directory = text.partition(":")
@@ -157,7 +161,8 @@ def default_fetcher(*, cache_dir: Path, platform: str | None = None,
     """The fetcher used when none is named: debootstrap for `debian` and `debian:*`, a
     registry for everything else (see the module's documentation). Arguments as for
     `parse_fetcher`."""
-    debootstrap = parse_fetcher("debootstrap", cache_dir=cache_dir, mirror=mirror)
+    debootstrap = parse_fetcher("debootstrap", cache_dir=cache_dir, platform=platform,
+                                mirror=mirror)
     registry = parse_fetcher("registry", cache_dir=cache_dir, platform=platform,
                              insecure=insecure)
     return FetcherMap([("debian", debootstrap), ("debian:*", debootstrap)], registry)

@@ -35,11 +35,9 @@ import json
 import os
 import shutil
 import signal
-import stat
 import sys
 import weakref
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -126,75 +124,15 @@ def _needs_mount_point(destination: str) -> bool:
     return not (len(parts) > 2 and parts[1] in ("dev", "proc", "sys"))
 
 
-@dataclass(frozen=True)
-class _MountPoint:
-    """An entry made in the rootfs for a mount: its path relative to the rootfs (free of
-    symlinks when it was made), and the (st_dev, st_ino) of the entry and of its parent."""
-
-    path: str
-    identity: tuple[int, int]
-    parent: tuple[int, int]
-
-
-def _identity(info: os.stat_result) -> tuple[int, int]:
-    return info.st_dev, info.st_ino
-
-
 def _make_mount_point(root_fd: int, destination: str, is_dir: bool,
-                      created: list[_MountPoint]) -> None:
-    """Create `destination` (and missing parents) in the rootfs `root_fd` unless it exists,
-    following symlinks as if the rootfs were `/`. Each entry made is appended to `created` as
-    soon as it exists, so that a failure half-way still lets the caller remove them. Raises
-    BuildError if a parent is not a directory or symlinks loop."""
+                      created: list[confined.Made]) -> None:
+    """Create `destination` (and missing parents) in the rootfs as `confined.make_entry` does.
+    Raises BuildError if a parent is not a directory or symlinks loop."""
     try:
-        parts = confined.resolve(root_fd, destination).split("/")
-        for depth, name in enumerate(parts):
-            if not name:
-                continue  # the destination is the root itself
-            parent = confined.open_dir(root_fd, "/".join(parts[:depth]), follow_in_root=False)
-            try:
-                if depth < len(parts) - 1 or is_dir:
-                    os.mkdir(name, dir_fd=parent)
-                else:
-                    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                                     | os.O_CLOEXEC, 0o644, dir_fd=parent))
-            except FileExistsError:
-                continue
-            else:
-                made = os.stat(name, dir_fd=parent, follow_symlinks=False)
-                created.append(_MountPoint("/".join(parts[:depth + 1]), _identity(made),
-                                           _identity(os.fstat(parent))))
-            finally:
-                os.close(parent)
+        confined.make_entry(root_fd, destination, is_dir=is_dir, made=created)
     except OSError as exc:
         raise BuildError(f"cannot create mount point {destination} in the rootfs: "
                          f"{exc.strerror}") from None
-
-
-def _remove_mount_points(root_fd: int, created: list[_MountPoint]) -> None:
-    """Remove what `_make_mount_point` created, deepest first, without following any symlink.
-
-    An entry stays if the command replaced it or anything on its path (a different inode, a
-    symlink on the way) or put files into it (a parent of a mount point, not covered by it):
-    it is the command's output."""
-    for point in reversed(created):
-        parent_path, _, name = point.path.rpartition("/")
-        try:
-            parent = confined.open_dir(root_fd, parent_path, follow_in_root=False)
-        except OSError:
-            continue
-        try:
-            info = os.stat(name, dir_fd=parent, follow_symlinks=False)
-            if _identity(os.fstat(parent)) != point.parent or _identity(info) != point.identity:
-                continue
-            if stat.S_ISDIR(info.st_mode):
-                os.rmdir(name, dir_fd=parent)
-            else:
-                os.unlink(name, dir_fd=parent)
-        except OSError:
-            continue
-        finally:
-            os.close(parent)
 
 
 def _signal_name(number: int) -> str:
@@ -424,7 +362,7 @@ class RuncSandbox:
         bundle = self.state_dir / f"{_BUNDLE_PREFIX}{self._owner.token}-{next(self._bundles)}"
         bundle.mkdir(mode=0o700)
         root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        created: list[_MountPoint] = []
+        created: list[confined.Made] = []
         # Anonymous memory files: they vanish with the processes holding them.
         values = [os.memfd_create("obuilder-secret") for _ in config.secrets]
         try:
@@ -451,7 +389,7 @@ class RuncSandbox:
         finally:
             for fd in values:
                 os.close(fd)
-            _remove_mount_points(root_fd, created)
+            confined.remove_made(root_fd, created)
             os.close(root_fd)
             shutil.rmtree(bundle, ignore_errors=True)
 
