@@ -25,6 +25,9 @@ PIPELINE = Path(sys.executable).parent / "pipeline"
 # Only a guard against a hang, never a measurement: the session's first build debootstraps
 # Debian and installs OCaml.
 HANG_GUARD = 900
+EMULATED_HANG_GUARD = 3600
+"""The same for a test building an emulated platform for the first time in the session: its
+debootstrap's second stage and its apt-get run under qemu."""
 
 
 def mounts_under(directory: Path) -> list[str]:

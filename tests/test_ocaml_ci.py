@@ -16,7 +16,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from ocaml_fixtures import HANG_GUARD, PIPELINE, assert_labels_for_people
+from ocaml_fixtures import (
+    EMULATED_HANG_GUARD,
+    HANG_GUARD,
+    PIPELINE,
+    assert_labels_for_people,
+)
 from test_build_primitive import Repo
 
 import pipeline as p
@@ -213,6 +218,52 @@ async def test_a_dependency_debian_lacks_skips_the_build_and_no_opam_file_fails(
         assert analysis["state"] == "failed"
         assert "No opam files found" in analysis["reason"], analysis
         assert "No opam files found" in log_of(state, analysis)
+
+
+ARM64 = "debian-13-5.3_arm64"
+EM_AARCH64 = 183
+"""The ELF header's `e_machine` of an arm64 program."""
+
+
+def elf_machine(program: Path) -> int:
+    """The `e_machine` of the ELF file `program` (ValueError for another kind of file)."""
+    with program.open("rb") as file:
+        header = file.read(20)
+    if header[:4] != b"\x7fELF" or header[5] != 1:
+        raise ValueError(f"{program} is not a little-endian ELF file")
+    return int.from_bytes(header[18:20], "little")
+
+
+async def test_the_demo_is_compiled_and_tested_on_arm64_under_emulation(
+        tmp_path: Path, ocaml_store: str, debian_mirror: str) -> None:
+    repo = await hello_repo(tmp_path / "hello")
+    state = tmp_path / "var"
+    async with p.Engine(ci(repo, ocaml_store, debian_mirror, "--platforms", f"{LINTED},{ARM64}"),
+                        state_dir=state) as engine:
+        status = await final_status(state, repo, "main", await head(repo, "main"),
+                                    guard=EMULATED_HANG_GUARD, settled=True)
+        labels = assert_labels_for_people(await DiagramCache(engine).dot())
+        assert {"trixie/amd64 index", "trixie/arm64 index", f"{ARM64} build"} <= set(labels)
+        jobs = jobs_of(status)
+        assert status["result"] == "passed", status
+        # A job per platform; the lints on the native one only.
+        assert {name: job["state"] for name, job in jobs.items()} == {
+            "(analysis)": "passed", LINTED: "passed", ARM64: "passed",
+            f"{LINTED} (lint-opam)": "passed", f"{LINTED} (lint-fmt)": "passed",
+            f"{LINTED} (lint-doc)": "passed"}, status
+        assert jobs[ARM64]["platform"] == ARM64
+        log = log_of(state, jobs[ARM64])
+        assert " --platform linux/arm64\n" in log, log
+        # arm64's own index named the packages, and the test ran.
+        assert re.search(r"alcotest -> libalcotest-ocaml-dev 1\.8\.\S+", log), log
+        assert "Test Successful" in log, log
+        # The test program that ran is an arm64 one: it is in the build's last step's layer
+        # (the store is overlayfs), made by that step.
+        entry = engine.cache.db.entry(jobs[ARM64]["job_id"])
+        assert entry is not None and entry.value is not None
+        result = json.loads(entry.value)["result"]
+        layer = Path(ocaml_store.partition(":")[2]) / "layer" / result / "diff"
+        assert elf_machine(layer / "src/_build/default/test/test_hello.exe") == EM_AARCH64
 
 
 def run_once(state: Path, repo: Path, store: str,
