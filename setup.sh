@@ -13,7 +13,8 @@ apt-get install -y -qq --no-install-recommends \
     chromium fonts-dejavu-core >/dev/null
 # Emulated builds (arm64, ppc64le, s390x, riscv64) run through qemu's binfmt_misc handlers,
 # which Debian registers with the F flag (the interpreter is opened here, so sandboxes need no
-# copy of it). A machine without systemd has neither binfmt_misc mounted nor the handlers on.
+# copy of it; a handler without F works too, its interpreter bound into each sandbox). A machine
+# without systemd has neither binfmt_misc mounted nor the handlers on.
 if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
     mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
 fi

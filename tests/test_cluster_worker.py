@@ -20,6 +20,7 @@ import pytest
 from cluster_fixtures import ClusterProcess, sleeping, worker_argv
 from distributed import Client, Event, Future, Scheduler
 from obuilder_fixtures import HANG_GUARD, _loop_mount, require
+from ocaml_fixtures import HANG_GUARD as DEBOOTSTRAP_GUARD
 from test_build_primitive import Repo, until
 
 from pipeline.cluster.protocol import (
@@ -33,8 +34,9 @@ from pipeline.cluster.protocol import (
     event_from_message,
     task_key,
 )
-from pipeline.cluster.worker import BuildCancelled, run_build
+from pipeline.cluster.worker import BuildCancelled, make_settings, pool_platform, run_build
 from pipeline.obuilder.log_format import MARK
+from pipeline.obuilder.platforms import host_platform
 
 POOL = "linux-x86_64"
 
@@ -264,6 +266,29 @@ async def test_the_preload_form(cluster: Cluster, workers: list[ClusterProcess],
     await until(lambda: "preloaded\n" in cluster.log(request), "the log")
 
 
+async def test_a_worker_of_an_emulated_pool_builds_for_its_platform(
+        cluster: Cluster, workers: list[ClusterProcess], tmp_path: Path,
+        ocaml_store: str) -> None:
+    """A worker of the pool `linux-arm64` on this host builds for linux/arm64 under emulation,
+    from the session's shared store (whose Debian 13 arm64 base is made once)."""
+    worker = ClusterProcess(worker_argv(cluster.address, "arm", "linux-arm64", ocaml_store,
+                                        tmp_path / "arm-state"), tmp_path / "arm.log")
+    workers.append(worker)
+    line = await worker.wait_for_line("worker arm of pool linux-arm64 at tcp://")
+    assert line.endswith(", building for linux/arm64\n"), line
+    request, future = cluster.submit('((from debian:13) (run (shell "uname -m")))',
+                                     pool="linux-arm64")
+    # Bounded by the guard of a debootstrap under emulation, should this test come first.
+    async with asyncio.timeout(DEBOOTSTRAP_GUARD):
+        outcome = await future
+    assert outcome.worker == "arm"
+    await until(lambda: f'saved as "{outcome.result}"' in cluster.log(request), "the log")
+    log = cluster.log(request)
+    assert log[log.index('(run (shell "uname -m"))'):].splitlines()[1] == "aarch64"
+    worker.process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(worker.process.wait, HANG_GUARD) == 0
+
+
 def test_usage_errors_are_one_line(tmp_path: Path) -> None:
     base = [sys.executable, "-m", "pipeline", "cluster", "worker", "tcp://127.0.0.1:1"]
     for extra, message in [
@@ -273,7 +298,19 @@ def test_usage_errors_are_one_line(tmp_path: Path) -> None:
         (["--pool", "p", "--store", f"rsync:{tmp_path}", "--min-free-disk", "lots"],
          "--min-free-disk"),
         (["--store", f"rsync:{tmp_path}"], "--pool"),
+        (["--pool", "p", "--store", f"rsync:{tmp_path}", "--platform", "linux/mips"],
+         "--platform: unknown platform 'linux/mips': expected one of linux/amd64, "),
     ]:
         done = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=60)
         assert done.returncode == 2, done.stderr
         assert len(done.stderr.splitlines()) == 1 and message in done.stderr, done.stderr
+
+
+def test_a_workers_platform_is_its_pools_else_the_hosts(tmp_path: Path) -> None:
+    assert pool_platform("linux-riscv64") == "linux/riscv64"
+    assert pool_platform("linux-x86_64") == "linux/amd64"
+    assert pool_platform("builders") == host_platform()
+    settings = make_settings(pool="builders", capacity=1, store=f"rsync:{tmp_path}",
+                             fetcher=None, name="w", state_dir=None, min_free_disk="5%",
+                             platform="ppc64el")
+    assert settings.platform == "linux/ppc64le"

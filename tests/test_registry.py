@@ -28,7 +28,7 @@ from oci_images import OciLayout, directory, file, member, tar_bytes, tar_direct
 from registry_fixtures import Registry, free_port, push_oci_layout
 
 from pipeline.obuilder import spec as S
-from pipeline.obuilder.builder import Builder
+from pipeline.obuilder.builder import Builder, from_id
 from pipeline.obuilder.db_store import DbStore
 from pipeline.obuilder.fetchers import unpack
 from pipeline.obuilder.fetchers.registry import (
@@ -40,6 +40,7 @@ from pipeline.obuilder.fetchers.registry import (
 )
 from pipeline.obuilder.protocols import BuildError, Fetcher
 from pipeline.obuilder.sandboxes.runc import RuncSandbox
+from pipeline.obuilder.setup import open_builder
 from pipeline.obuilder.stores import open_store
 
 DIGEST = "sha256:" + "ab" * 32
@@ -517,3 +518,30 @@ async def test_a_build_from_a_registry_image_runs_then_is_cached(
     assert outputs[1].count("from cache") == 2 and "saved as" not in outputs[1]
     rootfs = (await store.result(result))
     assert rootfs is not None and (rootfs / "rootfs" / "out").read_text() == "hello=world\n"
+
+
+async def test_the_builders_platform_picks_an_index_manifest(images: Images,
+                                                             tmp_path: Path) -> None:
+    """`open_builder(platform=...)` reaches the registry fetcher: each platform's base is the
+    index's manifest for it, under a step id of its own; Debian's and the kernel's names of an
+    architecture mean the same platform."""
+    root = tmp_path / "store"
+    root.mkdir()
+    name = images.name("multi:latest")
+    bases = {}
+    for platform_name, arch in [("linux/arm64", "arm64"), ("aarch64", "arm64"),
+                                (None, Platform.host().architecture)]:
+        builder = await open_builder(f"rsync:{root}", fetcher="registry",
+                                     platform=platform_name)
+        try:
+            log = RecordingLog()
+            async with asyncio.timeout(HANG_GUARD):
+                id = await builder.fetch_base(name, log=log)
+            result = await builder.store.result(id)
+            assert result is not None and (result / "rootfs" / "arch").read_text() == f"{arch}\n"
+        finally:
+            builder.close()
+        assert id == from_id(name, platform_name)
+        bases[platform_name] = (id, "from cache" in log.text)
+    assert bases["linux/arm64"][0] == bases["aarch64"][0] != bases[None][0]
+    assert [cached for _, cached in bases.values()] == [False, True, False]

@@ -1,14 +1,19 @@
 """`pipeline cluster worker`: a Dask worker of one pool that builds with its own builder.
 
     pipeline cluster worker SCHEDULER --pool NAME --capacity N --store KIND:PATH
-        [--fetcher registry|debootstrap|local:DIR] [--name NAME] [--state-dir DIR]
-        [--min-free-disk BYTES|PERCENT%] [--host HOST]
+        [--fetcher registry|debootstrap|local:DIR] [--platform linux/ARCH] [--name NAME]
+        [--state-dir DIR] [--min-free-disk BYTES|PERCENT%] [--host HOST]
 
 The worker is Dask's own `distributed.Worker`, offering the resource `NAME=N` (so that at most N
 builds of the pool run on it at once) with `BuilderPlugin` (registered as `WORKER_PLUGIN`), which
 owns the worker's `Builder`, its git mirror and its disk watch. `dask worker SCHEDULER --preload
 pipeline.cluster.worker --pipeline-pool NAME --pipeline-store KIND:PATH ...` makes the same
 worker out of a plain `dask worker` (see `dask_setup`).
+
+The worker builds for one platform (`--platform`; by default the architecture whose pool is the
+worker's pool, `linux-arm64` for `linux/arm64` and so on, else the host's): a worker of an
+emulated pool runs its builds under qemu (see `pipeline.obuilder.emulation`, checked when the
+worker starts).
 
 A build is the Dask task `run_build(request)` (see `pipeline.cluster.protocol`): it runs on the
 worker's event loop, sends a `started` event and the step log in numbered chunks on
@@ -59,7 +64,9 @@ from pipeline.cluster.protocol import (
 from pipeline.obuilder import spec as S
 from pipeline.obuilder.builder import Builder
 from pipeline.obuilder.db_store import DbStore
+from pipeline.obuilder.emulation import find_emulator
 from pipeline.obuilder.full_store import min_free
+from pipeline.obuilder.platforms import ARCHITECTURES, host_platform, is_emulated, parse_platform
 from pipeline.obuilder.protocols import BuildError, DiskUsage
 from pipeline.obuilder.setup import open_builder
 
@@ -129,30 +136,50 @@ class WorkerSettings:
     capacity: int
     store: str
     fetcher: str | None
+    platform: str
+    """`linux/ARCH`: what every build of the worker is for."""
     name: str
     state_dir: Path
     disk_floor: DiskFloor
 
 
 def make_settings(*, pool: str, capacity: int, store: str, fetcher: str | None,
-                  name: str | None, state_dir: str | None, min_free_disk: str
-                  ) -> WorkerSettings:
+                  name: str | None, state_dir: str | None, min_free_disk: str,
+                  platform: str | None = None) -> WorkerSettings:
     """Check the options shared by both ways of starting a worker; raises UsageError."""
     if not pool or pool.strip() != pool:
         raise UsageError(f"--pool: not a pool name: {pool!r}")
     if capacity < 1:
         raise UsageError(f"--capacity must be at least 1, not {capacity}")
+    try:
+        platform = parse_platform(platform) if platform else pool_platform(pool)
+    except BuildError as error:
+        raise UsageError(f"--platform: {error}") from None
     name = name or f"{socket.gethostname()}-{os.getpid()}"
     directory = Path(state_dir) if state_dir else Path("pipeline-worker") / name
-    return WorkerSettings(pool, capacity, store, fetcher, name, directory.absolute(),
+    return WorkerSettings(pool, capacity, store, fetcher, platform, name, directory.absolute(),
                           DiskFloor.parse(min_free_disk))
 
 
+def pool_platform(pool: str) -> str:
+    """The platform a worker of `pool` builds for when not told: the architecture whose pool
+    it is (`linux-arm64` is `linux/arm64`), else the host's."""
+    for arch in ARCHITECTURES.values():
+        if arch.pool == pool:
+            return arch.platform
+    return host_platform()
+
+
 async def open_worker_builder(settings: WorkerSettings) -> Builder:
-    """The builder of `settings.store` and `settings.fetcher`; a bad store, fetcher or
-    environment (no runc, not root) is a UsageError with the builder's message."""
+    """The builder of `settings.store`, `settings.fetcher` and `settings.platform`; a bad
+    store or fetcher, or an environment that cannot build (no runc, not root, no emulator for
+    an emulated platform), is a UsageError with the builder's message."""
     try:
-        return await open_builder(settings.store, fetcher=settings.fetcher)
+        if is_emulated(settings.platform):
+            # Now rather than at the first build: a worker that cannot build must not start.
+            find_emulator(settings.platform)
+        return await open_builder(settings.store, fetcher=settings.fetcher,
+                                  platform=settings.platform)
     except (BuildError, OSError) as error:
         raise UsageError(str(error)) from None
 
@@ -482,19 +509,23 @@ async def run_build(request: BuildRequest) -> BuildOutcome:
               help="Builds at once (the worker's --nthreads must be at least this).")
 @click.option("--pipeline-store", required=True, help="KIND:PATH of the worker's store.")
 @click.option("--pipeline-fetcher", default=None, help="registry, debootstrap or local:DIR.")
+@click.option("--pipeline-platform", default=None,
+              help="linux/ARCH the builds are for (default: the pool's, else the host's).")
 @click.option("--pipeline-state-dir", default=None, help="Where the git mirror is kept.")
 @click.option("--pipeline-min-free-disk", default=DEFAULT_MIN_FREE_DISK, show_default=True,
               help="Pause and prune below this free space (bytes or P%).")
 async def dask_setup(worker: Worker, pipeline_pool: str, pipeline_capacity: int,
                      pipeline_store: str, pipeline_fetcher: str | None,
-                     pipeline_state_dir: str | None, pipeline_min_free_disk: str) -> None:
+                     pipeline_platform: str | None, pipeline_state_dir: str | None,
+                     pipeline_min_free_disk: str) -> None:
     """`dask worker --preload pipeline.cluster.worker --pipeline-pool ...`: the same worker as
     `pipeline cluster worker` (named as Dask names it)."""
     try:
         settings = make_settings(
             pool=pipeline_pool, capacity=pipeline_capacity, store=pipeline_store,
             fetcher=pipeline_fetcher, name=str(worker.name) if worker.name else None,
-            state_dir=pipeline_state_dir, min_free_disk=pipeline_min_free_disk)
+            state_dir=pipeline_state_dir, min_free_disk=pipeline_min_free_disk,
+            platform=pipeline_platform)
         if worker.state.nthreads < settings.capacity:
             raise UsageError(f"--nthreads {worker.state.nthreads} is less than "
                              f"--pipeline-capacity {settings.capacity}")
@@ -516,6 +547,10 @@ def _parser() -> UsageParser:
     parser.add_argument("--store", required=True, metavar="KIND:PATH",
                         help="the worker's store (btrfs, overlayfs, xfs or rsync)")
     parser.add_argument("--fetcher", help="registry, debootstrap or local:DIR")
+    parser.add_argument("--platform", metavar="linux/ARCH",
+                        help="the platform builds are for, emulated if not the host's "
+                        "(default: the architecture whose pool is --pool, e.g. linux/arm64 "
+                        "for linux-arm64, else the host's)")
     parser.add_argument("--name", help="the worker's name (default: HOST-PID)")
     parser.add_argument("--state-dir", metavar="DIR",
                         help="where the git mirror is kept (default: ./pipeline-worker/NAME)")
@@ -540,8 +575,8 @@ async def _serve(options: argparse.Namespace, settings: WorkerSettings) -> int:
                     resources={settings.pool: settings.capacity}, plugins=(plugin,),
                     host=options.host, local_directory=str(settings.state_dir / "dask"))
     async with worker:
-        print(f"worker {settings.name} of pool {settings.pool} at {worker.address}",
-              flush=True)
+        print(f"worker {settings.name} of pool {settings.pool} at {worker.address}, "
+              f"building for {settings.platform}", flush=True)
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({stopped, asyncio.ensure_future(worker.finished())},
                            return_when=asyncio.FIRST_COMPLETED)
@@ -556,7 +591,8 @@ def main(args: list[str]) -> int:
         settings = make_settings(pool=options.pool, capacity=options.capacity,
                                  store=options.store, fetcher=options.fetcher,
                                  name=options.name, state_dir=options.state_dir,
-                                 min_free_disk=options.min_free_disk)
+                                 min_free_disk=options.min_free_disk,
+                                 platform=options.platform)
         return asyncio.run(_serve(options, settings))
     except UsageError as error:
         print(f"pipeline cluster worker: error: {error}", file=sys.stderr)
