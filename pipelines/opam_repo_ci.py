@@ -48,9 +48,11 @@ and builds nothing; a pull request with an error or a lint message fails its nod
 watches it. Sources come from each package's `url`: the sample's are `file://` archives kept in
 the repository itself, which the builds copy into the image.
 
-The default store is `overlayfs:opam-store` (under the state directory), or rsync without
-overlayfs; with `--cluster` the builds go to the cluster's pool of their platform
-(`linux-x86_64`), each worker fetching and merging the two commits itself.
+The default platform is `debian-12-4.13` (Debian 12's OCaml 4.13.1, which the sample repository's
+packages are written for). The default store is `overlayfs:opam-store` (under the state
+directory), or rsync without overlayfs; with `--cluster` the builds go to the cluster's pool of
+their platform's architecture (`linux-x86_64`, `linux-arm64`, ...), each worker fetching and
+merging the two commits itself.
 """
 
 from __future__ import annotations
@@ -206,7 +208,7 @@ class PackageJob:
 
     @property
     def name(self) -> str:
-        """Its name in the status file and diagram: "foo.1.0 debian-12-system build"."""
+        """Its name in the status file and diagram: "foo.1.0 debian-12-4.13 build"."""
         name = f"{self.package} {self.platform} {self.kind}"
         return f"{name} {self.revdep}" if self.revdep is not None else name
 
@@ -313,7 +315,7 @@ def pr_jobs(pr: PullRequest, analysis: PrAnalysis, platforms: list[P.Platform],
                 if change.kind in ("new-package", "new-release"))
     per_package = [
         package_jobs(pr, change, platform,
-                     dataclasses.replace(place, pool=P.pool(platform)),
+                     dataclasses.replace(place, platform=platform.platform),
                      tuple(name for name in new if name != change.package))
         for change in analysis.to_build for platform in platforms]
     return p.all(*per_package, label="packages").map(
@@ -401,7 +403,8 @@ def parse_args(args: list[str]) -> argparse.Namespace:
     O.add_sources(parser, what="each branch but the base is a pull request")
     parser.add_argument("--base", default="master", metavar="BRANCH",
                         help="the branch pull requests are merged into (default: master)")
-    O.add_builds(parser, store="opam-store")
+    # Debian 12's OCaml (4.13.1), which the sample repository's packages are written for.
+    O.add_builds(parser, store="opam-store", platforms=[P.PLATFORMS["debian-12-4.13"]])
     parser.add_argument("--analyse-only", action="store_true",
                         help="merge, classify and lint each pull request, print one JSON line"
                              " per pull request, and build nothing (use with --once)")

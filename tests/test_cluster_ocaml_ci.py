@@ -1,16 +1,31 @@
-"""The OCaml CI pipeline through the build cluster gives the statuses it gives in-process, and the
-opam-repo-ci pipeline's pull requests are merged and built by the worker: a real
-`pipeline cluster scheduler` and one `pipeline cluster worker` of the pool `linux-x86_64`,
-building on the session's shared OCaml store (stores take locks shared by every process using
-them), so that each build after the session's first costs seconds."""
+"""The OCaml CI pipeline through the build cluster gives the statuses it gives in-process, each
+platform's builds going to the pool of its architecture, and the opam-repo-ci pipeline's pull
+requests are merged and built by the worker: a real `pipeline cluster scheduler` and one
+`pipeline cluster worker` of the pool `linux-x86_64`, building on the session's shared OCaml
+store (stores take locks shared by every process using them), so that each build after the
+session's first costs seconds."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 from cluster_fixtures import Cluster, cluster  # noqa: F401 (a fixture)
-from test_ocaml_ci import BROKEN_GREET, Repo, ci, final_status, head, hello_repo, jobs_of, log_of
+from ocaml_fixtures import HANG_GUARD
+from test_ocaml_ci import (
+    ARM64,
+    BROKEN_GREET,
+    LINTED,
+    Repo,
+    ci,
+    final_status,
+    head,
+    hello_repo,
+    jobs_of,
+    log_of,
+    read_status,
+)
 from test_opam_repo_ci import ci as opam_ci
 from test_opam_repo_ci import pr_status
 
@@ -79,3 +94,41 @@ async def test_a_pull_request_is_merged_and_built_by_the_clusters_worker(
         log = log_of(state, job)
         # The worker fetched both commits and merged the head into the base itself.
         assert "Running on worker opam-worker" in log, (job["name"], log)
+
+
+async def test_each_architecture_has_its_pool(
+        tmp_path: Path, cluster: Cluster, ocaml_store: str,  # noqa: F811
+        debian_mirror: str) -> None:
+    """The amd64 platform's jobs go to the pool linux-x86_64 and run on its worker; the arm64
+    platform's build goes to linux-arm64, and waits there, queued, for a worker of its own."""
+    repo = await hello_repo(tmp_path / "hello")
+    await cluster.start_worker("amd64-worker", "linux-x86_64", capacity=2, store=ocaml_store)
+    state = tmp_path / "var"
+    commit = await head(repo, "main")
+    options = ("--platforms", f"{LINTED},{ARM64}", "--cluster", cluster.address)
+
+    def amd64_done() -> dict[str, Any] | None:
+        status = read_status(state, repo, "main")
+        if status is None or status["commit"] != commit:
+            return None
+        jobs = jobs_of(status)
+        return status if all(job["state"] != "pending" for name, job in jobs.items()
+                             if name != ARM64) else None
+
+    async with p.Engine(ci(repo, ocaml_store, debian_mirror, *options), state_dir=state):
+        async with asyncio.timeout(HANG_GUARD):
+            while (status := amd64_done()) is None or \
+                    await cluster.metric("pipeline_cluster_jobs_submitted_total",
+                                         "linux-arm64") < 1:
+                await asyncio.sleep(0.2)
+        jobs = jobs_of(status)
+        assert {name: job["state"] for name, job in jobs.items()} == {
+            ANALYSIS: "passed", LINTED: "passed", f"{LINTED} (lint-opam)": "passed",
+            f"{LINTED} (lint-fmt)": "passed", f"{LINTED} (lint-doc)": "passed",
+            ARM64: "pending"}, status
+        for name, job in jobs.items():
+            if name not in (ANALYSIS, ARM64):
+                assert "Running on worker amd64-worker" in log_of(state, job), name
+        assert await cluster.metric("pipeline_cluster_jobs_submitted_total",
+                                    "linux-arm64") == 1
+        assert await cluster.metric("pipeline_cluster_queue_length", "linux-arm64") == 1

@@ -1,8 +1,10 @@
 """`pipelines/ocaml_ci.py` end to end: real git repositories of `examples/ocaml-hello`, the real
-builder and sandbox, Debian 12's OCaml.
+builder and sandbox, Debian 12's and Debian 13's OCaml (4.13.1 and 5.3.0, dune 2.9 and 3.17), on
+amd64 and, under emulation, on arm64.
 
-Every test shares one overlayfs store (`ocaml_store`), so Debian 12 is debootstrapped once per
-session and the platform's packages installed once; each later OCaml build costs seconds.
+Every test shares one overlayfs store (`ocaml_store`), so each Debian release is debootstrapped
+once per session for each architecture and the platform's packages installed once; each later
+OCaml build costs seconds natively.
 """
 
 from __future__ import annotations
@@ -14,7 +16,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from ocaml_fixtures import HANG_GUARD, PIPELINE, assert_labels_for_people
+from ocaml_fixtures import (
+    EMULATED_HANG_GUARD,
+    HANG_GUARD,
+    PIPELINE,
+    assert_labels_for_people,
+)
 from test_build_primitive import Repo
 
 import pipeline as p
@@ -61,15 +68,20 @@ def read_status(state: Path, repo: Repo | Path, branch: str, *, ci: str = St.DEF
 
 
 async def final_status(state: Path, repo: Repo | Path, branch: str, commit: str, *,
-                       ci: str = St.DEFAULT_CI) -> dict[str, Any]:
-    """The status of `branch` once `commit`'s result is known (not pending)."""
+                       ci: str = St.DEFAULT_CI, guard: float = HANG_GUARD,
+                       settled: bool = False) -> dict[str, Any]:
+    """The status of `branch` once `commit`'s result is known (not pending) and, if `settled`,
+    every job has finished (a failure is known before the other jobs end); fails after `guard`
+    seconds, a hang."""
     def done() -> dict[str, Any] | None:
         status = read_status(state, repo, branch, ci=ci)
-        if status is not None and status["commit"] == commit and status["result"] != "pending":
-            return status
-        return None
+        if status is None or status["commit"] != commit or status["result"] == "pending":
+            return None
+        if settled and any(job["state"] == "pending" for job in status["jobs"]):
+            return None
+        return status
 
-    async with asyncio.timeout(HANG_GUARD):
+    async with asyncio.timeout(guard):
         while (status := done()) is None:
             await asyncio.sleep(0.1)
     return status
@@ -88,6 +100,12 @@ async def head(repo: Repo, branch: str) -> str:
     return await repo.git("rev-parse", branch)
 
 
+NATIVE = ("debian-12-4.13", "debian-13-5.3")
+"""The platforms chosen by default on this (amd64) host."""
+LINTED = "debian-13-5.3"
+UNFORMATTED = 'let greet   name = "Hello, " ^ name ^ "!"\n'
+
+
 async def test_a_broken_test_fails_the_build_and_a_fix_passes_while_a_branch_builds_alone(
         tmp_path: Path, ocaml_store: str, debian_mirror: str) -> None:
     repo = await hello_repo(tmp_path / "hello")
@@ -96,21 +114,32 @@ async def test_a_broken_test_fails_the_build_and_a_fix_passes_while_a_branch_bui
         status = await final_status(state, repo, "main", await head(repo, "main"))
         assert status["result"] == "passed", status
         labels = assert_labels_for_people(await DiagramCache(engine).dot())
-        assert {"analysis", "debian-12-system build"} <= set(labels), labels
+        assert {"analysis", "debian-12-4.13 build", "debian-13-5.3 build",
+                "debian-13-5.3 lint-fmt"} <= set(labels), labels
         jobs = jobs_of(status)
+        # A build on each platform chosen by default, the lints on Debian 13 only.
         assert {name: job["state"] for name, job in jobs.items()} == {
-            "(analysis)": "passed", "debian-12-system": "passed",
-            "debian-12-system (lint-opam)": "passed", "debian-12-system (lint-fmt)": "skipped",
-            "debian-12-system (lint-doc)": "passed"}
-        assert jobs["debian-12-system (lint-fmt)"]["reason"] == "no .ocamlformat file"
-        build_log = log_of(state, jobs["debian-12-system"])
-        assert "To reproduce locally" in build_log.split("\n", 3)[2], build_log
-        assert "Test Successful" in build_log
-        # Debian's own index named the packages, with the versions the real mirror has.
-        assert re.search(r"alcotest -> libalcotest-ocaml-dev \d\S*", build_log), build_log
-        doc_log = log_of(state, jobs["debian-12-system (lint-doc)"])
+            "(analysis)": "passed", "debian-12-4.13": "passed", "debian-13-5.3": "passed",
+            f"{LINTED} (lint-opam)": "passed", f"{LINTED} (lint-fmt)": "passed",
+            f"{LINTED} (lint-doc)": "passed"}
+        for platform, ocaml, alcotest in (("debian-12-4.13", "4.13.1", "1.6.0"),
+                                          ("debian-13-5.3", "5.3.0", "1.8.0")):
+            build_log = log_of(state, jobs[platform])
+            assert "To reproduce locally" in build_log.split("\n", 3)[2], build_log
+            assert "--platform linux/amd64\n" in build_log, build_log
+            assert "Test Successful" in build_log
+            # Debian's own index of the release named the packages, with the versions the real
+            # mirror has.
+            assert re.search(rf"alcotest -> libalcotest-ocaml-dev {alcotest}\S*", build_log), \
+                build_log
+            assert f"ocaml -> ocaml-nox {ocaml}" in build_log, build_log
+        doc_log = log_of(state, jobs[f"{LINTED} (lint-doc)"])
         assert re.search(r"odoc -> ocaml-odoc \d\S*", doc_log), doc_log
         assert "libalcotest-ocaml-dev" not in doc_log.partition("odoc -> ")[0], doc_log
+        # The demo's .ocamlformat asks for Debian 13's ocamlformat: `dune build @fmt` ran.
+        fmt_log = log_of(state, jobs[f"{LINTED} (lint-fmt)"])
+        assert "ocamlformat -> ocamlformat 0.27.0" in fmt_log, fmt_log
+        assert '(run (shell "dune build @fmt"))' in fmt_log, fmt_log
 
         # A second branch on the same commit shares its jobs, which are named by commit and
         # platform, never by the first branch.
@@ -118,24 +147,36 @@ async def test_a_broken_test_fails_the_build_and_a_fix_passes_while_a_branch_bui
         same = await final_status(state, repo, "same", status["commit"])
         assert {name: job.get("job_id") for name, job in jobs_of(same).items()} == \
             {name: job.get("job_id") for name, job in jobs.items()}
-        build_entry = engine.cache.db.entry(jobs["debian-12-system"]["job_id"])
+        build_entry = engine.cache.db.entry(jobs["debian-12-4.13"]["job_id"])
         assert build_entry is not None
-        assert build_entry.key_pp == f"{status['commit'][:7]} debian-12-system build"
+        assert build_entry.key_pp == f"{status['commit'][:7]} debian-12-4.13 build"
+
+        # A file ocamlformat would change fails lint-fmt, and the commit, saying where.
+        unformatted = await repo.commit("unformatted", {"src/hello.ml": UNFORMATTED}, new=True)
+        status = await final_status(state, repo, "unformatted", unformatted, settled=True)
+        assert status["result"] == "failed", status
+        assert {name: job["state"] for name, job in jobs_of(status).items()
+                if job["state"] != "passed"} == {f"{LINTED} (lint-fmt)": "failed"}, status
+        assert jobs_of(status)[f"{LINTED} (lint-fmt)"]["reason"] == \
+            'dune build @fmt: File "src/hello.ml", line 1, characters 0-0:', status
+        await repo.git("checkout", "--quiet", "main")
 
         await repo.commit("feature", {"README.md": "A branch of its own\n"}, new=True)
         broken = await repo.commit("main", {"src/hello.ml": BROKEN_GREET})
-        status = await final_status(state, repo, "main", broken)
+        status = await final_status(state, repo, "main", broken, settled=True)
         assert status["result"] == "failed", status
-        build = jobs_of(status)["debian-12-system"]
-        assert build["state"] == "failed", status
-        # The failing test's own output is in the build's log.
-        build_log = log_of(state, build)
-        # Its reason is the failing command and alcotest's failure, not an exit status.
-        failure = re.fullmatch(r"dune build @install @check @runtest: \[FAIL\] greet (\d) (\w+)\.",
-                               build["reason"])
-        assert failure is not None, build
-        assert re.search(rf"\[FAIL\]\s+greet\s+{failure[1]}\s+{failure[2]}\.", build_log)
-        assert "greets by name" in build_log and "Goodbye, world!" in build_log, build_log
+        for platform in NATIVE:
+            build = jobs_of(status)[platform]
+            assert build["state"] == "failed", status
+            # The failing test's own output is in the build's log.
+            build_log = log_of(state, build)
+            # Its reason is the failing command and alcotest's failure, not an exit status.
+            failure = re.fullmatch(
+                r"dune build @install @check @runtest: \[FAIL\] greet (\d) (\w+)\.",
+                build["reason"])
+            assert failure is not None, build
+            assert re.search(rf"\[FAIL\]\s+greet\s+{failure[1]}\s+{failure[2]}\.", build_log)
+            assert "greets by name" in build_log and "Goodbye, world!" in build_log, build_log
 
         feature = await final_status(state, repo, "feature", await head(repo, "feature"))
         assert feature["result"] == "passed", feature
@@ -157,15 +198,19 @@ async def test_a_dependency_debian_lacks_skips_the_build_and_no_opam_file_fails(
     state = tmp_path / "var"
     async with p.Engine(ci(repo, ocaml_store, debian_mirror), state_dir=state):
         status = await final_status(state, repo, "main", await head(repo, "main"))
-        build = jobs_of(status)["debian-12-system"]
-        assert build["state"] == "skipped", status
-        assert build["reason"] == \
-            "no Debian package in bookworm for the dependency 'nosuchlibrary'", build
-        assert "To reproduce" not in log_of(state, build)
+        # Each platform says why, naming its own release.
+        reasons = []
+        for platform, release in zip(NATIVE, ("bookworm", "trixie"), strict=True):
+            build = jobs_of(status)[platform]
+            assert build["state"] == "skipped", status
+            assert build["reason"] == \
+                f"no Debian package in {release} for the dependency 'nosuchlibrary'", build
+            assert "To reproduce" not in log_of(state, build)
+            reasons.append(f"{platform}: {build['reason']}")
         # The lints passed, but nothing was compiled: not passed.
-        assert jobs_of(status)["debian-12-system (lint-opam)"]["state"] == "passed", status
+        assert jobs_of(status)[f"{LINTED} (lint-opam)"]["state"] == "passed", status
         assert status["result"] == "no-builds", status
-        assert status["reason"] == f"debian-12-system: {build['reason']}", status
+        assert status["reason"] == "; ".join(reasons), status
 
         status = await final_status(state, repo, "no-opam", await head(repo, "no-opam"))
         assert status["result"] == "failed", status
@@ -173,6 +218,52 @@ async def test_a_dependency_debian_lacks_skips_the_build_and_no_opam_file_fails(
         assert analysis["state"] == "failed"
         assert "No opam files found" in analysis["reason"], analysis
         assert "No opam files found" in log_of(state, analysis)
+
+
+ARM64 = "debian-13-5.3_arm64"
+EM_AARCH64 = 183
+"""The ELF header's `e_machine` of an arm64 program."""
+
+
+def elf_machine(program: Path) -> int:
+    """The `e_machine` of the ELF file `program` (ValueError for another kind of file)."""
+    with program.open("rb") as file:
+        header = file.read(20)
+    if header[:4] != b"\x7fELF" or header[5] != 1:
+        raise ValueError(f"{program} is not a little-endian ELF file")
+    return int.from_bytes(header[18:20], "little")
+
+
+async def test_the_demo_is_compiled_and_tested_on_arm64_under_emulation(
+        tmp_path: Path, ocaml_store: str, debian_mirror: str) -> None:
+    repo = await hello_repo(tmp_path / "hello")
+    state = tmp_path / "var"
+    async with p.Engine(ci(repo, ocaml_store, debian_mirror, "--platforms", f"{LINTED},{ARM64}"),
+                        state_dir=state) as engine:
+        status = await final_status(state, repo, "main", await head(repo, "main"),
+                                    guard=EMULATED_HANG_GUARD, settled=True)
+        labels = assert_labels_for_people(await DiagramCache(engine).dot())
+        assert {"trixie/amd64 index", "trixie/arm64 index", f"{ARM64} build"} <= set(labels)
+        jobs = jobs_of(status)
+        assert status["result"] == "passed", status
+        # A job per platform; the lints on the native one only.
+        assert {name: job["state"] for name, job in jobs.items()} == {
+            "(analysis)": "passed", LINTED: "passed", ARM64: "passed",
+            f"{LINTED} (lint-opam)": "passed", f"{LINTED} (lint-fmt)": "passed",
+            f"{LINTED} (lint-doc)": "passed"}, status
+        assert jobs[ARM64]["platform"] == ARM64
+        log = log_of(state, jobs[ARM64])
+        assert " --platform linux/arm64\n" in log, log
+        # arm64's own index named the packages, and the test ran.
+        assert re.search(r"alcotest -> libalcotest-ocaml-dev 1\.8\.\S+", log), log
+        assert "Test Successful" in log, log
+        # The test program that ran is an arm64 one: it is in the build's last step's layer
+        # (the store is overlayfs), made by that step.
+        entry = engine.cache.db.entry(jobs[ARM64]["job_id"])
+        assert entry is not None and entry.value is not None
+        result = json.loads(entry.value)["result"]
+        layer = Path(ocaml_store.partition(":")[2]) / "layer" / result / "diff"
+        assert elf_machine(layer / "src/_build/default/test/test_hello.exe") == EM_AARCH64
 
 
 def run_once(state: Path, repo: Path, store: str,

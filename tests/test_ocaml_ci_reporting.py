@@ -115,7 +115,7 @@ async def test_the_live_diagram_of_the_demo_has_labels_for_people(
     async with github_statuses(TOKEN) as github:
         root = ocaml_ci.pipeline([
             "--demo", "--demo-dir", str(tmp_path / "demo"), "--store", "rsync:store",
-            "--fetcher", f"local:{no_images}",
+            "--fetcher", f"local:{no_images}", "--platforms", "all",
             "--github-token-file", str(token_file), "--github-api-url", github.url,
             "--github-repo", "owner/demo", "--debian-mirror", debian_mirror])
         commit = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=tmp_path / "demo",
@@ -128,10 +128,15 @@ async def test_the_live_diagram_of_the_demo_has_labels_for_people(
             labels = assert_labels_for_people(await response.text())
     # Without --public-url, statuses link nowhere.
     assert github.requests and all("target_url" not in r.body for r in github.requests)
-    # Every part was drawn: the analysis, each platform job (which failed for want of an image)
-    # and the GitHub status of the commit.
-    assert {"analysis", "debian-12-system build", "debian-12-system lint-opam",
-            "demo main", f"owner/demo@{commit}"} <= set(labels), labels
+    # Every part was drawn: the analysis, the Debian index of each release and architecture,
+    # each platform's build and the lints on one (each failed for want of an image), and the
+    # GitHub status of the commit.
+    assert {"analysis", "demo main", f"owner/demo@{commit}", "bookworm/amd64 index",
+            "trixie/amd64 index", "trixie/ppc64el index", "debian-13-5.3 lint-opam",
+            "debian-13-5.3 lint-fmt", "debian-13-5.3 lint-doc",
+            *(f"{platform.name} build" for platform in ocaml_ci.P.MATRIX)} <= set(labels), labels
+    lints = [label for label in labels if " lint-" in label]
+    assert lints and all(label.startswith("debian-13-5.3 lint-") for label in lints), labels
 
 
 def test_a_host_without_a_debian_mirror_is_told_to_give_one(

@@ -11,36 +11,11 @@ import socket
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from ocaml_fixtures import RECORDED_DEBIAN, recorded_index
+from ocaml_fixtures import RECORDED_DEBIAN, recorded_index, trixie_index
 
 from pipeline.ocaml import debian as D
 
 INDEX = recorded_index()
-
-# Real lines of trixie's Contents-amd64, whose libraries are in an arch-specific directory.
-TRIXIE_CONTENTS = b"""\
-usr/lib/x86_64-linux-gnu/ocaml/5.3.0/alcotest/META ocaml/libalcotest-ocaml-dev
-usr/lib/x86_64-linux-gnu/ocaml/5.3.0/alcotest/alcotest.cmxa ocaml/libalcotest-ocaml-dev
-usr/lib/x86_64-linux-gnu/ocaml/5.3.0/fmt/META ocaml/libfmt-ocaml
-usr/lib/x86_64-linux-gnu/ocaml/5.3.0/fmt/fmt.cmxs ocaml/libfmt-ocaml
-usr/lib/x86_64-linux-gnu/ocaml/5.3.0/fmt/fmt.cmxa ocaml/libfmt-ocaml-dev
-usr/bin/ocamlformat ocaml/ocamlformat
-"""
-TRIXIE_PACKAGES = b"""\
-Package: libalcotest-ocaml-dev
-Version: 1.8.0-2+b3
-
-Package: libfmt-ocaml
-Version: 0.10.0-1+b1
-
-Package: libfmt-ocaml-dev
-Version: 0.10.0-1+b1
-
-Package: ocamlformat
-Source: ocamlformat (0.27.0-1)
-Version: 0.27.0-1+b6
-"""
-
 
 @pytest.mark.parametrize(("name", "package"), [
     ("odoc", "libodoc-ocaml-dev"),
@@ -125,11 +100,25 @@ def test_several_packages_shipping_meta_pick_the_dev_one_then_by_name() -> None:
 
 
 def test_trixie_arch_specific_library_directories() -> None:
-    index = D.parse_index("trixie", "amd64", TRIXIE_CONTENTS.splitlines(True),
-                          TRIXIE_PACKAGES.splitlines(True))
+    index = trixie_index("amd64")
     assert index.library("alcotest") == D.DebianPackage("libalcotest-ocaml-dev", "1.8.0-2+b3")
     assert index.library("fmt") == D.DebianPackage("libfmt-ocaml-dev", "0.10.0-1+b1")
     assert index.tool("ocamlformat").upstream_version == "0.27.0"  # type: ignore[union-attr]
+
+
+def test_each_architecture_has_its_own_versions() -> None:
+    riscv64 = trixie_index("riscv64")
+    assert (riscv64.release, riscv64.arch) == ("trixie", "riscv64")
+    # The same package, rebuilt once more on riscv64.
+    assert trixie_index("amd64").library("astring") == \
+        D.DebianPackage("libastring-ocaml-dev", "0.8.5-2+b4")
+    assert riscv64.library("astring") == D.DebianPackage("libastring-ocaml-dev", "0.8.5-2+b5")
+
+
+def test_release_names() -> None:
+    assert D.release_name("trixie") == "Debian 13 (trixie)"
+    assert D.release_name("bookworm") == "Debian 12 (bookworm)"
+    assert D.release_name("sid") == "Debian sid"
 
 
 @pytest.mark.parametrize(("version", "upstream"), [

@@ -128,7 +128,7 @@ def image_spec() -> str:
     """The stand-in for `ocaml/opam:debian-12-ocaml-5.2`: the system platform's base (Debian's
     OCaml, dune, opam and rsync, a user `opam`; those steps are shared with the system
     platform's builds), the repository and sources from the context, an initialised opam root."""
-    system = S.parse(P.base_stage(P.PLATFORMS["debian-12-system"]))
+    system = S.parse(P.base_stage(P.PLATFORMS["debian-12-4.13"]))
     ops = (
         *system.ops,
         S.UserIds(1000, 1000),

@@ -73,16 +73,19 @@ def test_the_commit_page_rebuild_failed_and_the_badge(
         expect(page.locator("#author")).to_have_text("Ann <ann@example.com>")
         expect(page.locator("#branches")).to_have_text("main (head)")
 
-        cell = page.locator('#matrix tr[data-platform="debian-12-system"] td[data-kind="build"]')
+        cell = page.locator('#matrix tr[data-platform="debian-12-4.13"] td[data-kind="build"]')
         expect(cell.locator("[data-result]")).to_have_attribute("data-result", "failed")
         # The reason quotes alcotest's failure (both tests fail: "Goodbye, !" too).
         expect(cell.locator(".reason")).to_have_text(re.compile(
             r"^dune build @install @check @runtest: \[FAIL\] greet \d (world|empty)\.$"))
         expect(cell.locator(".durations")).to_have_text(
             re.compile(r"^queued [\d.]+ s, ran (\d+ min )?[\d.]+ s$"))
-        # The lints ran too: odoc is Debian's ocaml-odoc.
-        for lint in ("lint-opam", "lint-doc"):
-            lint_cell = page.locator('#matrix tr[data-platform="debian-12-system"] '
+        # Debian 13's row too, with the lints: odoc is Debian's ocaml-odoc, ocamlformat
+        # Debian's 0.27.0, which the demo's .ocamlformat asks for.
+        expect(page.locator('#matrix tr[data-platform="debian-13-5.3"] td[data-kind="build"] '
+                            '[data-result]')).to_have_attribute("data-result", "failed")
+        for lint in ("lint-opam", "lint-fmt", "lint-doc"):
+            lint_cell = page.locator('#matrix tr[data-platform="debian-13-5.3"] '
                                      f'td[data-kind="{lint}"]')
             expect(lint_cell.locator("[data-result]")).to_have_attribute("data-result", "passed")
         old_job = cell.locator("a.log").get_attribute("href")
@@ -94,7 +97,7 @@ def test_the_commit_page_rebuild_failed_and_the_badge(
         assert page.url == commit_page
         reload_until(page, f"""(() => {{
             const cell = document.querySelector(
-                '#matrix tr[data-platform="debian-12-system"] td[data-kind="build"]');
+                '#matrix tr[data-platform="debian-12-4.13"] td[data-kind="build"]');
             const link = cell && cell.querySelector('a.log');
             return link && link.getAttribute('href') !== {old_job!r}
                 && cell.querySelector('[data-result="failed"]');

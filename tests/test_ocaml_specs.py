@@ -13,12 +13,11 @@ from typing import Any
 
 import pytest
 from golden import assert_golden
-from ocaml_fixtures import recorded_index
+from ocaml_fixtures import recorded_index, trixie_index
 from test_ocaml_ci_reporting import ocaml_ci
 
 from pipeline.obuilder import spec as S
 from pipeline.ocaml.analysis import Analysis, Dependency, OpamFile, to_json
-from pipeline.ocaml.debian import HOST_ARCH
 from pipeline.ocaml.platforms import (
     PLATFORMS,
     Platform,
@@ -26,13 +25,13 @@ from pipeline.ocaml.platforms import (
     build_spec,
     job_dependencies,
     lint_spec,
-    pool,
     reproduce_block,
 )
 from pipeline.primitives.git import Commit
 
 EXPECTED = Path(__file__).parent / "expected" / "ocaml"
-SYSTEM = PLATFORMS["debian-12-system"]
+SYSTEM = PLATFORMS["debian-12-4.13"]
+TRIXIE = PLATFORMS["debian-13-5.3"]
 OPAM = PLATFORMS["debian-12-ocaml-5.2"]
 
 # A project of two packages, one nested, where `hello-bin` depends on its sibling `hello`.
@@ -59,10 +58,19 @@ def _golden(name: str, actual: str) -> None:
 
 
 def test_platforms() -> None:
-    assert Platform("debian-12-system", "debian:12", "system", "bookworm", HOST_ARCH) == SYSTEM
+    assert Platform("debian-12-4.13", "debian:12", "system", "bookworm", "linux/amd64") == SYSTEM
+    assert Platform("debian-13-5.3", "debian:13", "system", "trixie", "linux/amd64") == TRIXIE
     assert Platform("debian-12-ocaml-5.2", "ocaml/opam:debian-12-ocaml-5.2", "opam", "bookworm",
-                    HOST_ARCH) == OPAM
+                    "linux/amd64") == OPAM
     assert all(name == p.name for name, p in PLATFORMS.items())
+
+
+def test_another_architecture_has_the_same_specs() -> None:
+    """The architecture is the builder's (`--platform`), not the spec's: trixie's specs are the
+    same on each, and so is the text a job's key holds."""
+    arm64 = PLATFORMS["debian-13-5.3_arm64"]
+    assert (arm64.image, arm64.platform, arm64.arch) == ("debian:13", "linux/arm64", "arm64")
+    assert _all_specs(arm64) == _all_specs(TRIXIE)
 
 
 def test_job_dependencies_leave_out_the_projects_own_and_the_other_jobs() -> None:
@@ -95,7 +103,7 @@ def _all_specs(platform: Platform) -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize("platform", [SYSTEM, OPAM], ids=lambda p: p.name)
+@pytest.mark.parametrize("platform", [SYSTEM, TRIXIE, OPAM], ids=lambda p: p.name)
 def test_golden_specs(platform: Platform) -> None:
     for job, text in _all_specs(platform).items():
         _golden(f"{platform.name}-{job}.spec", text)
@@ -212,6 +220,9 @@ def test_reproduce_block_holds_the_spec_and_the_command() -> None:
         "pipeline obuilder build -f build.spec . --store 'overlayfs:/var/tmp/my store'\n")
     default = reproduce_block(text)
     assert default.endswith("pipeline obuilder build -f build.spec . --store rsync:/tmp/store\n")
+    # A platform's builds are for its architecture: so is the command reproducing one.
+    arm64 = reproduce_block(text, platform="linux/arm64")
+    assert arm64.endswith(" --store rsync:/tmp/store --platform linux/arm64\n")
 
 
 def test_reproduce_block_marker_never_ends_the_spec_early() -> None:
@@ -286,35 +297,39 @@ def test_a_dependency_debian_lacks_skips_with_its_opam_name() -> None:
 def test_bookworm_has_no_ocamlformat_so_lint_fmt_skips() -> None:
     jobs = _jobs(ANALYSIS)
     assert jobs["fmt"].spec is None
-    assert jobs["fmt"].skip == "Debian bookworm has no ocamlformat (.ocamlformat asks for 0.26.1)"
+    assert jobs["fmt"].skip == \
+        "Debian 12 (bookworm) has no ocamlformat (.ocamlformat asks for 0.26.1)"
     no_file = dataclasses.replace(ANALYSIS, ocamlformat_version=None)
     assert _jobs(no_file)["fmt"].skip == "no .ocamlformat file"
 
 
 @pytest.mark.parametrize(("wanted", "skip"), [
     ("0.27.0", None),
-    ("0.26.1", ".ocamlformat asks for ocamlformat 0.26.1; Debian bookworm has 0.27.0"),
+    ("0.26.2", ".ocamlformat asks for ocamlformat 0.26.2; Debian 13 (trixie) has 0.27.0"),
 ])
 def test_lint_fmt_runs_only_with_the_version_debian_has(wanted: str, skip: str | None) -> None:
-    # As if bookworm had trixie's ocamlformat.
-    index = dataclasses.replace(INDEX, tools={**INDEX.tools, "ocamlformat": "ocamlformat"},
-                                versions={**INDEX.versions, "ocamlformat": "0.27.0-1+b6"})
     analysed = ocaml_ci.Analysed(Commit(repo="/r", hash="0" * 40, ref="refs/heads/main"),
                                  to_json(dataclasses.replace(ANALYSIS,
                                                              ocamlformat_version=wanted)))
     fmt = {job.kind: job for job in ocaml_ci.platform_jobs(
-        analysed, SYSTEM, "rsync:/s", None, debian=index)}["fmt"]
+        analysed, TRIXIE, "rsync:/s", None, debian=trixie_index("amd64"))}["fmt"]
     assert fmt.skip == skip
+    assert fmt.debian == ("ocamlformat -> ocamlformat 0.27.0-1+b6",)
     if skip is None:
         assert "ocamlformat" in _apt(fmt.spec)
-        assert fmt.debian == ("ocamlformat -> ocamlformat 0.27.0-1+b6",)
+        assert S.parse(fmt.spec or "").ops[-1] == S.Run(shell="dune build @fmt")
+    else:
+        assert fmt.spec is None
 
 
 # With --cluster: the pool and cache hint of each job; nothing changes without it
 
 def test_a_platforms_pool_is_named_for_its_architecture() -> None:
-    assert pool(dataclasses.replace(SYSTEM, arch="amd64")) == "linux-x86_64"
-    assert pool(dataclasses.replace(SYSTEM, arch="arm64")) == "linux-arm64"
+    assert {p.name: p.pool for p in PLATFORMS.values()} == {
+        "debian-12-4.13": "linux-x86_64", "debian-13-5.3": "linux-x86_64",
+        "debian-13-5.3_arm64": "linux-arm64", "debian-12-4.13_ppc64le": "linux-ppc64le",
+        "debian-12-4.13_s390x": "linux-s390x", "debian-13-5.3_riscv64": "linux-riscv64",
+        "debian-12-ocaml-5.2": "linux-x86_64"}
 
 
 def _cluster_jobs(analysis: Analysis, platform: Any, repo: str = "/r") -> list[Any]:

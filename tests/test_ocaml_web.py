@@ -56,10 +56,10 @@ ANALYSIS = {"name": "(analysis)", "kind": "analysis", "state": "passed",
             "job_id": "2026-11-27/115900-analysis-cccccc"}
 MAIN_JOBS = [
     ANALYSIS,
-    build("debian-12-system", "passed", job_id=BUILD_ID, queued="2026-11-27T12:00:00+00:00",
+    build("debian-12-4.13", "passed", job_id=BUILD_ID, queued="2026-11-27T12:00:00+00:00",
           started="2026-11-27T12:00:02+00:00", finished="2026-11-27T12:01:07+00:00"),
-    lint("debian-12-system", "lint-fmt", "skipped", reason="No .ocamlformat <file>"),
-    lint("debian-12-system", "lint-doc", "pending"),
+    lint("debian-12-4.13", "lint-fmt", "skipped", reason="No .ocamlformat <file>"),
+    lint("debian-12-4.13", "lint-doc", "pending"),
     build("debian-12-ocaml-5.2", "failed", job_id=FAILED_ID, experimental=True,
           reason="dune build: Error: Unbound value nme\nmore"),
 ]
@@ -78,13 +78,13 @@ def state_dir(tmp_path: Path) -> Path:
         {"commit": SHA_3, "result": "failed", "message": "<b>Broken</b>",
          "published": "2026-11-26T09:00:00+00:00"}])
     broken = {"commit": SHA_2, "result": "failed",
-              "jobs": [ANALYSIS, build("debian-12-system", "failed", job_id=FAILED_ID,
+              "jobs": [ANALYSIS, build("debian-12-4.13", "failed", job_id=FAILED_ID,
                                        reason="Exit code 1")]}
     write_commit(state, "hello", **broken)
     write_status(state, "hello", "feature/broken", **broken, history=[
         {"commit": SHA_2, "result": "failed"}, {"commit": SHA_1, "result": "passed"}])
-    skipped = {"commit": SHA_3, "result": "no-builds", "reason": "debian-12-system: no libfoo",
-               "jobs": [ANALYSIS, build("debian-12-system", "skipped", reason="no libfoo")]}
+    skipped = {"commit": SHA_3, "result": "no-builds", "reason": "debian-12-4.13: no libfoo",
+               "jobs": [ANALYSIS, build("debian-12-4.13", "skipped", reason="no libfoo")]}
     write_status(state, "hello", "all-skipped", **skipped)
     write_status(state, "<script>", "main", commit=SHA_1, result="pending", jobs=[])
     return state
@@ -193,11 +193,11 @@ async def test_the_commit_page_has_the_matrix(client: TestClient) -> None:
     assert results(analysis) == ["passed"] and "/job/2026-11-27/115900-analysis" in analysis
     matrix = re.search(r'<table id="matrix">.*?</table>', page, re.DOTALL).group()  # type: ignore[union-attr]
     assert re.findall(r"<th>([^<]*)</th>", matrix) == [
-        "Platform", "build", "lint-opam", "lint-fmt", "lint-doc", "debian-12-system",
+        "Platform", "build", "lint-opam", "lint-fmt", "lint-doc", "debian-12-4.13",
         "debian-12-ocaml-5.2 (experimental)"]
     platforms = rows(matrix, "data-platform")
-    assert list(platforms) == ["debian-12-system", "debian-12-ocaml-5.2"]
-    system = cells(platforms["debian-12-system"])
+    assert list(platforms) == ["debian-12-4.13", "debian-12-ocaml-5.2"]
+    system = cells(platforms["debian-12-4.13"])
     assert results(system["build"]) == ["passed"]
     assert f'<a class="log" href="/job/{BUILD_ID}">' in system["build"]
     assert "queued 2.0 s, ran 1 min 5 s" in system["build"]
@@ -278,8 +278,8 @@ async def test_rebuild_buttons_rebuild_the_commits_jobs_for_builders_only(
         ids = job_ids(engine)
         write_commit(state, "hello", commit=SHA_1, result="failed", jobs=[
             {**ANALYSIS, "job_id": ids["analysis"]},
-            build("debian-12-system", "failed", job_id=ids["failing"]),
-            lint("debian-12-system", "lint-opam", "passed", job_id=ids["passing"])])
+            build("debian-12-4.13", "failed", job_id=ids["failing"]),
+            lint("debian-12-4.13", "lint-opam", "passed", job_id=ids["passing"])])
         app = make_app(engine, admin_token="secret-token", extra_routes=routes(state))
         async with TestClient(TestServer(app)) as client:
             url = f"/ocaml/hello/commit/{SHA_1}"
@@ -313,13 +313,13 @@ async def test_a_pending_cell_links_to_the_job_that_runs_it_and_says_for_how_lon
         assert instance is not None
         key = instance.key_digest
         write_commit(state, "hello", commit=SHA_1, result="pending", jobs=[
-            ANALYSIS, build("debian-12-system", "pending", op="ocaml-test-job", key=key),
-            lint("debian-12-system", "lint-opam", "pending", op="ocaml-test-job", key="other")])
+            ANALYSIS, build("debian-12-4.13", "pending", op="ocaml-test-job", key=key),
+            lint("debian-12-4.13", "lint-opam", "pending", op="ocaml-test-job", key="other")])
         app = make_app(engine, extra_routes=routes(state))
         async with TestClient(TestServer(app)) as client:
             page = await get(client, f"/ocaml/hello/commit/{SHA_1}")
             matrix = re.search(r'<table id="matrix">.*?</table>', page, re.DOTALL).group()  # type: ignore[union-attr]
-            system = cells(rows(matrix, "data-platform")["debian-12-system"])
+            system = cells(rows(matrix, "data-platform")["debian-12-4.13"])
             assert f'<a class="log" href="/job/{running.id}">' in system["build"]
             assert re.search(r"queued [0-9.]+ s, has run [0-9.]+ s", system["build"])
             # A key no job runs: its state only.

@@ -21,7 +21,7 @@ from pipeline.ocaml.platforms import PLATFORMS
 from pipeline.opam_repo import sample
 from pipeline.opam_repo.specs import build_spec, parse_revdeps, revdep_spec, revdeps_spec
 
-SYSTEM = PLATFORMS["debian-12-system"]
+SYSTEM = PLATFORMS["debian-12-4.13"]
 PACKAGE = sample.NEW_RELEASE.package
 
 

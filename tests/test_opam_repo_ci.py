@@ -30,7 +30,7 @@ from pipeline.web.diagram import DiagramCache
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE_FILE = ROOT / "pipelines" / "opam_repo_ci.py"
 CI = "opam-repo-ci"
-PLATFORM = "debian-12-system"
+PLATFORM = "debian-12-4.13"
 
 
 def ci(repo: Path, store: str, *options: str) -> p.Term[Any]:
@@ -236,7 +236,7 @@ def test_once_exits_0_when_every_pull_request_passes_and_1_otherwise(
     if branches:
         state, error = states["build-failure"]
         assert state == "failed" and error.startswith(
-            "PullRequestFailed: build-failure: failed (wordcount.1.1 debian-12-system build"), \
+            "PullRequestFailed: build-failure: failed (wordcount.1.1 debian-12-4.13 build"), \
             done.stdout
     results = {branch: (read_status(tmp_path / "var", repo, branch, ci=CI) or {}).get("result")
                for branch in ("new-release", *branches)}
@@ -249,7 +249,7 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
     assert "nothing to watch: give --repo, --remote or --demo" in done.stderr
     assert "Traceback" not in done.stderr
     done = run_once(tmp_path / "var", "--repo", str(tmp_path), "--platforms", "nowhere")
-    assert done.returncode == 2 and "unknown platform nowhere" in done.stderr, done
+    assert done.returncode == 2 and "unknown platform 'nowhere'" in done.stderr, done
 
 
 def test_a_missing_base_branch_fails_naming_the_branches(tmp_path: Path) -> None:

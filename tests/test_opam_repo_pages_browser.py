@@ -17,7 +17,7 @@ from pipeline.ocaml import status as St
 from pipeline.ocaml.web import OPAM_REPO_CI
 
 SHA = "c0ffee" + "0" * 34
-PLATFORM = "debian-12-system"
+PLATFORM = "debian-12-4.13"
 PIPELINE_FILE = """
     import pipeline as p
     from pipeline.ocaml import web

@@ -15,7 +15,7 @@ from pipeline.ocaml.platforms import PLATFORMS, Platform, base_stage
 from pipeline.opam_repo import specs
 
 EXPECTED = Path(__file__).parent / "expected" / "opam-repo-ci"
-SYSTEM = PLATFORMS["debian-12-system"]
+SYSTEM = PLATFORMS["debian-12-4.13"]
 OPAM = PLATFORMS["debian-12-ocaml-5.2"]
 BOTH = pytest.mark.parametrize("platform", [SYSTEM, OPAM], ids=lambda p: p.name)
 

@@ -23,7 +23,7 @@ CI = OPAM_REPO_CI.ci
 SHA_1 = "1" * 40
 SHA_2 = "2" * 40
 SHA_3 = "3" * 40
-PLATFORM = "debian-12-system"
+PLATFORM = "debian-12-4.13"
 BUILD_ID = "2026-11-28/120000-opam-build-aaaaaa"
 REVDEP_FAILED_ID = "2026-11-28/120200-opam-revdep-bbbbbb"
 PUBLISHED = datetime(2026, 11, 28, 12, 5, tzinfo=UTC)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pipeline as p
 from pipeline.cluster.protocol import Source
+from pipeline.obuilder.platforms import architecture
 from pipeline.obuilder.protocols import BuildError, StoreFull
 from pipeline.ocaml import failures as F
 from pipeline.ocaml import platforms as P
@@ -43,14 +44,21 @@ class Merge:
 
 @dataclasses.dataclass(frozen=True)
 class Place:
-    """Where a job's builds run: in this process on `store` with `fetcher`, or, with `cluster`
-    (a scheduler's address), on a worker of `pool` with the cache hint `cache_hint`."""
+    """Where a job's builds run and what for: builds for `platform` (`linux/ARCH`, under
+    emulation on another architecture than the host's), in this process on `store` with
+    `fetcher`, or, with `cluster` (a scheduler's address), on a worker of the platform's pool
+    with the cache hint `cache_hint`."""
 
     store: str
     fetcher: str | None
     cluster: str | None = None
-    pool: str = "linux-x86_64"
+    platform: str = "linux/amd64"
     cache_hint: str | None = None
+
+    @property
+    def pool(self) -> str:
+        """The cluster's pool of workers building for `platform` (`linux-arm64`)."""
+        return architecture(self.platform).pool
 
 
 async def start(job: p.Job) -> None:
@@ -73,7 +81,7 @@ async def _merged(merge: Merge) -> AsyncIterator[Path]:
 
 async def build(job: p.Job, spec: str, source: Commit | Merge | None, place: Place,
                 log: Callable[[bytes], None]) -> str:
-    """Build `spec` with `source` as its context, at `place`; the step log goes to `log`.
+    """Build `spec` with `source` as its context, for and at `place`; the step log goes to `log`.
     Raises as `build_in_job` does (a worker's errors are the builder's), `MergeConflict` when a
     merge cannot be made here, or the loss of a cluster's worker."""
     if place.cluster is not None:
@@ -84,9 +92,9 @@ async def build(job: p.Job, spec: str, source: Commit | Merge | None, place: Pla
     if isinstance(source, Merge):
         async with _merged(source) as context:
             return await build_in_dir(job, spec, context, store=place.store,
-                                      fetcher=place.fetcher, log=log)
+                                      fetcher=place.fetcher, log=log, platform=place.platform)
     return await build_in_job(job, spec, source, store=place.store, fetcher=place.fetcher,
-                              log=log)
+                              log=log, platform=place.platform)
 
 
 async def run_spec(job: p.Job, spec: str, source: Commit | Merge | None, place: Place,
@@ -103,7 +111,7 @@ async def run_spec(job: p.Job, spec: str, source: Commit | Merge | None, place: 
     where = "this pull request merged into its base" if isinstance(source, Merge) \
         else "this commit"
     job.write(P.reproduce_block(spec, store=resolve_store(place.store, job.state_dir),
-                                checkout=where) + "\n")
+                                checkout=where, platform=place.platform) + "\n")
     for line in notes:
         job.log(line)
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import lzma
-import platform
 import re
 import urllib.error
 import urllib.request
@@ -42,6 +41,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any
+
+from pipeline.obuilder.fetchers.debootstrap import RELEASES
 
 # What the indexes cannot say: opam's `ocaml` is the compiler, and its `base-*` packages name parts
 # of the compiler distribution (and, for `base-bytes`, findlib's compatibility library) that ship
@@ -53,11 +54,6 @@ COMPILER_PACKAGES: dict[str, str] = {
     "base-bigarray": "ocaml-nox",
     "base-bytes": "ocaml-findlib",
 }
-
-# Debian's names of the host's architecture (as `dpkg --print-architecture` gives them).
-_DEBIAN_ARCHITECTURES = {"x86_64": "amd64", "aarch64": "arm64"}
-HOST_ARCH = _DEBIAN_ARCHITECTURES.get(platform.machine(), platform.machine())
-"""The host's Debian architecture: the images the builder runs are the host's."""
 
 # `usr/lib/ocaml/NAME/REST`, or `usr/lib/x86_64-linux-gnu/ocaml/5.3.0/NAME/REST`.
 _LIBRARY_FILE = re.compile(r"usr/lib/(?:ocaml|[^/]+-linux-[^/]+/ocaml/[0-9][^/]*)/([^/]+)/(.+)")
@@ -86,6 +82,13 @@ class DebianPackage:
         """The version without epoch, Debian revision or repack suffix: `1:2.1.1+dfsg-2` gives
         `2.1.1`."""
         return upstream_version(self.version)
+
+
+def release_name(release: str) -> str:
+    """How a message names the release `release` (a codename): `Debian 13 (trixie)`, or
+    `Debian sid` for one without a number."""
+    number = next((n for n, codename in RELEASES.items() if codename == release), None)
+    return f"Debian {release}" if number is None else f"Debian {number} ({release})"
 
 
 def upstream_version(version: str) -> str:

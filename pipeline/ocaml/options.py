@@ -30,11 +30,15 @@ def add_sources(parser: argparse.ArgumentParser, *, what: str) -> None:
                         help="how often remotes are polled (default: 60)")
 
 
-def add_builds(parser: argparse.ArgumentParser, *, store: str) -> None:
-    """`--platforms`, `--store` (default `store`, or its rsync twin without overlayfs),
-    `--fetcher` or `--image-dir`, and `--cluster`."""
-    parser.add_argument("--platforms", default="debian-12-system", metavar="NAMES",
-                        help=f"comma-separated, among {', '.join(P.PLATFORMS)}")
+def add_builds(parser: argparse.ArgumentParser, *, store: str,
+               platforms: list[P.Platform]) -> None:
+    """`--platforms` (default `platforms`), `--store` (default `store`, or its rsync twin
+    without overlayfs), `--fetcher` or `--image-dir`, and `--cluster`."""
+    default = ",".join(platform.name for platform in platforms)
+    parser.add_argument("--platforms", default=default, metavar="NAMES",
+                        help=f"comma-separated, among {', '.join(P.PLATFORMS)}, or all (the"
+                             " Debian matrix, built under emulation on other architectures than"
+                             f" the host's; default: {default})")
     parser.add_argument("--store", default=None, metavar="KIND:PATH",
                         help=f"the builder's store (default: overlayfs:{store}, or rsync"
                              " without overlayfs; a relative PATH is in the state directory)")
@@ -70,14 +74,14 @@ def add_demo(parser: argparse.ArgumentParser, *, what: str, directory: str) -> N
 
 
 def parse(parser: argparse.ArgumentParser, args: list[str]) -> argparse.Namespace:
-    """The options of `args`, with `platform_list` the platforms `--platforms` names; a usage
-    error for an unknown platform, or for nothing to watch."""
+    """The options of `args`, with `platform_list` the platforms `--platforms` names (`all`:
+    the matrix, `platforms.MATRIX`); a usage error for an unknown platform, or for nothing to
+    watch."""
     options = parser.parse_args(args)
-    names = options.platforms.split(",")
-    unknown = [name for name in names if name not in P.PLATFORMS]
-    if unknown:
-        parser.error(f"unknown platform {', '.join(unknown)}; known: {', '.join(P.PLATFORMS)}")
-    options.platform_list = [P.PLATFORMS[name] for name in names]
+    try:
+        options.platform_list = P.choose(options.platforms)
+    except ValueError as error:
+        parser.error(str(error))
     if not (options.repo or options.remote or options.demo):
         parser.error("nothing to watch: give --repo, --remote or --demo")
     return options

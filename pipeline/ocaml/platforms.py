@@ -1,9 +1,17 @@
 """Platforms and the build specs generated for them, shaped like ocaml-ci's.
 
-A platform is a name, a base image (of a Debian release and architecture) and a way to install
-dependencies: `system` platforms take OCaml, dune, opam and the libraries from Debian packages
-(which packages, the caller finds in the release's indexes with `pipeline.ocaml.debian`);
-`opam` platforms start from an `ocaml/opam` image and let opam install them.
+A platform is a name, a base image (of a Debian release), the build platform it is built for
+(`linux/ARCH`: another architecture than the host's is built under emulation) and a way to
+install dependencies: `system` platforms take OCaml, dune, opam and the libraries from Debian
+packages (which packages, the caller finds in the indexes of the release and architecture with
+`pipeline.ocaml.debian`); `opam` platforms start from an `ocaml/opam` image and let opam install
+them.
+
+The matrix (`MATRIX`) is ocaml-ci's within what Debian offers: each release with its own OCaml
+(`debian-12-4.13`: bookworm's 4.13.1; `debian-13-5.3`: trixie's 5.3.0) on amd64, and the four
+other architectures, each on a release whose packages the mirror has for it, named as ocaml-ci
+names a variant of another architecture (`debian-13-5.3_arm64`). The lints run on one platform
+(`lint_platform`).
 
 Which dependencies a job installs (`job_dependencies`): the build runs the tests, so it installs
 the `{with-test}` ones but not the `{with-doc}` ones; the doc lint the reverse; `opam lint` none.
@@ -25,40 +33,106 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pipeline.obuilder import spec as S
+from pipeline.obuilder.platforms import ARCHITECTURES, architecture, is_emulated
 from pipeline.ocaml.analysis import Analysis
-from pipeline.ocaml.debian import HOST_ARCH
 
 
 @dataclass(frozen=True)
 class Platform:
-    """A platform: `name` (shown in job names), its base `image`, how it gets dependencies, and
-    the Debian `release` (codename) and `arch` of the image."""
+    """A platform: `name` (shown in job names), its base `image`, how it gets dependencies, the
+    Debian `release` (codename) of the image, and `platform`, the build platform (`linux/ARCH`)
+    every build of it is for."""
 
     name: str
     image: str
     kind: Literal["system", "opam"]
     release: str
-    arch: str
+    platform: str = "linux/amd64"
     experimental: bool = False
 
+    @property
+    def arch(self) -> str:
+        """Debian's name of its architecture (`ppc64el`), as the release's indexes name it."""
+        return architecture(self.platform).debian
+
+    @property
+    def pool(self) -> str:
+        """The build cluster's pool of workers that build for it: `linux-x86_64` for amd64,
+        `linux-arm64` for arm64, ..."""
+        return architecture(self.platform).pool
+
+
+def _debian(number: str, release: str, ocaml: str, arch: str) -> Platform:
+    """The system platform of Debian `number` (`release`) with its OCaml `ocaml` on `arch`
+    (an OCI name), named as ocaml-ci names it: `debian-13-5.3`, `debian-13-5.3_arm64`."""
+    suffix = "" if arch == "amd64" else f"_{arch}"
+    return Platform(f"debian-{number}-{ocaml}{suffix}", f"debian:{number}", "system", release,
+                    ARCHITECTURES[arch].platform)
+
+
+MATRIX: tuple[Platform, ...] = (
+    _debian("12", "bookworm", "4.13", "amd64"),
+    _debian("13", "trixie", "5.3", "amd64"),
+    _debian("13", "trixie", "5.3", "arm64"),
+    # Trixie's ppc64el and s390x packages are not all on the Debian mirror this project is
+    # built with (its point releases' updates are missing, debootstrap fails): bookworm's are.
+    _debian("12", "bookworm", "4.13", "ppc64le"),
+    _debian("12", "bookworm", "4.13", "s390x"),
+    # riscv64 is an official architecture from trixie on.
+    _debian("13", "trixie", "5.3", "riscv64"),
+)
+"""ocaml-ci's matrix within what Debian offers: what `--platforms all` chooses, one platform of
+each architecture but amd64, which has both releases."""
 
 PLATFORMS: dict[str, Platform] = {
     p.name: p
     for p in (
-        Platform("debian-12-system", "debian:12", "system", "bookworm", HOST_ARCH),
-        Platform("debian-12-ocaml-5.2", "ocaml/opam:debian-12-ocaml-5.2", "opam", "bookworm",
-                 HOST_ARCH),
+        *MATRIX,
+        # Not in the matrix: its image comes from a registry (Docker Hub's ocaml/opam).
+        Platform("debian-12-ocaml-5.2", "ocaml/opam:debian-12-ocaml-5.2", "opam", "bookworm"),
     )
 }
+"""Every platform, by name."""
 
-# Debian's architecture names where the cluster's pool names differ (`pool`).
-_POOL_ARCH = {"amd64": "x86_64"}
+LINT_PLATFORM = "debian-13-5.3"
+"""The platform the lints run on when it is chosen: the newest OCaml and ocamlformat, natively."""
 
 
-def pool(platform: Platform) -> str:
-    """The build cluster's pool of workers that build for `platform`: `linux-x86_64` for
-    amd64, `linux-arm64` for arm64, ..."""
-    return f"linux-{_POOL_ARCH.get(platform.arch, platform.arch)}"
+def native() -> list[Platform]:
+    """The platforms of `MATRIX` that this host builds without emulation (on amd64:
+    `debian-12-4.13` and `debian-13-5.3`): the default choice, since emulation is many times
+    slower."""
+    return [p for p in MATRIX if not is_emulated(p.platform)]
+
+
+def choose(names: str) -> list[Platform]:
+    """The platforms named in `names`, comma-separated, in that order and each once; `all` is
+    every platform of `MATRIX`. Raises ValueError naming the unknown names and the known ones
+    (`all` among them)."""
+    chosen: dict[str, Platform] = {}
+    unknown = []
+    for name in names.split(","):
+        name = name.strip()
+        if name == "all":
+            chosen.update((p.name, p) for p in MATRIX)
+        elif name in PLATFORMS:
+            chosen[name] = PLATFORMS[name]
+        else:
+            unknown.append(name)
+    if unknown:
+        raise ValueError(f"unknown platform {', '.join(map(repr, unknown))}; known: all, "
+                         f"{', '.join(PLATFORMS)}")
+    return list(chosen.values())
+
+
+def lint_platform(platforms: Sequence[Platform]) -> Platform | None:
+    """The one of `platforms` the lints run on: `LINT_PLATFORM` if it is among them, else the
+    first built natively, else the first; None for none."""
+    for p in platforms:
+        if p.name == LINT_PLATFORM:
+            return p
+    return next((p for p in platforms if not is_emulated(p.platform)),
+                platforms[0] if platforms else None)
 
 
 # What every system platform installs from Debian: the toolchain (ocaml-nox pulls gcc and binutils
@@ -244,10 +318,11 @@ def lint_spec(platform: Platform, a: Analysis, kind: Literal["opam", "fmt", "doc
 
 
 def reproduce_block(spec_text: str, *, store: str = "rsync:/tmp/store",
-                    checkout: str = "this commit") -> str:
+                    checkout: str = "this commit", platform: str | None = None) -> str:
     """The "To reproduce locally" text for a job log: from a checkout of `checkout` (what the
     build's context is: "this commit"), write the spec to `build.spec` and run it with
-    `pipeline obuilder build` (as root, which runc needs).
+    `pipeline obuilder build` (as root, which runc needs), for `platform` (`linux/ARCH`) when
+    given.
 
     `store` is `KIND:PATH`; its directory is created first. Never fails: the here-document's
     end marker is lengthened until no line of the spec equals it.
@@ -258,11 +333,12 @@ def reproduce_block(spec_text: str, *, store: str = "rsync:/tmp/store",
         marker += "-"
     _, _, store_dir = store.partition(":")
     body = spec_text.rstrip("\n")
+    option = f" --platform {shlex.quote(platform)}" if platform is not None else ""
     return (
         f"To reproduce locally, in a checkout of {checkout}:\n\n"
         f"cat > build.spec <<'{marker}'\n"
         f"{body}\n"
         f"{marker}\n"
         f"mkdir -p {shlex.quote(store_dir)}\n"
-        f"pipeline obuilder build -f build.spec . --store {shlex.quote(store)}\n"
+        f"pipeline obuilder build -f build.spec . --store {shlex.quote(store)}{option}\n"
     )

@@ -9,11 +9,11 @@ Under `STATE_DIR/<ci>/status/<repo-name>/`, where `<ci>` names the CI that publi
        "result": "passed" | "failed" | "pending" | "no-builds" | "error",
        "reason": "...",                          # for "no-builds" (why) and "error"
        "message": "...", "author": "Name <mail>", "date": "<ISO 8601>",   # once analysed
-       "jobs": [{"name": "debian-12-system (lint-fmt)",
+       "jobs": [{"name": "debian-12-4.13 (lint-fmt)",
                  "kind": "analysis" | "build" | "lint-opam" | "lint-fmt" | "lint-doc"
                          # OCaml CI's; opam-repo-ci's: "analysis" | "lint" | "build" | "test"
                          # | "lower-bounds" | "revdeps" (listing them) | "revdep" (building one)
-                 "platform": "debian-12-system",  # but for the analysis (and opam's lint)
+                 "platform": "debian-12-4.13",  # but for the analysis (and opam's lint)
                  "package": "foo.1.0",            # opam-repo-ci: the package built, if any
                  "revdep": "bar.2.0",             # opam-repo-ci: the revdep built, if any
                  "state": "passed" | "failed" | "skipped" | "pending",

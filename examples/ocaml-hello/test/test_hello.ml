@@ -1,7 +1,8 @@
 let test_greet () =
   Alcotest.(check string) "greets by name" "Hello, world!" (Hello.greet "world")
 
-let test_empty () = Alcotest.(check string) "greets nobody" "Hello, !" (Hello.greet "")
+let test_empty () =
+  Alcotest.(check string) "greets nobody" "Hello, !" (Hello.greet "")
 
 let () =
   Alcotest.run "hello"
