@@ -1,4 +1,5 @@
-"""Putting a builder together: a store from `KIND:PATH`, a fetcher from its name, a runc sandbox.
+"""Putting a builder together: a store from `KIND:PATH`, a fetcher from its name, and the
+store's sandbox (the docker sandbox for a docker store, runc for the others).
 
 Shared by `pipeline obuilder` and by the engine's build primitive, so that both read the same
 options the same way. Modules are imported only when used, so that a fully cached build starts
@@ -13,19 +14,21 @@ from typing import TYPE_CHECKING
 
 from pipeline.obuilder.builder import Builder
 from pipeline.obuilder.db_store import DbStore
-from pipeline.obuilder.protocols import STATE_DIR, Fetcher
+from pipeline.obuilder.protocols import STATE_DIR, BuildError, Fetcher, Sandbox, Store
 
 if TYPE_CHECKING:
     from pipeline.obuilder.sandboxes.runc import RuncSandbox
 
 
-async def open_db_store(store_spec: str, *, rsync_mode: str = "copy") -> DbStore:
+async def open_db_store(store_spec: str, *, rsync_mode: str = "copy",
+                        engine: str | None = None) -> DbStore:
     """The store `store_spec` (`KIND:PATH`) with its result table, cleaned (what a crash left
     is removed). Raises what `open_store` raises for a malformed spec, an unknown kind, a
-    missing directory or a refused filesystem, and sqlite3.Error for an unusable table."""
+    missing directory, a refused filesystem or engine, and sqlite3.Error for an unusable
+    table."""
     from pipeline.obuilder.stores import open_store
 
-    store = DbStore(open_store(store_spec, rsync_mode=rsync_mode))
+    store = DbStore(open_store(store_spec, rsync_mode=rsync_mode, engine=engine))
     try:
         await store.clean()
     except BaseException:
@@ -81,28 +84,47 @@ def open_sandbox(store_root: Path, *, memory: int | None = None, cpus: float | N
     return RuncSandbox(sandbox_dir(store_root), memory=memory, cpus=cpus, fast_sync=fast_sync)
 
 
+def pair_sandbox(store: Store, *, memory: int | None = None, cpus: float | None = None,
+                 fast_sync: bool = False) -> Sandbox:
+    """The sandbox of `store` (the backend, not a `DbStore`): the docker sandbox on the same
+    engine for a docker store, else `open_sandbox`'s. Raises BuildError for `fast_sync` with a
+    docker store (the engine keeps its own seccomp profile), and what the sandbox raises."""
+    if store.kind != "docker":
+        return open_sandbox(store.root, memory=memory, cpus=cpus, fast_sync=fast_sync)
+    from pipeline.obuilder.sandboxes.docker import DockerSandbox
+    from pipeline.obuilder.stores.docker import DockerStore
+
+    assert isinstance(store, DockerStore)
+    if fast_sync:
+        raise BuildError("--fast-sync is for the runc sandbox: the docker sandbox keeps the "
+                         "engine's seccomp profile")
+    return DockerSandbox(sandbox_dir(store.root), store.engine, store.names, memory=memory,
+                         cpus=cpus)
+
+
 async def open_builder(store_spec: str, *, rsync_mode: str = "copy", fetcher: str | None = None,
                        image_dir: str | None = None, fetcher_map: Path | None = None,
                        platform: str | None = None, insecure: Sequence[str] = (),
                        mirror: str | None = None, memory: int | None = None,
-                       cpus: float | None = None, fast_sync: bool = False) -> Builder:
-    """A builder on the store `store_spec` with a runc sandbox (its state under the store's
-    `state/sandbox`) and the fetcher `select_fetcher` chooses; `memory`, `cpus` and `fast_sync`
-    configure the sandbox (see `RuncSandbox`). What crashed processes left is cleaned before
-    the builder's first step runs (see `Builder.clean`), not here: a fully cached build needs
-    none of it.
+                       cpus: float | None = None, fast_sync: bool = False,
+                       engine: str | None = None) -> Builder:
+    """A builder on the store `store_spec` with its sandbox (`pair_sandbox`: runc, or docker
+    for a docker store on `engine`; its state under the store's `state/sandbox`) and the
+    fetcher `select_fetcher` chooses; `memory`, `cpus` and `fast_sync` configure the sandbox
+    (see `RuncSandbox`). What crashed processes left is cleaned before the builder's first step
+    runs (see `Builder.clean`), not here: a fully cached build needs none of it.
 
-    Raises what `open_db_store`, `select_fetcher` and `RuncSandbox` raise: BuildError for a
+    Raises what `open_db_store`, `select_fetcher` and the sandbox raise: BuildError for a
     bad store or fetcher, or when not running as root; MissingTool without runc.
     """
     from pipeline.obuilder.stores import open_store
 
-    store = DbStore(open_store(store_spec, rsync_mode=rsync_mode))
+    store = DbStore(open_store(store_spec, rsync_mode=rsync_mode, engine=engine))
     try:
         chosen = select_fetcher(store.state_dir, fetcher=fetcher, image_dir=image_dir,
                                 fetcher_map=fetcher_map, platform=platform, insecure=insecure,
                                 mirror=mirror)
-        sandbox = open_sandbox(store.root, memory=memory, cpus=cpus, fast_sync=fast_sync)
+        sandbox = pair_sandbox(store.store, memory=memory, cpus=cpus, fast_sync=fast_sync)
     except BaseException:
         store.close()
         raise
