@@ -2,7 +2,7 @@
 of directory store, and the docker sandbox with the docker store on real podman. A new backend
 is tested by adding it to `PAIRS`.
 
-Each test builds with the pair the command line would put together (`setup.pair_sandbox`) and
+Each test builds with the pair the command line would put together (`setup.open_sandbox`) and
 checks only what a build shows whatever keeps the results: its log, the store's results, what a
 later step finds in the rootfs, the host around it. Steps that must overlap in time are held by a
 `Gate` (`gate.py`); pruning runs on a fake clock. Nothing waits for time to pass.
@@ -37,7 +37,7 @@ from pipeline.obuilder.builder import Builder
 from pipeline.obuilder.db_store import DbStore
 from pipeline.obuilder.fetchers.local import LocalFetcher
 from pipeline.obuilder.protocols import BuildError, Sandbox
-from pipeline.obuilder.setup import pair_sandbox
+from pipeline.obuilder.setup import open_sandbox
 from pipeline.obuilder.stores import DIRECTORY_KINDS, KINDS, open_store
 
 PAIRS = ["runc-btrfs", "runc-xfs", "runc-overlayfs", "runc-rsync", "runc-rsync-hardlink",
@@ -79,7 +79,7 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path,
     engine = kind if sandbox_kind == "docker" else None
     store = DbStore(open_store(spec, rsync_mode=mode or "copy", engine=engine), clock=Clock())
     await store.clean()
-    sandbox = pair_sandbox(store.store)
+    sandbox = open_sandbox(store.root)
     yield Backend(store, sandbox, LocalFetcher(busybox_images))
     sandbox.close()
     store.close()

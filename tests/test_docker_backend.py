@@ -47,7 +47,7 @@ from pipeline.obuilder.protocols import (
     Store,
 )
 from pipeline.obuilder.sandboxes.docker import DockerSandbox
-from pipeline.obuilder.setup import pair_sandbox
+from pipeline.obuilder.setup import open_sandbox
 from pipeline.obuilder.stores import open_store
 from pipeline.obuilder.stores.docker import DockerStore
 from pipeline.primitives.obuilder import resolve_store
@@ -69,7 +69,7 @@ async def store(root: Path) -> AsyncIterator[DbStore]:
 
 @pytest.fixture
 def builder(store: DbStore, busybox_images: Path) -> Builder:
-    return Builder(store, pair_sandbox(store.store), LocalFetcher(busybox_images))
+    return Builder(store, open_sandbox(store.root), LocalFetcher(busybox_images))
 
 
 def image_bytes(image: str) -> bytes:

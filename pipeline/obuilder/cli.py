@@ -287,13 +287,13 @@ def _fetcher_settings(options: argparse.Namespace) -> dict[str, Any]:
 async def _pull(options: argparse.Namespace) -> int:
     from pipeline.obuilder.builder import Builder
     from pipeline.obuilder.fetchers.select import choose
-    from pipeline.obuilder.setup import pair_sandbox, select_fetcher
+    from pipeline.obuilder.setup import open_sandbox, select_fetcher
 
     image: str = options.image
     async with _opened_store(options) as store:
         fetcher = choose(select_fetcher(store.state_dir, **_fetcher_settings(options)), image)
-        # Only the `from` step runs: the sandbox runs nothing (the docker one imports).
-        builder = Builder(store, pair_sandbox(store.store), fetcher)
+        # Only the `from` step runs: no command (a docker sandbox imports the image).
+        builder = Builder(store, open_sandbox(store.root), fetcher)
         try:
             return await _pull_image(image, builder, fetcher)
         finally:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from pipeline.obuilder.protocols import BuildError, MissingTool
+from pipeline.obuilder.protocols import STATE_DIR, BuildError, MissingTool
 from pipeline.obuilder.stores.common import communicate, failure
 
 ENGINES = ("docker", "podman")
@@ -47,6 +47,22 @@ _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _SAFE = re.compile(r"[a-z0-9_.-]")
 # How long a command that only asks the engine something may take: a guard, not a measure.
 _ASK_TIMEOUT = 120
+
+
+ENGINE_FILE = "engine"
+"""The file in a docker store's state directory naming the engine its images are in."""
+
+
+def recorded_engine(root: Path) -> str | None:
+    """The engine the docker store at `root` was made with; None for a new store, or for a
+    store of another kind (which records none)."""
+    try:
+        name = (root / STATE_DIR / ENGINE_FILE).read_text().strip()
+    except FileNotFoundError:
+        return None
+    if name not in ENGINES:
+        raise BuildError(f"{root / STATE_DIR / ENGINE_FILE} names no engine ({name!r})")
+    return name
 
 
 def state_base() -> Path:

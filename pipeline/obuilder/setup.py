@@ -10,14 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pipeline.obuilder.builder import Builder
 from pipeline.obuilder.db_store import DbStore
-from pipeline.obuilder.protocols import STATE_DIR, BuildError, Fetcher, Sandbox, Store
-
-if TYPE_CHECKING:
-    from pipeline.obuilder.sandboxes.runc import RuncSandbox
+from pipeline.obuilder.protocols import STATE_DIR, BuildError, Fetcher, Sandbox
 
 
 async def open_db_store(store_spec: str, *, rsync_mode: str = "copy",
@@ -69,37 +65,34 @@ def select_fetcher(state_dir: Path, *, fetcher: str | None = None, image_dir: st
 
 
 def sandbox_dir(store_root: Path) -> Path:
-    """Where the runc sandbox of the store at `store_root` keeps its state and bundles:
-    `sandbox/` in the store's state directory, found from the root alone (see
+    """Where the sandbox of the store at `store_root` keeps its state (runc's bundles, docker's
+    secrets): `sandbox/` in the store's state directory, found from the root alone (see
     `Store.state_dir`) so that sandboxes can be cleaned without opening their store."""
     return store_root / STATE_DIR / "sandbox"
 
 
 def open_sandbox(store_root: Path, *, memory: int | None = None, cpus: float | None = None,
-                 fast_sync: bool = False) -> RuncSandbox:
-    """The runc sandbox of the store at `store_root` (see `RuncSandbox` for the options and
-    what it raises)."""
-    from pipeline.obuilder.sandboxes.runc import RuncSandbox
-
-    return RuncSandbox(sandbox_dir(store_root), memory=memory, cpus=cpus, fast_sync=fast_sync)
-
-
-def pair_sandbox(store: Store, *, memory: int | None = None, cpus: float | None = None,
                  fast_sync: bool = False) -> Sandbox:
-    """The sandbox of `store` (the backend, not a `DbStore`): the docker sandbox on the same
-    engine for a docker store, else `open_sandbox`'s. Raises BuildError for `fast_sync` with a
-    docker store (the engine keeps its own seccomp profile), and what the sandbox raises."""
-    if store.kind != "docker":
-        return open_sandbox(store.root, memory=memory, cpus=cpus, fast_sync=fast_sync)
-    from pipeline.obuilder.sandboxes.docker import DockerSandbox
-    from pipeline.obuilder.stores.docker import DockerStore
+    """The sandbox of the store at `store_root`: for a docker store (whose state names the
+    engine its images are in, see `stores.docker`), the docker sandbox on that engine; for the
+    others, runc (see `RuncSandbox` for the options and what it raises). Raises BuildError for
+    `fast_sync` with a docker store, which keeps the engine's seccomp profile."""
+    from pipeline.obuilder.engine import recorded_engine
 
-    assert isinstance(store, DockerStore)
+    engine = recorded_engine(store_root)
+    if engine is None:
+        from pipeline.obuilder.sandboxes.runc import RuncSandbox
+
+        return RuncSandbox(sandbox_dir(store_root), memory=memory, cpus=cpus,
+                           fast_sync=fast_sync)
     if fast_sync:
         raise BuildError("--fast-sync is for the runc sandbox: the docker sandbox keeps the "
                          "engine's seccomp profile")
-    return DockerSandbox(sandbox_dir(store.root), store.engine, store.names, memory=memory,
-                         cpus=cpus)
+    from pipeline.obuilder.engine import Engine, Names
+    from pipeline.obuilder.sandboxes.docker import DockerSandbox
+
+    return DockerSandbox(sandbox_dir(store_root), Engine(engine), Names(store_root.name),
+                         memory=memory, cpus=cpus)
 
 
 async def open_builder(store_spec: str, *, rsync_mode: str = "copy", fetcher: str | None = None,
@@ -108,7 +101,7 @@ async def open_builder(store_spec: str, *, rsync_mode: str = "copy", fetcher: st
                        mirror: str | None = None, memory: int | None = None,
                        cpus: float | None = None, fast_sync: bool = False,
                        engine: str | None = None) -> Builder:
-    """A builder on the store `store_spec` with its sandbox (`pair_sandbox`: runc, or docker
+    """A builder on the store `store_spec` with its sandbox (`open_sandbox`: runc, or docker
     for a docker store on `engine`; its state under the store's `state/sandbox`) and the
     fetcher `select_fetcher` chooses; `memory`, `cpus` and `fast_sync` configure the sandbox
     (see `RuncSandbox`). What crashed processes left is cleaned before the builder's first step
@@ -124,7 +117,7 @@ async def open_builder(store_spec: str, *, rsync_mode: str = "copy", fetcher: st
         chosen = select_fetcher(store.state_dir, fetcher=fetcher, image_dir=image_dir,
                                 fetcher_map=fetcher_map, platform=platform, insecure=insecure,
                                 mirror=mirror)
-        sandbox = pair_sandbox(store.store, memory=memory, cpus=cpus, fast_sync=fast_sync)
+        sandbox = open_sandbox(store.root, memory=memory, cpus=cpus, fast_sync=fast_sync)
     except BaseException:
         store.close()
         raise

@@ -35,11 +35,12 @@ from pathlib import Path
 
 from pipeline.obuilder.engine import (
     DEFAULT_ENGINE,
-    ENGINES,
+    ENGINE_FILE,
     Engine,
     Names,
     check_prefix,
     escape,
+    recorded_engine,
 )
 from pipeline.obuilder.locks import if_free, is_live_owner
 from pipeline.obuilder.protocols import STATE_DIR, BuildError, DiskUsage
@@ -53,20 +54,6 @@ from pipeline.obuilder.stores.common import (
     require,
     run,
 )
-
-ENGINE_FILE = "engine"
-"""The file in the state directory naming the engine the store's images are in."""
-
-
-def recorded_engine(root: Path) -> str | None:
-    """The engine the store at `root` was made with, or None for a new store."""
-    try:
-        name = (root / STATE_DIR / ENGINE_FILE).read_text().strip()
-    except FileNotFoundError:
-        return None
-    if name not in ENGINES:
-        raise BuildError(f"{root / STATE_DIR / ENGINE_FILE} names no engine ({name!r})")
-    return name
 
 
 def _empty_tar() -> bytes:
