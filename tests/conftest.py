@@ -1,3 +1,3 @@
 """Shared fixtures."""
 
-pytest_plugins = ["obuilder_fixtures", "registry_fixtures", "ocaml_fixtures"]
+pytest_plugins = ["obuilder_fixtures", "registry_fixtures", "ocaml_fixtures", "gate"]

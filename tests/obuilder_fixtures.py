@@ -5,7 +5,9 @@
   as `busybox.tar` (the `--image-dir` layout: image `busybox` -> `busybox.tar`).
 - `btrfs_mount`, `xfs_mount`: loop-mounted filesystem images (xfs with reflink=1).
 - `tmpfs_mount`: a tmpfs, for overlayfs.
-- `new_store_root`: a fresh directory for a store of a given kind, on the filesystem it needs.
+- `context`: a build context (`hello.txt`, `src/` with an executable and a `_build/` to exclude).
+- `new_store_root`: a fresh directory for a store of a given kind, on the filesystem it needs
+  (for a docker store: its state directory, named after a fresh prefix, see `new_docker_root`).
 Each fails (never skips) when a tool is missing: CI installs them.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shutil
 import subprocess
 import tarfile
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.obuilder.engine import STATE_ENV, Names
 from pipeline.obuilder.log_format import MARK
 
 BUSYBOX = Path("/bin/busybox")
@@ -33,7 +37,12 @@ STORE_FILESYSTEMS: dict[str, str | None] = {
     "rsync": None,
 }
 """The filesystem fixture stores of each kind (`pipeline.obuilder.stores.KINDS`) are tested on;
-None: the test's own temporary directory. `test_stores` checks that every kind has one."""
+None: the test's own temporary directory. `test_stores` checks that every kind has one, but
+`docker`, whose results are images (`new_docker_root`)."""
+DOCKER_ENGINE = "podman"
+"""The engine the docker store and sandbox are tested on: Docker's engine does not run here."""
+_ENGINE_PATH = shutil.which(DOCKER_ENGINE) or DOCKER_ENGINE
+"""Found once: a test may change PATH before its engine objects are removed."""
 # Only a guard against a hung test, never a measurement.
 HANG_GUARD = 60
 
@@ -65,10 +74,57 @@ class RecordingLog:
 
 def new_store_root(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Path:
     """A fresh, empty directory for a store of `kind` (`KIND` or `KIND-MODE`, as `rsync-hardlink`),
-    on the filesystem it needs: several per test may live side by side."""
+    on the filesystem it needs: several per test may live side by side. For `docker`, the root of
+    a new docker store (`new_docker_root`), which opening the store makes."""
+    if kind == "docker":
+        return new_docker_root(request, tmp_path)
     filesystem = STORE_FILESYSTEMS[kind.partition("-")[0]]
     parent = tmp_path if filesystem is None else request.getfixturevalue(filesystem)
     return Path(tempfile.mkdtemp(dir=parent, prefix="store-"))
+
+
+def new_docker_root(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """The root of a new docker store, `BASE/PREFIX` with a fresh prefix, where BASE (under
+    `tmp_path`) is `$PIPELINE_DOCKER_STATE` for the test. What the store puts in the engine
+    (images, containers, volumes) is removed when the test ends."""
+    require(DOCKER_ENGINE, DOCKER_ENGINE)
+    base = tmp_path / "docker-state"
+    base.mkdir(exist_ok=True)
+    request.getfixturevalue("monkeypatch").setenv(STATE_ENV, str(base))
+    prefix = f"pipeline-test-{secrets.token_hex(6)}"
+    request.addfinalizer(lambda: remove_from_engine(Names(prefix)))
+    return base / prefix
+
+
+def engine_lines(*args: str) -> list[str]:
+    """What `ENGINE ARGS` prints, a line each."""
+    done = subprocess.run([_ENGINE_PATH, *args], check=True, capture_output=True, text=True)
+    return done.stdout.split()
+
+
+def engine_things(names: Names) -> dict[str, list[str]]:
+    """What the docker store of `names` has in the engine: containers, images and volumes (cache
+    copies included), by kind."""
+    images = [ref for ref in engine_lines("images", "--format", "{{.Repository}}:{{.Tag}}")
+              if ref.rpartition(":")[0] == names.repository]
+    volumes = [name for name in engine_lines("volume", "ls", "--format", "{{.Name}}")
+               if name.startswith((names.cache(""), names.copy))]
+    containers = [name for name in engine_lines("ps", "-a", "--format", "{{.Names}}")
+                  if name.startswith(names.run)]
+    return {"containers": sorted(containers), "images": sorted(images),
+            "volumes": sorted(volumes)}
+
+
+def remove_from_engine(names: Names) -> None:
+    """Remove everything the docker store of `names` has in the engine."""
+    things = engine_things(names)
+    for name in things["containers"]:
+        subprocess.run([_ENGINE_PATH, "kill", name], check=False, capture_output=True)
+    for command, kind in ((["rm", "-f"], "containers"), (["rmi", "-f"], "images"),
+                          (["volume", "rm", "-f"], "volumes")):
+        if things[kind]:
+            subprocess.run([_ENGINE_PATH, *command, *things[kind]], check=False,
+                           capture_output=True)
 
 
 def run(*argv: str | Path) -> None:
@@ -78,6 +134,18 @@ def run(*argv: str | Path) -> None:
 def require(tool: str, package: str) -> None:
     if shutil.which(tool) is None:
         pytest.fail(f"{tool} not found: apt-get install {package}")
+
+
+@pytest.fixture
+def context(tmp_path: Path) -> Path:
+    ctx = tmp_path / "context"
+    (ctx / "src" / "_build").mkdir(parents=True)
+    (ctx / "hello.txt").write_text("hello\n")
+    (ctx / "src" / "main.ml").write_text("let () = print_endline \"hi\"\n")
+    (ctx / "src" / "_build" / "main.exe").write_text("stale\n")
+    (ctx / "src" / "run.sh").write_text("#!/bin/sh\n")
+    (ctx / "src" / "run.sh").chmod(0o755)
+    return ctx
 
 
 @pytest.fixture(scope="session")

@@ -1,28 +1,26 @@
-"""The builder over the real runc sandbox and real stores (each wrapped in a `DbStore`).
+"""The builder over the real runc sandbox and real stores (each wrapped in a `DbStore`): what
+only the runc pairs show (a result's rootfs on the host, the builder's rules under load). What
+every store/sandbox pair must do, runc's included, is in `test_backends.py`.
 
-Steps that must overlap in time are held by a `Gate`: a small HTTP server on the host that a
-step with `(network host)` calls with busybox's `wget`. The gate counts the calls (so a test
-knows how many times a step really ran), holds its answer until the test opens it, and notices
-when a caller hangs up (so a test knows the sandboxed process was killed). Nothing waits for
-time to pass.
+Steps that must overlap in time are held by a `Gate` (`gate.py`): a small HTTP server on the
+host that a step with `(network host)` calls with busybox's `wget`. The gate counts the calls
+(so a test knows how many times a step really ran), holds its answer until the test opens it,
+and notices when a caller hangs up (so a test knows the sandboxed process was killed). Nothing
+waits for time to pass.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import io
 import os
 import random
-import re
 import stat
 import tarfile
-from collections import Counter
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from gate import Gate, gated
 from obuilder_fixtures import HANG_GUARD, STORE_FILESYSTEMS, RecordingLog, new_store_root
 
 from pipeline.obuilder import spec as S
@@ -38,65 +36,6 @@ ID = r'"[0-9a-f]{64}"'
 # Every kind of store, and rsync's second mode.
 STORE_KINDS = [*STORE_FILESYSTEMS, "rsync-hardlink"]
 MAIN_KINDS = ["rsync", "btrfs"]
-
-
-class Gate:
-    """An HTTP server counting calls per path and holding every answer until `open()`."""
-
-    def __init__(self) -> None:
-        self.calls: Counter[str] = Counter()
-        self.hung_up: Counter[str] = Counter()
-        self.port = 0
-        self._opened = asyncio.Event()
-        self._changed = asyncio.Event()
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{name}"
-
-    def call(self, name: str) -> str:
-        """A shell command calling the gate (the step then needs `(network host)`)."""
-        return f"wget -q -O- {self.url(name)}"
-
-    def open(self) -> None:
-        self._opened.set()
-
-    async def until(self, condition: Callable[[], bool]) -> None:
-        async with asyncio.timeout(HANG_GUARD):
-            while not condition():
-                self._changed.clear()
-                await self._changed.wait()
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        request = await reader.readuntil(b"\r\n\r\n")
-        name = request.split()[1].decode().lstrip("/")
-        self.calls[name] += 1
-        self._changed.set()
-        # The caller sends nothing more: the read ends only when it hangs up (it was killed).
-        hang_up = asyncio.ensure_future(reader.read())
-        opened = asyncio.ensure_future(self._opened.wait())
-        await asyncio.wait([hang_up, opened], return_when=asyncio.FIRST_COMPLETED)
-        if hang_up.done():
-            opened.cancel()
-            self.hung_up[name] += 1
-            self._changed.set()
-        else:
-            hang_up.cancel()
-            writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: 7\r\n\r\npassed\n")
-            with contextlib.suppress(ConnectionError):
-                await writer.drain()
-        writer.close()
-        # Awaited so that a connection reset by a killed caller is not reported as unretrieved.
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-
-
-@pytest.fixture
-async def gate() -> AsyncIterator[Gate]:
-    gate = Gate()
-    server = await asyncio.start_server(gate.handle, "127.0.0.1", 0)
-    gate.port = server.sockets[0].getsockname()[1]
-    yield gate
-    server.close()
 
 
 async def make_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> DbStore:
@@ -127,18 +66,6 @@ def builder(store: DbStore, sandbox: RuncSandbox, fetcher: LocalFetcher) -> Buil
     return Builder(store, sandbox, fetcher)
 
 
-@pytest.fixture
-def context(tmp_path: Path) -> Path:
-    ctx = tmp_path / "context"
-    (ctx / "src" / "_build").mkdir(parents=True)
-    (ctx / "hello.txt").write_text("hello\n")
-    (ctx / "src" / "main.ml").write_text("let () = print_endline \"hi\"\n")
-    (ctx / "src" / "_build" / "main.exe").write_text("stale\n")
-    (ctx / "src" / "run.sh").write_text("#!/bin/sh\n")
-    (ctx / "src" / "run.sh").chmod(0o755)
-    return ctx
-
-
 async def build(builder: Builder, text: str, context: Path, **options: object) -> tuple[str, str]:
     """Build the spec `text`; its result id and output."""
     output = RecordingLog()
@@ -162,32 +89,6 @@ THREE_STEPS = """((from busybox)
  (run (shell "cat /one hello.txt > both; cat both")))"""
 
 
-@pytest.mark.parametrize("kind", STORE_KINDS)
-async def test_a_build_is_saved_then_replayed_from_cache(
-        kind: str, request: pytest.FixtureRequest, tmp_path: Path, sandbox: RuncSandbox,
-        fetcher: LocalFetcher, context: Path) -> None:
-    store = await make_store(kind, request, tmp_path)
-    result, first = await build(Builder(store, sandbox, fetcher), THREE_STEPS, context)
-    assert re.fullmatch(
-        r"\(from busybox\)\n"
-        r"unpacked busybox\.tar \(sha256:[0-9a-f]{64}\)\n"
-        rf"---> saved as {ID}\n"
-        r'/src: \(run \(shell "echo step one; echo one > /one"\)\)\n'
-        r"step one\n"
-        rf"---> saved as {ID}\n"
-        r"/src: \(copy \(src hello\.txt\) \(dst \./\)\)\n"
-        rf"---> saved as {ID}\n"
-        r'/src: \(run \(shell "cat /one hello\.txt > both; cat both"\)\)\n'
-        r"one\nhello\n"
-        rf'---> saved as "{result}"\n', first)
-    assert (await rootfs(store, result) / "src" / "both").read_text() == "one\nhello\n"
-    assert store.log_file(result).read_text() == "one\nhello\n"
-    # A new builder knows nothing in memory: the store alone answers.
-    again, second = await build(Builder(store, sandbox, fetcher), THREE_STEPS, context)
-    assert again == result
-    assert second == re.sub(rf"---> saved as ({ID})", r"---> using \1 from cache", first)
-
-
 async def test_a_build_on_a_base_reuses_its_steps(builder: Builder, store: DbStore,
                                                   context: Path) -> None:
     base, _ = await build(builder, THREE_STEPS, context)
@@ -199,19 +100,6 @@ async def test_a_build_on_a_base_reuses_its_steps(builder: Builder, store: DbSto
     root = await rootfs(store, result)
     assert (root / "count").read_text().strip() == "2"
     assert (root / "one").read_text() == "one\n"
-
-
-async def test_a_failed_step_is_not_saved_and_runs_again(builder: Builder, context: Path) -> None:
-    spec = '((from busybox) (run (shell "echo before")) (run (shell "echo attempt; exit 3")))'
-    message = 'step /: (run (shell "echo attempt; exit 3")) failed: command exited with status 3'
-    for attempt in range(2):
-        output = RecordingLog()
-        with pytest.raises(BuildError) as info:
-            await builder.build(S.parse(spec), context, log=output)
-        assert str(info.value) == message
-        # Nothing saved, so nothing to replay: the second attempt ran the command again.
-        assert output.text.endswith('/: (run (shell "echo attempt; exit 3"))\nattempt\n')
-        assert output.text.count("from cache") == (2 if attempt else 0)
 
 
 async def test_step_ids_cover_every_input(builder: Builder, context: Path) -> None:
@@ -242,31 +130,6 @@ async def test_step_ids_cover_every_input(builder: Builder, context: Path) -> No
 # --- Shared steps, concurrent failure, cancellation ----------------------------------------------
 
 
-def gated(gate: Gate, name: str, then: str = "true") -> str:
-    return (f'(run (network host) (shell "echo {name} starts; {gate.call(name)}; {then}"))')
-
-
-async def test_concurrent_builds_share_a_step(builder: Builder, store: DbStore, context: Path,
-                                              gate: Gate) -> None:
-    a = gated(gate, "A")
-    outputs = [RecordingLog(), RecordingLog()]
-    specs = [f'((from busybox) {a} (run (shell "echo {n} > /{n}")))' for n in "BC"]
-    builds = [asyncio.create_task(builder.build(S.parse(s), context, log=o))
-              for s, o in zip(specs, outputs, strict=True)]
-    # Both builds are following A (the second joined it) before it may finish.
-    for output in outputs:
-        await output.wait_for("A starts\n")
-    await gate.until(lambda: gate.calls["A"] == 1)
-    gate.open()
-    async with asyncio.timeout(HANG_GUARD):
-        results = await asyncio.gather(*builds)
-    assert gate.calls == {"A": 1}
-    shared = [re.search(rf"A starts\npassed\n---> saved as ({ID})\n", o.text) for o in outputs]
-    assert shared[0] and shared[1] and shared[0][1] == shared[1][1]
-    for name, result in zip("BC", results, strict=True):
-        assert (await rootfs(store, result) / name).read_text() == f"{name}\n"
-
-
 async def test_concurrent_builds_share_a_failure(builder: Builder, context: Path,
                                                  gate: Gate) -> None:
     spec = f"((from busybox) {gated(gate, 'F', then='exit 4')})"
@@ -290,21 +153,6 @@ async def cancel(task: asyncio.Task[str]) -> None:
     async with asyncio.timeout(HANG_GUARD):
         with pytest.raises(asyncio.CancelledError):
             await task
-
-
-async def test_cancelling_a_build_kills_its_step(builder: Builder, context: Path,
-                                                 gate: Gate) -> None:
-    spec = S.parse(f"((from busybox) {gated(gate, 'K')})")
-    running = asyncio.create_task(builder.build(spec, context, log=RecordingLog()))
-    await gate.until(lambda: gate.calls["K"] == 1)
-    await cancel(running)
-    # The process calling the gate is dead: the gate saw it hang up.
-    await gate.until(lambda: gate.hung_up["K"] == 1)
-    # Nothing was saved: building again runs the step again.
-    gate.open()
-    _, output = await build(builder, f"((from busybox) {gated(gate, 'K')})", context)
-    assert gate.calls["K"] == 2
-    assert re.search(rf"K starts\npassed\n---> saved as {ID}\n$", output)
 
 
 async def test_cancelling_one_of_two_builds_keeps_the_step(builder: Builder, store: DbStore,
@@ -341,39 +189,6 @@ async def test_cancelling_both_builds_kills_the_shared_step(builder: Builder, co
 # --- copy ----------------------------------------------------------------------------------------
 
 
-async def test_copy_writes_the_manifest_owned_by_the_user(builder: Builder, store: DbStore,
-                                                          context: Path) -> None:
-    spec = """((from busybox)
- (user (name opam))
- (workdir /home/opam)
- (copy (src src hello.txt) (dst app/) (exclude _build))
- (run (shell "stat -c '%A %u:%g %n' app app/* app/src/*")))"""
-    result, output = await build(builder, spec, context)
-    assert ("\ndrwxr-xr-x 1000:1000 app\n-rw-r--r-- 1000:1000 app/hello.txt\n"
-            "drwxr-xr-x 1000:1000 app/src\n-rw-r--r-- 1000:1000 app/src/main.ml\n"
-            "-rwxr-xr-x 1000:1000 app/src/run.sh\n---> saved as") in output
-    root = await rootfs(store, result)
-    assert not (root / "home" / "opam" / "app" / "src" / "_build").exists()
-    # An excluded file does not change the step; a copied one does.
-    (context / "src" / "_build" / "main.exe").write_text("rebuilt\n")
-    assert (await build(builder, spec, context))[0] == result
-    (context / "src" / "main.ml").write_text("changed\n")
-    changed, output = await build(builder, spec, context)
-    assert changed != result
-    assert output.count("from cache") == 1
-
-
-async def test_copy_from_a_stage(builder: Builder, store: DbStore, context: Path) -> None:
-    spec = """((build tools
-  ((from busybox)
-   (run (shell "mkdir -p /out && echo built > /out/tool"))))
- (from busybox)
- (copy (from (build tools)) (src out/tool) (dst /usr/bin/tool)))"""
-    result, output = await build(builder, spec, context)
-    assert (await rootfs(store, result) / "usr" / "bin" / "tool").read_text() == "built\n"
-    assert output.index('(run (shell "mkdir -p /out') < output.index("(copy (from (build tools))")
-
-
 @pytest.mark.parametrize(("src", "message"), [
     ("src/../hello.txt", 'copy: source "src/../hello.txt" contains ".."'),
     ("link/main.ml", 'copy: source "link/main.ml" passes through the symlink "link"'),
@@ -387,32 +202,7 @@ async def test_copy_rules_fail_the_build(builder: Builder, context: Path, src: s
     assert str(info.value) == message
 
 
-async def test_a_user_name_is_looked_up_in_the_rootfs(builder: Builder, context: Path) -> None:
-    _, output = await build(builder, '((from busybox) (user (name opam)) (run (shell "id")))',
-                            context)
-    assert "\nuid=1000(opam) gid=1000(opam)\n" in output
-    with pytest.raises(BuildError) as info:
-        await build(builder, '((from busybox) (user (name nemo)) (run (shell "id")))', context)
-    assert str(info.value) == ("step /: (run (shell id)) failed: "
-                               "user 'nemo' not found in /etc/passwd")
-
-
 # --- caches, secrets, network --------------------------------------------------------------------
-
-
-async def test_caches_are_owned_by_the_user_and_persist(builder: Builder, store: DbStore,
-                                                        context: Path) -> None:
-    write = """((from busybox) (user (uid 1000) (gid 1000))
- (run (cache (downloads (target /home/opam/dl)))
-      (shell "stat -c %u:%g /home/opam/dl; echo fetched > /home/opam/dl/pkg")))"""
-    result, output = await build(builder, write, context)
-    assert "\n1000:1000\n" in output
-    # A cache is not part of the result, and is there for the next build.
-    assert not (await rootfs(store, result) / "home" / "opam" / "dl" / "pkg").exists()
-    read = ('((from busybox) (user (uid 1000) (gid 1000))'
-            ' (run (cache (downloads (target /dl))) (shell "cat /dl/pkg")))')
-    _, output = await build(builder, read, context)
-    assert "\nfetched\n" in output
 
 
 async def test_two_concurrent_writers_of_a_cache_last_release_wins(
@@ -432,43 +222,10 @@ async def test_two_concurrent_writers_of_a_cache_last_release_wins(
         assert (cache / "log").read_text() in ("one\n", "two\n")
 
 
-async def test_secrets_are_mounted_read_only_and_never_kept(builder: Builder, store: DbStore,
-                                                            context: Path) -> None:
-    value = b"s3cr3t-t0ken-value"
-    spec = """((from busybox)
- (run (secrets (token (target /run/secrets/token)))
-      (shell "sha256sum /run/secrets/token
-              echo x 2>/dev/null > /run/secrets/token || echo ro")))"""
-    result, output = await build(builder, spec, context, secrets={"token": value})
-    assert f"{hashlib.sha256(value).hexdigest()}  /run/secrets/token\nro\n" in output
-    assert value.decode() not in output
-    directory = await store.result(result)
-    assert directory is not None
-    assert not (directory / "rootfs" / "run" / "secrets" / "token").exists()
-    for path in directory.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            assert value not in path.read_bytes(), path
-
-
 async def test_a_missing_secret_is_named(builder: Builder, context: Path) -> None:
     spec = '((from busybox) (run (secrets (token (target /t))) (shell "true")))'
     with pytest.raises(BuildError, match=r"failed: no value given for secret 'token'$"):
         await build(builder, spec, context)
-
-
-async def test_no_network_without_network_host(builder: Builder, context: Path,
-                                               gate: Gate) -> None:
-    gate.open()
-    interfaces = "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '"
-    isolated = (f'((from busybox) (run (shell "{interfaces}"))'
-                f' (run (shell "{gate.call("isolated")} || echo unreachable")))')
-    _, output = await build(builder, isolated, context)
-    assert f'/: (run (shell "{interfaces}"))\nlo\n---> saved as' in output
-    assert "unreachable" in output
-    assert gate.calls["isolated"] == 0
-    await build(builder, f"((from busybox) (run (network host) (shell \"{gate.call('host')}\")))",
-                context)
-    assert gate.calls["host"] == 1
 
 
 # --- Stress --------------------------------------------------------------------------------------

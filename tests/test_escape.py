@@ -30,7 +30,7 @@ from pipeline.obuilder.db_store import DbStore
 from pipeline.obuilder.fetchers.local import LocalFetcher
 from pipeline.obuilder.protocols import BuildError
 from pipeline.obuilder.sandboxes.runc import RuncSandbox
-from pipeline.obuilder.stores import KINDS
+from pipeline.obuilder.stores import DIRECTORY_KINDS
 
 Snapshot = dict[str, tuple[object, ...]]
 
@@ -60,7 +60,7 @@ def victim(tmp_path: Path) -> Path:
     return directory
 
 
-@pytest.fixture(params=list(KINDS))
+@pytest.fixture(params=list(DIRECTORY_KINDS))
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> DbStore:
     return await make_store(request.param, request, tmp_path)
 

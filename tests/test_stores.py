@@ -1,5 +1,7 @@
 """The stores and the result database, on real filesystems: btrfs and xfs (reflink=1) on loop
-images, overlayfs on tmpfs, rsync (both modes) on the test's own directory.
+images, overlayfs on tmpfs, rsync (both modes) on the test's own directory; and the docker store
+on real podman (`any_kind` tests: those that read no result's rootfs, which a docker result
+keeps in an image; `test_docker_backend.py` has the rest of its tests).
 
 Every store test runs once per kind on a fresh directory of its filesystem. Builds, caches and
 pruning are ordered with events and a fake clock, never by waiting.
@@ -18,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from obuilder_fixtures import STORE_FILESYSTEMS, new_store_root
+from obuilder_fixtures import DOCKER_ENGINE, STORE_FILESYSTEMS, new_store_root
 
 from pipeline.obuilder import stores
 from pipeline.obuilder.db_store import DbStore
@@ -30,6 +32,10 @@ from pipeline.obuilder.stores.rsync import RsyncStore
 from pipeline.obuilder.stores.xfs import XfsStore
 
 KINDS = ["btrfs", "xfs", "overlayfs", "rsync-copy", "rsync-hardlink"]
+IMAGE_KINDS = ["docker"]
+"""Stores whose results are images, not directories holding `rootfs/`."""
+any_kind = pytest.mark.parametrize("kind", [*KINDS, *IMAGE_KINDS], indirect=True)
+"""For a test that holds for every store, results as images included."""
 REPO = Path(__file__).resolve().parents[1]
 # Only a guard against a hang turning into a stuck test run; no test relies on it for timing.
 HANG_GUARD = 60.0
@@ -38,6 +44,8 @@ FAR_FUTURE = datetime(3000, 1, 1, tzinfo=UTC)
 
 def open_kind(kind: str, root: Path) -> Store:
     name, _, mode = kind.partition("-")
+    if name in IMAGE_KINDS:
+        return open_store(f"{name}:{root.name}", engine=DOCKER_ENGINE)
     return open_store(f"{name}:{root}", rsync_mode=mode or "copy")
 
 
@@ -111,8 +119,9 @@ async def read_cache(store: Store, name: str) -> dict[str, str]:
 
 
 def test_every_kind_of_store_is_tested() -> None:
-    assert {kind.partition("-")[0] for kind in KINDS} == set(stores.KINDS) == set(
+    assert {kind.partition("-")[0] for kind in KINDS} == set(stores.DIRECTORY_KINDS) == set(
         STORE_FILESYSTEMS)
+    assert set(stores.KINDS) == {*stores.DIRECTORY_KINDS, *IMAGE_KINDS}
 
 
 async def test_store_names_its_kind_and_keeps_a_private_state_dir(
@@ -225,6 +234,7 @@ async def test_failed_build_is_not_saved(store: Store, store_root: Path) -> None
     assert sorted(p.name for p in (result / "rootfs").iterdir()) == ["f", "g"]
 
 
+@any_kind
 async def test_cancelled_build_is_not_saved(store: Store, store_root: Path) -> None:
     before = entries(store_root)
     started = asyncio.Event()
@@ -245,14 +255,17 @@ async def test_cancelled_build_is_not_saved(store: Store, store_root: Path) -> N
 
 CRASHING_BUILD = """
 import asyncio, sys
+from pathlib import Path
 from pipeline.obuilder.stores import open_store
 
 async def main():
     kind, _, mode = sys.argv[1].partition("-")
-    store = open_store(f"{kind}:{sys.argv[2]}", rsync_mode=mode or "copy")
+    # A docker store's PATH is its prefix (its root's name); it keeps the engine it was made on.
+    path = Path(sys.argv[2]).name if kind == "docker" else sys.argv[2]
+    store = open_store(f"{kind}:{path}", rsync_mode=mode or "copy")
 
     async def step(tmpdir):
-        (tmpdir / "rootfs" / "partial").write_text("x")
+        (tmpdir / "partial").write_text("x")
         async with store.cache("c", 0, 0) as cache:
             (cache / "partial").write_text("x")
             print("ready", flush=True)
@@ -264,6 +277,7 @@ asyncio.run(main())
 """
 
 
+@any_kind
 async def test_clean_removes_what_a_killed_process_left(
         kind: str, store: Store, store_root: Path) -> None:
     await store.build(None, "base", writes({"f": "base"}))
@@ -289,6 +303,7 @@ async def test_clean_removes_what_a_killed_process_left(
     assert await restarted.result("crashed") is not None
 
 
+@any_kind
 async def test_results_lists_committed_results_only(store: Store) -> None:
     assert await store.results() == []
     await store.build(None, "b", writes({"f": "b"}))
@@ -309,6 +324,7 @@ async def test_results_lists_committed_results_only(store: Store) -> None:
     assert await store.results() == ["a"]
 
 
+@any_kind
 async def test_backends_keep_no_record_of_use(store: Store, store_root: Path) -> None:
     await store.build(None, "a", writes({"f": "a"}))
     before = snapshot(store_root)
@@ -340,6 +356,7 @@ async def test_df(store: Store, store_root: Path) -> None:
 # Caches.
 
 
+@any_kind
 async def test_cache_is_created_owned_by_its_user_and_persists(store: Store) -> None:
     async with store.cache("opam", 1000, 1001) as copy:
         assert list(copy.iterdir()) == []
@@ -357,6 +374,7 @@ async def test_cache_is_created_owned_by_its_user_and_persists(store: Store) -> 
     assert await read_cache(store, "other") == {}
 
 
+@any_kind
 async def test_cache_last_release_wins(store: Store) -> None:
     async with store.cache("c", 0, 0) as copy:
         (copy / "shared").write_text("v0")
@@ -375,6 +393,7 @@ async def test_cache_last_release_wins(store: Store) -> None:
     assert await read_cache(store, "c") == {"shared": "first", "first-only": "1"}
 
 
+@any_kind
 async def test_cache_copy_is_discarded_when_the_block_raises(store: Store) -> None:
     async with store.cache("c", 0, 0) as copy:
         (copy / "good").write_text("good")
@@ -387,6 +406,7 @@ async def test_cache_copy_is_discarded_when_the_block_raises(store: Store) -> No
     assert await read_cache(store, "c") == {"good": "good"}
 
 
+@any_kind
 async def test_delete_cache_discards_copies_in_use(store: Store) -> None:
     async with store.cache("c", 0, 0) as copy:
         (copy / "old").write_text("old")
@@ -415,6 +435,7 @@ async def db(store: Store, clock: Clock) -> AsyncIterator[DbStore]:
     yield db
 
 
+@any_kind
 async def test_db_store_is_a_store_of_its_backends_kind(store: Store, db: DbStore) -> None:
     assert isinstance(db, Store)
     assert (db.kind, db.root, db.state_dir) == (store.kind, store.root, store.state_dir)
@@ -424,6 +445,7 @@ async def test_db_store_is_a_store_of_its_backends_kind(store: Store, db: DbStor
     assert await db.results() == ["a", "unrecorded"]
 
 
+@any_kind
 async def test_db_delete_removes_descendants(db: DbStore) -> None:
     await db.build(None, "a", writes({"a": "a"}))
     await db.build("a", "b", writes({"b": "b"}))
@@ -442,6 +464,7 @@ async def test_db_delete_removes_descendants(db: DbStore) -> None:
     assert await db.prune(FAR_FUTURE) == ["e"]
 
 
+@any_kind
 async def test_db_prune_least_recently_used_first(db: DbStore, clock: Clock) -> None:
     await db.build(None, "a", writes({}))       # a used at 1
     await db.build("a", "b", writes({}))        # a and b used at 2
@@ -480,6 +503,7 @@ async def test_db_prune_spares_the_base_of_a_running_build(db: DbStore) -> None:
     assert await db.prune(FAR_FUTURE) == ["c", "a"]
 
 
+@any_kind
 async def test_db_open_reconciles_table_and_results(
         kind: str, store: Store, store_root: Path, db: DbStore, clock: Clock) -> None:
     await db.build(None, "a", writes({"f": "a"}))

@@ -57,9 +57,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import re
-import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -67,7 +65,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, BinaryIO
 
-from pipeline.obuilder import confined
 from pipeline.obuilder import spec as S
 from pipeline.obuilder.emulation import BINFMT_DIR, find_emulator
 from pipeline.obuilder.full_store import is_disk_full, reporting_full, space_problem
@@ -83,7 +80,10 @@ from pipeline.obuilder.protocols import (
     SandboxConfig,
     Secret,
     Store,
+    Workspace,
+    Workspaces,
 )
+from pipeline.obuilder.workspace import HostWorkspaces
 
 _NO_SECRETS: Mapping[str, bytes] = MappingProxyType({})
 
@@ -227,6 +227,12 @@ class Builder:
         # Start-up cleaning, done (or being done) before the first step runs; see `clean`.
         self._cleaning: asyncio.Future[None] | None = None
 
+        # Where steps change their rootfs: a sandbox that keeps root filesystems itself (the
+        # docker pair's) is their `Workspaces`; otherwise they are host directories in the
+        # store's results, which the sandbox runs over.
+        self.workspaces: Workspaces = (
+            sandbox if isinstance(sandbox, Workspaces) else HostWorkspaces(sandbox))
+
     async def clean(self) -> None:
         """Remove what crashed processes left: their containers first (a crashed build's
         command may still be writing in its rootfs), then the store's temporary state (and, for
@@ -332,9 +338,8 @@ class Builder:
         id = from_id(image, self.platform)
 
         async def work(tmp: Path, step_log: Log) -> None:
-            rootfs = tmp / "rootfs"
-            rootfs.mkdir()
-            info = await self.fetcher.fetch(image, rootfs, log=step_log)
+            workspace = self.workspaces.workspace(tmp, id)
+            info = await workspace.unpack(self.fetcher, image, log=step_log)
             (tmp / "env.json").write_text(json.dumps(dict(info.env)))
             if info.digest is not None:
                 (tmp / DIGEST).write_text(info.digest)
@@ -353,14 +358,14 @@ class Builder:
         secrets = request.secrets
 
         async def work(tmp: Path, step_log: Log) -> None:
-            rootfs = tmp / "rootfs"
+            workspace = self.workspaces.workspace(tmp, id)
             unknown = [n for n in op.network if n != "host"]
             if unknown:
                 raise BuildError(f"unknown network {unknown[0]!r}: only \"host\" is supported")
             missing = [s.id for s in op.secrets if s.id not in secrets]
             if missing:
                 raise BuildError(f"no value given for secret {missing[0]!r}")
-            uid, gid = _resolve_user(rootfs, ctx.user)
+            uid, gid = await _resolve_user(workspace, ctx.user)
             async with AsyncExitStack() as stack:
                 mounts = [
                     Mount(await stack.enter_async_context(self.store.cache(c.id, uid, gid)),
@@ -374,29 +379,29 @@ class Builder:
                                        network="host" in op.network,
                                        secrets=[Secret(secrets[s.id], s.target)
                                                 for s in op.secrets])
-                await self.sandbox.run(config, rootfs, log=step_log)
+                await workspace.run(config, log=step_log)
 
         await self._step(id, parent, step_header(ctx, op), request, work)
         return id
 
     async def _copy(self, parent: str, ctx: S.Context, op: S.Copy, context: Path,
                     stages: Mapping[str, str], request: _Request) -> str:
-        if isinstance(op.from_, S.Build):
-            stage: str | None = stages[op.from_.name]
-            src_dir = await self._result(stage) / "rootfs"
-        else:
-            stage, src_dir = None, context
-        plan = await asyncio.to_thread(manifest, src_dir, op.src, op.dst, exclude=op.exclude,
-                                       workdir=ctx.workdir)
-        id = step_id(op="copy", parent=parent, user=_user_key(ctx.user),
-                     manifest=plan.digest(), stage=stage)
+        stage = stages[op.from_.name] if isinstance(op.from_, S.Build) else None
+        async with AsyncExitStack() as stack:
+            src_dir = context if stage is None else await stack.enter_async_context(
+                self.workspaces.files(await self._result(stage), stage))
+            plan = await asyncio.to_thread(manifest, src_dir, op.src, op.dst,
+                                           exclude=op.exclude, workdir=ctx.workdir)
+            id = step_id(op="copy", parent=parent, user=_user_key(ctx.user),
+                         manifest=plan.digest(), stage=stage)
 
-        async def work(tmp: Path, step_log: Log) -> None:
-            rootfs = tmp / "rootfs"
-            uid, gid = _resolve_user(rootfs, ctx.user)
-            await asyncio.to_thread(plan.write, rootfs, uid, gid)
+            async def work(tmp: Path, step_log: Log) -> None:
+                workspace = self.workspaces.workspace(tmp, id)
+                uid, gid = await _resolve_user(workspace, ctx.user)
+                await workspace.write(plan, uid, gid)
 
-        await self._step(id, parent, step_header(ctx, op), request, work)
+            # The plan reads the stage's files while the step runs.
+            await self._step(id, parent, step_header(ctx, op), request, work)
         return id
 
     async def _result(self, id: str) -> Path:
@@ -526,39 +531,24 @@ def _user_key(user: S.User) -> dict[str, Any]:
     return {"uid": user.uid, "gid": user.gid}
 
 
-def _resolve_user(rootfs: Path, user: S.User) -> tuple[int, int]:
-    """The uid and gid of `user`, looking a name up in the rootfs's /etc/passwd.
+async def _resolve_user(workspace: Workspace, user: S.User) -> tuple[int, int]:
+    """The uid and gid of `user`, looking a name up in the rootfs's /etc/passwd (read by the
+    workspace, confined to the rootfs: a step cannot make the builder read a host file).
 
-    The file is opened confined to the rootfs (symlinks resolved as if the rootfs were `/`), so
-    a step cannot make the builder read a host file. Raises BuildError if the name is not there,
-    or /etc/passwd is missing or not a regular file.
+    Raises BuildError if the name is not there, or /etc/passwd is missing, not a regular file or
+    has a malformed uid or gid for it.
     """
     if isinstance(user, S.UserIds):
         return user.uid, user.gid
     cannot = f"cannot look up user {user.name!r}"
-    root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        parent, _, name = confined.resolve(root_fd, "/etc/passwd").rpartition("/")
-        directory = confined.open_dir(root_fd, parent, follow_in_root=False)
-        try:
-            # O_NONBLOCK: a FIFO planted there must not hang the builder.
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                         dir_fd=directory)
-        finally:
-            os.close(directory)
-    except FileNotFoundError:
-        raise BuildError(f"{cannot}: no /etc/passwd") from None
-    except OSError as exc:
-        raise BuildError(f"{cannot}: /etc/passwd: {exc.strerror}") from None
-    finally:
-        os.close(root_fd)
-    with open(fd, "rb") as passwd:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise BuildError(f"{cannot}: /etc/passwd is not a regular file")
-        for line in passwd:
-            fields = line.decode(errors="replace").rstrip("\n").split(":")
-            if len(fields) >= 4 and fields[0] == user.name:
-                if not (re.fullmatch("[0-9]+", fields[2]) and re.fullmatch("[0-9]+", fields[3])):
-                    raise BuildError(f"{cannot}: bad uid or gid in /etc/passwd")
-                return int(fields[2]), int(fields[3])
+        passwd = await workspace.read("/etc/passwd")
+    except BuildError as exc:
+        raise BuildError(f"{cannot}: {exc}") from None
+    for line in passwd.split(b"\n"):
+        fields = line.decode(errors="replace").split(":")
+        if len(fields) >= 4 and fields[0] == user.name:
+            if not (re.fullmatch("[0-9]+", fields[2]) and re.fullmatch("[0-9]+", fields[3])):
+                raise BuildError(f"{cannot}: bad uid or gid in /etc/passwd")
+            return int(fields[2]), int(fields[3])
     raise BuildError(f"user {user.name!r} not found in /etc/passwd")

@@ -27,6 +27,9 @@ def _store_option(parser: argparse.ArgumentParser) -> None:
                         help=f"the store: {spec_help()}")
     parser.add_argument("--rsync-mode", choices=("copy", "hardlink"), default="copy",
                         help="how an rsync store copies results (default: copy)")
+    parser.add_argument("--engine", choices=("docker", "podman"),
+                        help="the container engine of a docker store (default: the one the "
+                        "store was made with; docker for a new store)")
 
 
 def _spec_option(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline obuilder",
         description="A sandboxed builder in the style of OBuilder: each step of a spec is a "
-        "snapshot in a store, each command runs in a runc sandbox.",
+        "snapshot in a store, each command runs in a runc sandbox (in a container of docker or "
+        "podman with a docker store).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -122,10 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     dockerfile.add_argument("--escape", choices=("unix", "windows"), default="unix",
                             help="the escape character convention (default: unix)")
 
-    for name, text in (("healthcheck", "check that runc works and that the store works and is "
+    for name, text in (("healthcheck", "check that runc (a docker store's engine) works and "
+                        "that the store works and is "
                         "not full (full: less than 1 %% of its filesystem or 100 MiB free, "
                         "whichever is larger; builds refuse to start then)"),
-                       ("clean", "remove what crashed processes left (containers, builds, mounts)"),
+                       ("clean", "remove what crashed processes left (containers, builds, "
+                        "mounts, images)"),
                        ("df", "show the store's disk usage")):
         _store_option(commands.add_parser(name, help=text))
 
@@ -156,7 +162,13 @@ def main(argv: Sequence[str]) -> int:
     """Run `pipeline obuilder ARGV`; returns the exit status."""
     from pipeline.obuilder.protocols import BuildError
 
-    options = build_parser().parse_args(list(argv))
+    parser = build_parser()
+    options = parser.parse_args(list(argv))
+    docker = getattr(options, "store", "").startswith("docker:")
+    if getattr(options, "engine", None) and not docker:
+        parser.error("--engine applies to docker stores (--store docker:PREFIX) only")
+    if getattr(options, "fast_sync", False) and docker:
+        parser.error("--fast-sync is for the runc sandbox, not a docker store's")
     if getattr(options, "platform", None) is not None:
         from pipeline.obuilder.platforms import parse_platform
 
@@ -185,7 +197,8 @@ async def _store_command(options: argparse.Namespace) -> int:
     from pipeline.obuilder.full_store import reporting_full
     from pipeline.obuilder.stores import open_store
 
-    async with reporting_full(lambda: open_store(options.store, rsync_mode=options.rsync_mode)):
+    async with reporting_full(lambda: open_store(options.store, rsync_mode=options.rsync_mode,
+                                                 engine=options.engine)):
         return await _COMMANDS[options.command](options)
 
 
@@ -217,7 +230,8 @@ async def _opened_store(options: argparse.Namespace) -> AsyncIterator[Any]:
     """The store of `--store`, opened for the block and closed after it."""
     from pipeline.obuilder.setup import open_db_store
 
-    store = await open_db_store(options.store, rsync_mode=options.rsync_mode)
+    store = await open_db_store(options.store, rsync_mode=options.rsync_mode,
+                                engine=options.engine)
     try:
         yield store
     finally:
@@ -264,7 +278,7 @@ async def _build(options: argparse.Namespace) -> int:
             raise BuildError(f"--secret {secret_id}: {file}: {exc.strerror}") from None
     builder = await open_builder(
         options.store, rsync_mode=options.rsync_mode, memory=options.memory, cpus=options.cpus,
-        fast_sync=options.fast_sync, **_fetcher_settings(options))
+        fast_sync=options.fast_sync, engine=options.engine, **_fetcher_settings(options))
     log = _Stdout()
     try:
         result = await builder.build(parsed, options.context, log=log.write, secrets=secrets)
@@ -289,7 +303,7 @@ async def _pull(options: argparse.Namespace) -> int:
     image: str = options.image
     async with _opened_store(options) as store:
         fetcher = choose(select_fetcher(store.state_dir, **_fetcher_settings(options)), image)
-        # Only the `from` step runs: the sandbox is never used.
+        # Only the `from` step runs: no command (a docker sandbox imports the image).
         builder = Builder(store, open_sandbox(store.root), fetcher, platform=options.platform)
         try:
             return await _pull_image(image, builder, fetcher)
@@ -328,7 +342,12 @@ async def _healthcheck(options: argparse.Namespace) -> int:
         if problem is not None:
             raise problem
         usage = await store.df()
+        backend = store.store
     print(f"store {options.store}: ok ({usage.free // 2**20} MiB free)")
+    if backend.kind == "docker":
+        # Opening the store asked the engine where its images are: it answers.
+        print(f"engine: {backend.engine.name} ({backend.engine.path})")
+        return EXIT_OK
     from pipeline.obuilder.sandboxes.runc import check_runc
 
     print(f"runc: {await check_runc()}")
@@ -342,7 +361,8 @@ async def _healthcheck(options: argparse.Namespace) -> int:
 async def _clean(options: argparse.Namespace) -> int:
     from pipeline.obuilder.setup import open_builder
 
-    builder = await open_builder(options.store, rsync_mode=options.rsync_mode)
+    builder = await open_builder(options.store, rsync_mode=options.rsync_mode,
+                                 engine=options.engine)
     try:
         await builder.clean()
     finally:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from pipeline.obuilder.protocols import DiskUsage, Store, StoreFull
+from pipeline.obuilder.stores import spec_of
 
 MIN_FREE_BYTES = 100 * 2**20
 """A store with less free space than this is full, however large its filesystem."""
@@ -32,7 +33,7 @@ def min_free(usage: DiskUsage) -> int:
 
 def store_spec(store: Store) -> str:
     """The `KIND:PATH` naming `store` on the command line."""
-    return f"{store.kind}:{store.root}"
+    return spec_of(store)
 
 
 def is_disk_full(exc: BaseException) -> bool:

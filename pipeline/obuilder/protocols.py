@@ -1,9 +1,16 @@
-"""The contracts between the builder and its backends: `Store`, `Sandbox`, `Fetcher`.
+"""The contracts between the builder and its backends: `Store`, `Sandbox`, `Fetcher`, and
+`Workspaces`, the seam through which the builder changes a step's root filesystem.
 
 Each backend is one module implementing one of these protocols. Adding a backend touches that
 module and, for a store, the registry of kinds (`pipeline.obuilder.stores.KINDS`), nothing else:
 the builder, the result table (`DbStore`) and the command line use stores only through `Store`.
 Nothing here (or anywhere under `pipeline/obuilder/`) imports the engine.
+
+Most stores keep a result's root filesystem as a host directory (`rootfs/` in the result's
+directory), which a sandbox such as runc runs commands over; the builder then works on it through
+`workspace.HostWorkspaces`. A sandbox that keeps root filesystems itself (the docker sandbox, as
+images of a container engine) is also the `Workspaces` of its steps: the builder asks it to
+unpack a base, run a command, copy files in and read a file, never touching a rootfs itself.
 """
 
 from __future__ import annotations
@@ -13,9 +20,12 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from pipeline.obuilder.locks import FileLock
+
+if TYPE_CHECKING:
+    from pipeline.obuilder.manifest import Manifest
 
 
 class BuildError(Exception):
@@ -200,14 +210,17 @@ class Sandbox(Protocol):
     async def run(
         self,
         config: SandboxConfig,
-        rootfs: Path,
+        rootfs: Path | str,
         *,
         log: Log,
         stdin: bytes | None = None,
         cancelled: asyncio.Event | None = None,
     ) -> None:
-        """Run `config` with `rootfs` as `/`, writing stdout and stderr to `log`.
+        """Run `config` with `rootfs` as `/`, writing stdout and stderr to `log`; what the
+        command changes is kept in `rootfs`.
 
+        `rootfs` is a host directory (runc), or for a sandbox over a container engine the name
+        of an image, which a command that succeeds replaces with one holding its changes.
         Returns when the process exits 0; raises BuildError naming the exit status otherwise.
         Setting `cancelled` kills the process (and everything it started) and raises
         asyncio.CancelledError; cancelling the calling task does the same.
@@ -240,4 +253,51 @@ class Fetcher(Protocol):
 
         Raises BuildError (one line naming the image) for an unknown image.
         """
+        ...
+
+
+@runtime_checkable
+class Workspace(Protocol):
+    """The root filesystem of one step while `Store.build` makes it: all that the builder's
+    work does to it. A workspace serves one step, one call at a time; what its calls leave is
+    the step's result once `Store.build` commits, and nothing of it stays if the step fails.
+
+    Every path inside the rootfs is resolved as if the rootfs were `/`: whatever earlier steps
+    put there (a symlink to a host path, say), no call reads or writes outside it.
+    """
+
+    async def unpack(self, fetcher: Fetcher, image: str, *, log: Log) -> ImageInfo:
+        """Make the (empty) rootfs the image `image`, as `fetcher` unpacks it; the image's
+        information. Raises what `Fetcher.fetch` raises."""
+        ...
+
+    async def run(self, config: SandboxConfig, *, log: Log) -> None:
+        """Run `config` in the sandbox over the rootfs, keeping what it changes; fails and is
+        cancelled as `Sandbox.run` is."""
+        ...
+
+    async def write(self, plan: Manifest, uid: int, gid: int) -> None:
+        """Copy the files of a `copy` step into the rootfs, owned by `uid:gid`, as
+        `Manifest.write` describes; raises BuildError as it does."""
+        ...
+
+    async def read(self, path: str) -> bytes:
+        """The content of the regular file at the absolute `path`. Raises BuildError saying
+        `no PATH` if there is none, `PATH is not a regular file`, or `PATH: REASON`."""
+        ...
+
+
+@runtime_checkable
+class Workspaces(Protocol):
+    """Where a builder's steps work: a `Workspace` per step, and the files of results."""
+
+    def workspace(self, directory: Path, id: str) -> Workspace:
+        """The workspace of step `id`, which `Store.build` is making in `directory` (the
+        temporary result directory it gave the step's function)."""
+        ...
+
+    def files(self, result: Path, id: str) -> AbstractAsyncContextManager[Path]:
+        """A host directory holding the rootfs of the committed result `id` (whose directory
+        is `result`), to read from until the block ends (the files a `copy` takes from a
+        stage). Raises BuildError if the rootfs cannot be read."""
         ...

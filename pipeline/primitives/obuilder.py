@@ -24,7 +24,7 @@ from pipeline.obuilder import spec as S
 from pipeline.obuilder.builder import Builder
 from pipeline.obuilder.platforms import parse_platform
 from pipeline.obuilder.setup import open_builder, open_sandbox, sandbox_dir
-from pipeline.obuilder.stores import KINDS
+from pipeline.obuilder.stores import DIRECTORY_KINDS
 from pipeline.primitives import git
 from pipeline.primitives.git import Commit
 
@@ -93,11 +93,11 @@ _builders: weakref.WeakKeyDictionary[
 
 
 def resolve_store(store: str, state_dir: Path) -> str:
-    """`store` (`KIND:PATH`) as the build primitive opens it: a relative PATH is under
-    `state_dir`, made absolute; a malformed `store` is returned as it is, for `open_store` to
-    refuse with its message."""
+    """`store` (`KIND:PATH`) as the build primitive opens it: a relative directory is under
+    `state_dir`, made absolute (a docker store's PATH is a prefix, not a directory); a malformed
+    `store` is returned as it is, for `open_store` to refuse with its message."""
     kind, sep, path = store.partition(":")
-    if kind not in KINDS or not sep or not path or Path(path).is_absolute():
+    if kind not in DIRECTORY_KINDS or not sep or not path or Path(path).is_absolute():
         return store
     return f"{kind}:{Path(state_dir).absolute() / path}"
 

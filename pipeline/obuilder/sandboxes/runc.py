@@ -34,16 +34,16 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import sys
 import weakref
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pipeline.obuilder import confined
 from pipeline.obuilder.locks import Owner, is_live_owner
 from pipeline.obuilder.protocols import BuildError, Log, MissingTool, SandboxConfig
+from pipeline.obuilder.sandboxes.process import exit_error, signal_name, supervise
 
 CAPABILITIES = (
     "CAP_CHOWN",  # change file owners (package managers unpack files owned by other users)
@@ -135,20 +135,6 @@ def _make_mount_point(root_fd: int, destination: str, is_dir: bool,
                          f"{exc.strerror}") from None
 
 
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        # Real-time signals have no name of their own.
-        return f"signal {number}"
-
-
-def _exit_error(status: int) -> BuildError:
-    # runc reports a command killed by signal N as status 128 + N, as shells do.
-    if 128 < status < 128 + signal.NSIG:
-        return BuildError(f"command killed by {_signal_name(status - 128)} "
-                          f"(exit status {status})")
-    return BuildError(f"command exited with status {status}")
 
 
 def _runc_error(runc_log: Path) -> str | None:
@@ -166,23 +152,6 @@ def _runc_error(runc_log: Path) -> str | None:
         if isinstance(entry, dict) and entry.get("level") in ("error", "fatal"):
             errors.append(str(entry.get("msg", "")))
     return errors[-1] if errors else None
-
-
-async def _to_the_end(work: Awaitable[None]) -> None:
-    """Await `work` to completion even if the caller is cancelled meanwhile (re-raising the
-    cancellation afterwards): a cleanup cut short would leave a container running."""
-    task = asyncio.ensure_future(work)
-    interrupted = False
-    while not task.done():
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.done():
-                break
-            interrupted = True
-    task.result()
-    if interrupted:
-        raise asyncio.CancelledError
 
 
 async def check_runc(runc: str = "runc") -> str:
@@ -409,55 +378,18 @@ class RuncSandbox:
                 pass_fds=pass_fds)
         except FileNotFoundError:
             raise MissingTool(_INSTALL_RUNC) from None
-        finished = asyncio.ensure_future(self._communicate(proc, log, stdin))
-        cancel_wait = asyncio.ensure_future(cancelled.wait()) if cancelled is not None else None
-        try:
-            waiting = {finished} if cancel_wait is None else {finished, cancel_wait}
-            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            if not finished.done():
-                raise asyncio.CancelledError
-            status = finished.result()
-        finally:
-            if cancel_wait is not None:
-                cancel_wait.cancel()
-            await _to_the_end(self._stop(container_id, proc, finished))
+        status = await supervise(proc, log=log, stdin=stdin, cancelled=cancelled,
+                                 stop=lambda: self._stop(container_id, proc))
         if status == 0:
             return
         if status < 0:
-            raise BuildError(f"runc killed by {_signal_name(-status)}")
+            raise BuildError(f"runc killed by {signal_name(-status)}")
         error = _runc_error(runc_log)
         if error is not None:
             raise BuildError(error if error.startswith("runc") else f"runc: {error}")
-        raise _exit_error(status)
+        raise exit_error(status)
 
-    async def _communicate(self, proc: asyncio.subprocess.Process, log: Log,
-                           stdin: bytes | None) -> int:
-        """Feed `stdin`, copy the output to `log` as it arrives; the exit status of runc."""
-        assert proc.stdout is not None
-        feeder = None
-        if stdin is not None:
-            assert proc.stdin is not None
-            feeder = asyncio.ensure_future(self._feed(proc.stdin, stdin))
-        try:
-            while chunk := await proc.stdout.read(65536):
-                log.write(chunk)
-        finally:
-            if feeder is not None:
-                feeder.cancel()
-        return await proc.wait()
-
-    @staticmethod
-    async def _feed(pipe: asyncio.StreamWriter, data: bytes) -> None:
-        try:
-            pipe.write(data)
-            await pipe.drain()
-            pipe.close()
-        except (BrokenPipeError, ConnectionResetError):
-            # The command exited (or closed its stdin) without reading everything: its choice.
-            pass
-
-    async def _stop(self, container_id: str, proc: asyncio.subprocess.Process,
-                    finished: asyncio.Future[int]) -> None:
+    async def _stop(self, container_id: str, proc: asyncio.subprocess.Process) -> None:
         """Kill the container if still running, wait for runc to exit and delete its state."""
         while proc.returncode is None:
             if await self._runc_quietly("kill", "--all", container_id, "KILL") == 0:
@@ -469,9 +401,6 @@ class RuncSandbox:
                     await asyncio.wait_for(proc.wait(), 0.1)
                 except TimeoutError:
                     continue
-        # With runc gone, every process of the container is dead (they shared its pid
-        # namespace), so the output pipe reaches its end: let the copy finish.
-        await asyncio.gather(finished, return_exceptions=True)
         # `runc run` deletes the container when it exits normally; only an interrupted run
         # leaves state behind.
         if (self._runc_root / container_id).exists():

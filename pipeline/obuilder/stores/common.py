@@ -56,7 +56,7 @@ OWNER = "owner"
 PRIVATE = 0o700
 
 # The Debian package providing each tool a store runs.
-PACKAGES = {"btrfs": "btrfs-progs", "rsync": "rsync", "cp": "coreutils"}
+PACKAGES = {"btrfs": "btrfs-progs", "rsync": "rsync", "cp": "coreutils", "tar": "tar"}
 
 
 def require(tool: str) -> None:
@@ -79,22 +79,34 @@ async def run(*argv: str | Path) -> None:
             stderr=asyncio.subprocess.PIPE)
     except FileNotFoundError:
         raise MissingTool(f"{args[0]} not found: apt-get install {PACKAGES[args[0]]}") from None
+    _, stderr = await communicate(process)
+    if process.returncode != 0:
+        message = stderr.decode(errors="replace").strip().replace("\n", "; ")
+        raise failure(f"{' '.join(args)} failed (exit status {process.returncode})", message)
+
+
+async def communicate(process: asyncio.subprocess.Process) -> tuple[bytes, bytes]:
+    """`process.communicate()`, killing the process first if the caller is cancelled: a tool
+    left running would keep writing where its caller is about to clean up."""
     try:
-        _, stderr = await process.communicate()
+        return await process.communicate()
     except asyncio.CancelledError:
-        # A copy left running would keep writing into a directory its caller is about to remove.
         if process.returncode is None:
             process.kill()
         await process.wait()
         raise
-    if process.returncode != 0:
-        message = stderr.decode(errors="replace").strip().replace("\n", "; ")
-        error = BuildError(f"{' '.join(args)} failed (exit status {process.returncode}): {message}")
-        # A full disk, as the tool reports it: the cause tells callers, who say which store is
-        # full and how to free space (see `full_store.is_disk_full`).
-        full = [OSError(code, os.strerror(code)) for code in (errno.ENOSPC, errno.EDQUOT)
-                if os.strerror(code) in message]
-        raise error from (full[0] if full else None)
+
+
+def failure(what: str, message: str) -> BuildError:
+    """The error of a tool that failed: `what: message`, where `message` is what the tool said.
+    If it says that the disk is full, the error's cause is an OSError (ENOSPC or EDQUOT), so
+    that callers say which store is full and how to free space (see `full_store.is_disk_full`)."""
+    error = BuildError(f"{what}: {message}")
+    full = [OSError(code, os.strerror(code)) for code in (errno.ENOSPC, errno.EDQUOT)
+            if os.strerror(code) in message]
+    if full:
+        error.__cause__ = full[0]
+    return error
 
 
 def _unescape_mount_point(text: str) -> str:
@@ -163,7 +175,7 @@ def exchange(a: Path, b: Path) -> None:
 
 
 @dataclass
-class _Cache:
+class CacheState:
     """In-memory state of one named cache. `lock` serialises taking and releasing copies in
     this process (the store's cache lock does so across processes); `generation` changes when
     the cache is deleted by this process, so copies taken before are discarded."""
@@ -196,15 +208,19 @@ class DirectoryStore(ABC):
     its store when done (or it is closed at exit).
     """
 
+    layout: tuple[str, ...] = (RESULT, RESULT_TMP, CACHE, CACHE_TMP, STATE_DIR)
+    """The directories under `root`; a backend keeping its caches elsewhere leaves out `cache`
+    and `cache-tmp` (and overrides the cache methods and `clean`)."""
+
     def __init__(self, root: Path) -> None:
         """Create the layout under `root` (and `root` itself) if missing, make it private, and
         claim a token for this process's cache copies."""
         self.root = root
         self.state_dir = root / STATE_DIR
-        for name in (RESULT, RESULT_TMP, CACHE, CACHE_TMP, STATE_DIR):
+        for name in self.layout:
             (root / name).mkdir(mode=PRIVATE, parents=True, exist_ok=True)
             os.chmod(root / name, PRIVATE)
-        self._caches: dict[str, _Cache] = {}
+        self._caches: dict[str, CacheState] = {}
         self._copies = itertools.count()
         self._step_locks = LockDir(self.state_dir / LOCK / "step")
         self._cache_locks = LockDir(self.state_dir / LOCK / "cache")
@@ -319,7 +335,7 @@ class DirectoryStore(ABC):
         the store take turns. Raises BuildError if the copy cannot be made (nothing is left
         behind)."""
         check_name("cache name", name)
-        state = self._caches.setdefault(name, _Cache())
+        state = self._caches.setdefault(name, CacheState())
         shared = self.root / CACHE / name
         copy = self.root / CACHE_TMP / f"{self._owner.token}-{next(self._copies)}-{name}"
         async with state.lock, self._cache_locks.lock(name):
@@ -349,7 +365,7 @@ class DirectoryStore(ABC):
 
     async def delete_cache(self, name: str) -> None:
         """See `Store.delete_cache`. Raises BuildError if the removal fails."""
-        state = self._caches.setdefault(check_name("cache name", name), _Cache())
+        state = self._caches.setdefault(check_name("cache name", name), CacheState())
         async with state.lock, self._cache_locks.lock(name):
             state.generation += 1
             await self._remove_if_present(self.root / CACHE / name)
@@ -364,11 +380,14 @@ class DirectoryStore(ABC):
         """See `Store.clean`: removes the builds under `result-tmp/` whose step lock is free
         and the copies under `cache-tmp/` whose owner has gone. Raises BuildError if a removal
         fails."""
-        for leftover in sorted((self.root / RESULT_TMP).iterdir()):
-            with if_free(self.lock(step_of(leftover.name))) as free:
-                if free:
-                    await self._remove_if_present(leftover)
+        await self._clean_builds()
         for leftover in sorted((self.root / CACHE_TMP).iterdir()):
             if not is_live_owner(self._owners, leftover.name):
                 await self._remove_if_present(leftover)
 
+    async def _clean_builds(self) -> None:
+        """Remove the builds under `result-tmp/` whose step lock is free."""
+        for leftover in sorted((self.root / RESULT_TMP).iterdir()):
+            with if_free(self.lock(step_of(leftover.name))) as free:
+                if free:
+                    await self._remove_if_present(leftover)
