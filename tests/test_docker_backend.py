@@ -387,4 +387,6 @@ async def test_the_sandbox_runs_over_an_image_and_commits_what_succeeds(
     with pytest.raises(asyncio.CancelledError):
         await run("sleep 600", cancelled=cancelled)
     assert engine_things(names)["containers"] == []
+    # Nothing of the runs is left in its state (podman's conmon writes `oom` where it runs).
+    assert [path.name for path in (tmp_path / "sandbox").iterdir()] == ["owner"]
     sandbox.close()
