@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster_fixtures import Cluster, cluster  # noqa: F401 (a fixture)
-from ocaml_fixtures import HANG_GUARD
+from ocaml_fixtures import EMULATED_HANG_GUARD, HANG_GUARD
 from test_ocaml_ci import (
     ARM64,
     BROKEN_GREET,
@@ -96,11 +96,13 @@ async def test_a_pull_request_is_merged_and_built_by_the_clusters_worker(
         assert "Running on worker opam-worker" in log, (job["name"], log)
 
 
-async def test_each_architecture_has_its_pool(
+async def test_each_architecture_has_its_pool_and_a_worker_serves_an_emulated_one(
         tmp_path: Path, cluster: Cluster, ocaml_store: str,  # noqa: F811
         debian_mirror: str) -> None:
     """The amd64 platform's jobs go to the pool linux-x86_64 and run on its worker; the arm64
-    platform's build goes to linux-arm64, and waits there, queued, for a worker of its own."""
+    platform's build goes to linux-arm64, and waits there, queued, for a worker of its own: one
+    of this (amd64) host, building for arm64 under emulation. Its Debian 13 arm64 base and
+    OCaml come from the session's store when another test built them first."""
     repo = await hello_repo(tmp_path / "hello")
     await cluster.start_worker("amd64-worker", "linux-x86_64", capacity=2, store=ocaml_store)
     state = tmp_path / "var"
@@ -132,3 +134,10 @@ async def test_each_architecture_has_its_pool(
         assert await cluster.metric("pipeline_cluster_jobs_submitted_total",
                                     "linux-arm64") == 1
         assert await cluster.metric("pipeline_cluster_queue_length", "linux-arm64") == 1
+
+        await cluster.start_worker("arm64-worker", "linux-arm64", store=ocaml_store)
+        status = await final_status(state, repo, "main", commit, guard=EMULATED_HANG_GUARD)
+        assert status["result"] == "passed", status
+        log = log_of(state, jobs_of(status)[ARM64])
+        assert "Running on worker arm64-worker" in log and "Test Successful" in log, log
+        assert log.index("Waiting for a worker of pool linux-arm64") < log.index("Job started")

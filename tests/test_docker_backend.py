@@ -187,6 +187,17 @@ def test_an_unreachable_or_missing_docker_says_to_use_podman(
         Engine("podman")
 
 
+def test_an_unusable_state_directory_is_one_line(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(STATE_ENV, str(tmp_path / "file"))
+    with pytest.raises(BuildError, match=rf"^cannot make the state directory of store "
+                                         rf"docker:pipeline-test in {tmp_path}/file: Not a "
+                                         rf"directory \(set {STATE_ENV} to a directory root can "
+                                         rf"write\)$"):
+        open_store("docker:pipeline-test", engine=DOCKER_ENGINE)
+
+
 async def test_a_store_keeps_the_engine_it_was_made_with(store: DbStore, root: Path) -> None:
     assert (root / STATE_DIR / "engine").read_text() == f"{DOCKER_ENGINE}\n"
     other = "docker" if DOCKER_ENGINE == "podman" else "podman"
@@ -387,4 +398,6 @@ async def test_the_sandbox_runs_over_an_image_and_commits_what_succeeds(
     with pytest.raises(asyncio.CancelledError):
         await run("sleep 600", cancelled=cancelled)
     assert engine_things(names)["containers"] == []
+    # Nothing of the runs is left in its state (podman's conmon writes `oom` where it runs).
+    assert [path.name for path in (tmp_path / "sandbox").iterdir()] == ["owner"]
     sandbox.close()

@@ -58,7 +58,7 @@ def recorded_engine(root: Path) -> str | None:
     store of another kind (which records none)."""
     try:
         name = (root / STATE_DIR / ENGINE_FILE).read_text().strip()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     if name not in ENGINES:
         raise BuildError(f"{root / STATE_DIR / ENGINE_FILE} names no engine ({name!r})")

@@ -65,7 +65,8 @@ class Store(Protocol):
         ...
 
     root: Path
-    """The directory (or mount point) holding the store."""
+    """The directory (or mount point) holding the store; for a store keeping its results in a
+    container engine (docker), the directory of its host-side state."""
 
     state_dir: Path
     """`root / STATE_DIR`, whatever the kind: where the store's users keep their own state

@@ -256,16 +256,18 @@ class DockerSandbox:
         """
         image = str(rootfs)
         name = f"{self.names.run}{self._unique()}"
-        secrets = self._private("secrets") if config.secrets else None
+        # The secrets' files, and the client's working directory: podman's conmon leaves a
+        # file `oom` there when the kernel kills the command for lack of memory.
+        scratch = self._private("run")
         try:
-            await self.engine(*self._create_argv(config, name, image, secrets,
+            await self.engine(*self._create_argv(config, name, image, scratch,
                                                  interactive=stdin is not None))
             # Made as runc makes it (root's, mode 0755) if missing: podman refuses to start
             # in a missing workdir, and docker would make it differently.
             await self._put(name, config.cwd, [], uid=0, gid=0, what="workdir")
             attach = ["--interactive"] if stdin is not None else []
             proc = await asyncio.create_subprocess_exec(
-                self.engine.path, "start", "--attach", *attach, name,
+                self.engine.path, "start", "--attach", *attach, name, cwd=scratch,
                 stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
             tail = _Tail(log)
@@ -277,12 +279,12 @@ class DockerSandbox:
                 raise BuildError(f"{self.engine.name} could not run the command: "
                                  f"{summary(tail.data)}")
         finally:
-            await to_the_end(self._discard(name, secrets))
+            await to_the_end(self._discard(name, scratch))
         if status != 0:
             raise exit_error(status)
 
-    def _create_argv(self, config: SandboxConfig, name: str, image: str,
-                     secrets: Path | None, *, interactive: bool) -> list[str]:
+    def _create_argv(self, config: SandboxConfig, name: str, image: str, secrets: Path, *,
+                     interactive: bool) -> list[str]:
         """The arguments of `ENGINE create` making the container of `config` (writing the
         secrets' files into `secrets`)."""
         argv = ["create", "--name", name, "--pull", "never",
@@ -296,17 +298,16 @@ class DockerSandbox:
             argv += ["--env", f"{key}={value}"]
         for mount in config.mounts:
             argv += ["--mount", _mount(mount.src, mount.dst, mount.readonly)]
-        if secrets is not None:
-            for n, secret in enumerate(config.secrets):
-                path = secrets / str(n)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o400)
-                try:
-                    os.write(fd, secret.value)
-                    os.fchown(fd, config.uid, config.gid)
-                finally:
-                    os.close(fd)
-                argv += ["--mount", _mount(path, secret.dst, readonly=True)]
+        for n, secret in enumerate(config.secrets):
+            path = secrets / f"secret-{n}"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o400)
+            try:
+                os.write(fd, secret.value)
+                os.fchown(fd, config.uid, config.gid)
+            finally:
+                os.close(fd)
+            argv += ["--mount", _mount(path, secret.dst, readonly=True)]
         if self.memory is not None:
             argv += ["--memory", str(self.memory)]
         if self.cpus is not None:
@@ -334,10 +335,9 @@ class DockerSandbox:
             return False
         return state.strip() not in (b"", b"created")
 
-    async def _discard(self, name: str, secrets: Path | None) -> None:
+    async def _discard(self, name: str, scratch: Path) -> None:
         await self.engine.remove_container(name)
-        if secrets is not None:
-            await asyncio.to_thread(shutil.rmtree, secrets, True)
+        await asyncio.to_thread(shutil.rmtree, scratch, True)
 
     # Containers that never start, for copying files in and out.
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from pipeline.obuilder.engine import (
     DEFAULT_ENGINE,
     ENGINE_FILE,
+    STATE_ENV,
     Engine,
     Names,
     check_prefix,
@@ -85,7 +86,12 @@ class DockerStore(DirectoryStore):
         self.engine = Engine(engine or recorded or DEFAULT_ENGINE)
         require("cp")
         self._storage = self.engine.check()
-        super().__init__(root)
+        try:
+            super().__init__(root)
+        except OSError as exc:
+            raise BuildError(f"cannot make the state directory of store docker:{prefix} in "
+                             f"{state_base}: {exc.strerror} (set {STATE_ENV} to a directory "
+                             f"root can write)") from None
         if recorded is None:
             (self.state_dir / ENGINE_FILE).write_text(self.engine.name + "\n")
         self.names = Names(prefix)
