@@ -15,7 +15,7 @@ from pipeline.ocaml import platforms as P
 from pipeline.ocaml.analysis import Analysis, Dependency, OpamFile, to_json
 from pipeline.primitives.git import Commit
 
-EMULATED = ["debian-13-5.3_arm64", "debian-12-4.13_ppc64le", "debian-12-4.13_s390x",
+EMULATED = ["debian-13-5.3_arm64", "debian-13-5.3_ppc64le", "debian-13-5.3_s390x",
             "debian-13-5.3_riscv64"]
 
 
@@ -24,8 +24,8 @@ def test_the_matrix_is_ocaml_cis_within_what_debian_offers() -> None:
         ("debian-12-4.13", "debian:12", "bookworm", "linux/amd64"),
         ("debian-13-5.3", "debian:13", "trixie", "linux/amd64"),
         ("debian-13-5.3_arm64", "debian:13", "trixie", "linux/arm64"),
-        ("debian-12-4.13_ppc64le", "debian:12", "bookworm", "linux/ppc64le"),
-        ("debian-12-4.13_s390x", "debian:12", "bookworm", "linux/s390x"),
+        ("debian-13-5.3_ppc64le", "debian:13", "trixie", "linux/ppc64le"),
+        ("debian-13-5.3_s390x", "debian:13", "trixie", "linux/s390x"),
         ("debian-13-5.3_riscv64", "debian:13", "trixie", "linux/riscv64"),
     ]
     assert {p.kind for p in P.MATRIX} == {"system"}
@@ -72,8 +72,8 @@ def test_platforms_option(tmp_path: Path) -> None:
     assert _names(["--demo"]) == native
     assert _names(["--repo", str(tmp_path)]) == native
     assert _names(["--demo", "--platforms", "all"]) == [p.name for p in P.MATRIX]
-    assert _names(["--repo", str(tmp_path), "--platforms", "debian-12-4.13_s390x"]) == [
-        "debian-12-4.13_s390x"]
+    assert _names(["--repo", str(tmp_path), "--platforms", "debian-13-5.3_s390x"]) == [
+        "debian-13-5.3_s390x"]
 
 
 @pytest.mark.parametrize("platforms", ["debian-12-system", "all,nope", ""])

@@ -327,8 +327,8 @@ def test_lint_fmt_runs_only_with_the_version_debian_has(wanted: str, skip: str |
 def test_a_platforms_pool_is_named_for_its_architecture() -> None:
     assert {p.name: p.pool for p in PLATFORMS.values()} == {
         "debian-12-4.13": "linux-x86_64", "debian-13-5.3": "linux-x86_64",
-        "debian-13-5.3_arm64": "linux-arm64", "debian-12-4.13_ppc64le": "linux-ppc64le",
-        "debian-12-4.13_s390x": "linux-s390x", "debian-13-5.3_riscv64": "linux-riscv64",
+        "debian-13-5.3_arm64": "linux-arm64", "debian-13-5.3_ppc64le": "linux-ppc64le",
+        "debian-13-5.3_s390x": "linux-s390x", "debian-13-5.3_riscv64": "linux-riscv64",
         "debian-12-ocaml-5.2": "linux-x86_64"}
 
 
