@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import io
-import itertools
 import os
 import shutil
 import tarfile
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -95,7 +95,6 @@ class DockerStore(DirectoryStore):
         if recorded is None:
             (self.state_dir / ENGINE_FILE).write_text(self.engine.name + "\n")
         self.names = Names(prefix)
-        self._temporaries = itertools.count()
 
     # Backend primitives: the metadata directories.
 
@@ -111,12 +110,11 @@ class DockerStore(DirectoryStore):
         await super()._commit(tmp, dst, base)
 
     async def _import_empty(self, image: str) -> None:
-        path = self.state_dir / f"{self._owner.token}-{next(self._temporaries)}-empty.tar"
-        path.write_bytes(_empty_tar())
-        try:
-            await self.engine("import", str(path), image)
-        finally:
-            path.unlink()
+        # A file with no name: nothing is left behind whatever happens.
+        with tempfile.TemporaryFile(dir=self.state_dir) as empty:
+            empty.write(_empty_tar())
+            empty.seek(0)
+            await self.engine("import", "-", image, stdin=empty)
 
     # The Store protocol.
 
