@@ -19,8 +19,9 @@ platform runs `dune build @fmt` with Debian's ocamlformat when its version is th
 
 `--platforms` chooses among ocaml-ci's matrix within what Debian offers (`platforms.MATRIX`):
 `debian-12-4.13` and `debian-13-5.3` on amd64, `debian-13-5.3_arm64`, `debian-13-5.3_ppc64le`,
-`debian-13-5.3_s390x` and `debian-13-5.3_riscv64`; `all` is the whole matrix. Each platform's builds are for its architecture
-(`linux/ARCH`), under emulation (qemu) on another than the host's. By default, in `--demo` or
+`debian-13-5.3_s390x` and `debian-13-5.3_riscv64`; `all` is the whole matrix. Each platform's
+builds are for its architecture (`linux/ARCH`), under emulation (qemu) on another than the
+host's. By default, in `--demo` or
 not, only the platforms this host builds natively are chosen (on amd64: `debian-12-4.13,
 debian-13-5.3`): an emulated build is many times slower, and with `--cluster` it needs a worker
 of its architecture's pool.
