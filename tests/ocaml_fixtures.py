@@ -129,7 +129,15 @@ def trixie_index(arch: str) -> D.DebianIndex:
     return D.parse_index("trixie", arch, contents.splitlines(True), packages.splitlines(True))
 
 
-class _CachingMirror(http.server.SimpleHTTPRequestHandler):
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files of its `directory` without logging each request: the tests' output is
+    theirs."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Log nothing."""
+
+
+class _CachingMirror(QuietHandler):
     """Serves the files of `directory`, each fetched from `upstream` (the real mirror) on its
     first request: a test reads what the mirror says, and the session downloads each index (a
     Contents file is 12 MB) once, only if a test asks for it."""
@@ -157,9 +165,6 @@ class _CachingMirror(http.server.SimpleHTTPRequestHandler):
                         path.parent.mkdir(parents=True, exist_ok=True)
                         path.write_bytes(data)
         super().do_GET()
-
-    def log_message(self, format: str, *args: object) -> None:
-        """Quiet: the tests' output is theirs."""
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from obuilder_fixtures import RecordingLog
-from ocaml_fixtures import _QuietHandler
+from ocaml_fixtures import QuietHandler
 
 from pipeline.obuilder import spec as S
 from pipeline.obuilder.builder import Builder, base_digest, from_id
@@ -170,7 +170,7 @@ async def test_a_failing_debootstrap_says_why_in_one_line(tmp_path: Path) -> Non
     """A mirror without the suite: debootstrap's own error line ends the fetcher's message."""
     empty = tmp_path / "mirror"
     empty.mkdir()
-    handler = functools.partial(_QuietHandler, directory=str(empty))
+    handler = functools.partial(QuietHandler, directory=str(empty))
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
