@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.obuilder.engine import STATE_ENV, Names
+from pipeline.obuilder.container_engine import STATE_ENV, Names
 from pipeline.obuilder.log_format import MARK
 
 BUSYBOX = Path("/bin/busybox")

@@ -34,8 +34,14 @@ from test_builder import build
 from test_obuilder_cli import GOT, ROOT, obuilder
 
 from pipeline.obuilder.builder import Builder
+from pipeline.obuilder.container_engine import (
+    STATE_ENV,
+    ContainerEngine,
+    Names,
+    escape,
+    summary,
+)
 from pipeline.obuilder.db_store import DbStore
-from pipeline.obuilder.engine import STATE_ENV, Engine, Names, escape, summary
 from pipeline.obuilder.fetchers.local import LocalFetcher
 from pipeline.obuilder.full_store import store_spec
 from pipeline.obuilder.protocols import (
@@ -184,7 +190,7 @@ def test_an_unreachable_or_missing_docker_says_to_use_podman(
                                           r"use --engine podman$"):
         DockerStore(root.name, root.parent, "docker")
     with pytest.raises(MissingTool, match=r"^podman not found: apt-get install podman$"):
-        Engine("podman")
+        ContainerEngine("podman")
 
 
 def test_an_unusable_state_directory_is_one_line(tmp_path: Path,
@@ -254,6 +260,19 @@ async def test_a_result_is_its_image_and_its_metadata(builder: Builder, store: D
     await store.clean()
     assert not (root / "result" / result).exists()
     assert orphan not in engine_things(Names(root.name))["images"]
+
+
+async def test_steps_on_one_base_built_at_once_each_keep_their_image(
+        builder: Builder, store: DbStore, tmp_path: Path) -> None:
+    # Each step first names its base's image after itself: podman loses one of two names
+    # given to an image at once, unless the store gives them one at a time.
+    (tmp_path / "context").mkdir()
+    await build(builder, "((from busybox))", tmp_path / "context")
+    built = await asyncio.gather(*(
+        build(builder, f'((from busybox) (run (shell "echo {n} > /n")))', tmp_path / "context")
+        for n in range(8)))
+    results = await store.results()
+    assert all(id in results for id, _ in built)
 
 
 def test_cache_names_escape_to_distinct_volume_names() -> None:

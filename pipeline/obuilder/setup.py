@@ -81,7 +81,7 @@ def open_sandbox(store_root: Path, *, memory: int | None = None, cpus: float | N
     engine its images are in, see `stores.docker`), the docker sandbox on that engine; for the
     others, runc (see `RuncSandbox` for the options and what it raises). Raises BuildError for
     `fast_sync` with a docker store, which keeps the engine's seccomp profile."""
-    from pipeline.obuilder.engine import recorded_engine
+    from pipeline.obuilder.container_engine import recorded_engine
 
     engine = recorded_engine(store_root)
     if engine is None:
@@ -92,11 +92,11 @@ def open_sandbox(store_root: Path, *, memory: int | None = None, cpus: float | N
     if fast_sync:
         raise BuildError("--fast-sync is for the runc sandbox: the docker sandbox keeps the "
                          "engine's seccomp profile")
-    from pipeline.obuilder.engine import Engine, Names
+    from pipeline.obuilder.container_engine import Names, store_engine
     from pipeline.obuilder.sandboxes.docker import DockerSandbox
 
-    return DockerSandbox(sandbox_dir(store_root), Engine(engine), Names(store_root.name),
-                         memory=memory, cpus=cpus)
+    return DockerSandbox(sandbox_dir(store_root), store_engine(engine, store_root),
+                         Names(store_root.name), memory=memory, cpus=cpus)
 
 
 async def open_builder(store_spec: str, *, rsync_mode: str = "copy", fetcher: str | None = None,

@@ -161,11 +161,12 @@ class DebootstrapFetcher:
 
         Raises BuildError for an image that is not `debian:SUITE`, a suite debootstrap does not
         know, an architecture the mirror lacks for the suite, no mirror in the apt sources, or
-        debootstrap failing (naming its exit status; the reason is in the log); MissingTool if
-        debootstrap is not installed, or qemu's handler for an emulated platform is missing
-        (see `emulation.find_emulator`). Cancelling the calling task kills debootstrap and
-        everything it started. On failure or cancellation the file systems debootstrap mounted
-        inside `rootfs` are unmounted, so the store can discard it.
+        debootstrap failing (naming its exit status and its last `E:` line; the rest is in
+        the log); MissingTool if debootstrap is not installed, or qemu's handler for an
+        emulated platform is missing (see `emulation.find_emulator`). Cancelling the calling
+        task kills debootstrap and everything it started. On failure or cancellation the file
+        systems debootstrap mounted inside `rootfs` are unmounted, so the store can discard
+        it.
         """
         suite = suite_of(image)
         if shutil.which("debootstrap", path=DEFAULT_PATH) is None:

@@ -1,6 +1,6 @@
-"""The docker sandbox: each command runs in a container of a container engine (docker or podman,
-see `engine.py`) started from an image, as OBuilder's Docker sandbox does; it is also the
-`Workspaces` of the docker store's steps, whose root filesystems are images.
+"""The docker sandbox: each command runs in a container of a container engine (docker or
+podman, see `container_engine.py`) started from an image, as OBuilder's Docker sandbox does; it
+is also the `Workspaces` of the docker store's steps, whose root filesystems are images.
 
 `run(config, image)` makes a container of the image (`ENGINE create`) with the step's user,
 workdir, whole environment (nothing the engine would add), OBuilder's capability set
@@ -50,7 +50,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from pipeline.obuilder.engine import Engine, Names, summary
+from pipeline.obuilder.container_engine import ContainerEngine, Names, summary
 from pipeline.obuilder.fetchers.unpack import extract
 from pipeline.obuilder.locks import Owner, is_live_owner
 from pipeline.obuilder.manifest import Dir, Entry, File, Symlink
@@ -192,7 +192,7 @@ class DockerSandbox:
     (`--memory`, `--cpus`). Raises ValueError for a limit that is not positive.
     """
 
-    def __init__(self, state_dir: Path, engine: Engine, names: Names, *,
+    def __init__(self, state_dir: Path, engine: ContainerEngine, names: Names, *,
                  memory: int | None = None, cpus: float | None = None) -> None:
         if memory is not None and memory <= 0:
             raise ValueError(f"memory limit must be positive, not {memory}")
@@ -274,7 +274,7 @@ class DockerSandbox:
             status = await supervise(proc, log=tail, stdin=stdin, cancelled=cancelled,
                                      stop=lambda: self._kill(name, proc))
             if status == 0:
-                await self.engine("commit", name, image)
+                await self.engine.rename("commit", name, image)
             elif not await self._started(name):
                 raise BuildError(f"{self.engine.name} could not run the command: "
                                  f"{summary(tail.data)}")
@@ -405,7 +405,7 @@ class DockerSandbox:
             archive = scratch / "rootfs.tar"
             await run_tool("tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-C",
                            rootfs, "-cf", archive, ".")
-            await self.engine("import", str(archive), image)
+            await self.engine.rename("import", str(archive), image)
         finally:
             await asyncio.to_thread(shutil.rmtree, scratch, True)
 
@@ -423,7 +423,7 @@ class DockerSandbox:
                     await self._put(container, posixpath.dirname(target),
                                     [(entry, posixpath.basename(target))], plan.src_dir,
                                     uid=uid, gid=gid)
-            await self.engine("commit", container, image)
+            await self.engine.rename("commit", container, image)
 
     async def _put(self, container: str, directory: str, items: Sequence[tuple[Entry, str]],
                    src_dir: Path = Path("/"), *, uid: int, gid: int, what: str = "copy") -> None:

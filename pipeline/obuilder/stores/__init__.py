@@ -60,7 +60,7 @@ def _rsync(path: str, options: Options) -> Store:
 
 
 def _docker(path: str, options: Options) -> Store:
-    from pipeline.obuilder.engine import state_base
+    from pipeline.obuilder.container_engine import state_base
     from pipeline.obuilder.stores.docker import DockerStore
 
     return DockerStore(path, state_base(), options.engine)

@@ -1,9 +1,11 @@
-"""A store in a container engine (docker or podman, see `engine.py`): each result is an image
-tagged with its step id, as OBuilder's Docker store keeps them, and each named cache a volume.
+"""A store in a container engine (docker or podman, see `container_engine.py`): each result is
+an image tagged with its step id, as OBuilder's Docker store keeps them, and each named cache a
+volume.
 
-`docker:PREFIX` keeps its images and volumes under names made from PREFIX (`engine.Names`) and
-its host-side state in `$PIPELINE_DOCKER_STATE/PREFIX` (default `/var/lib/pipeline/docker/PREFIX`),
-the store's `root`, laid out as `DirectoryStore`'s without caches:
+`docker:PREFIX` keeps its images and volumes under names made from PREFIX
+(`container_engine.Names`) and its host-side state in `$PIPELINE_DOCKER_STATE/PREFIX` (default
+`/var/lib/pipeline/docker/PREFIX`), the store's `root`, laid out as `DirectoryStore`'s without
+caches:
 
     ROOT/result/ID/       a committed result's log and metadata (`env.json`, `digest`); the
                           result is this directory and the image `localhost/PREFIX:ID` together
@@ -33,15 +35,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from pipeline.obuilder.engine import (
+from pipeline.obuilder.container_engine import (
     DEFAULT_ENGINE,
     ENGINE_FILE,
     STATE_ENV,
-    Engine,
     Names,
     check_prefix,
     escape,
     recorded_engine,
+    store_engine,
 )
 from pipeline.obuilder.locks import if_free, is_live_owner
 from pipeline.obuilder.protocols import STATE_DIR, BuildError, DiskUsage
@@ -83,7 +85,7 @@ class DockerStore(DirectoryStore):
         if recorded is not None and engine is not None and engine != recorded:
             raise BuildError(f"the images of store docker:{prefix} are in {recorded}, not "
                              f"{engine}: use --engine {recorded} (or another prefix)")
-        self.engine = Engine(engine or recorded or DEFAULT_ENGINE)
+        self.engine = store_engine(engine or recorded or DEFAULT_ENGINE, root)
         require("cp")
         self._storage = self.engine.check()
         try:
@@ -114,7 +116,7 @@ class DockerStore(DirectoryStore):
         with tempfile.TemporaryFile(dir=self.state_dir) as empty:
             empty.write(_empty_tar())
             empty.seek(0)
-            await self.engine("import", "-", image, stdin=empty)
+            await self.engine.rename("import", "-", image, stdin=empty)
 
     # The Store protocol.
 
@@ -133,7 +135,7 @@ class DockerStore(DirectoryStore):
         else:
             try:
                 # Replaces whatever a killed build of the step left under the name.
-                await self.engine("tag", self.names.result(base), image)
+                await self.engine.rename("tag", self.names.result(base), image)
             except BuildError:
                 if await self.has_result(base):
                     raise

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from pipeline.obuilder.locks import FileLock
 from pipeline.obuilder.protocols import STATE_DIR, BuildError, MissingTool
-from pipeline.obuilder.stores.common import communicate, failure
+from pipeline.obuilder.stores.common import LOCK, communicate, failure
 
 ENGINES = ("docker", "podman")
 DEFAULT_ENGINE = "docker"
@@ -63,6 +64,12 @@ def recorded_engine(root: Path) -> str | None:
     if name not in ENGINES:
         raise BuildError(f"{root / STATE_DIR / ENGINE_FILE} names no engine ({name!r})")
     return name
+
+
+def store_engine(name: str, root: Path) -> ContainerEngine:
+    """The engine `name` as the docker store at `root` and its sandbox use it: its name changes
+    hold the store's lock `ROOT/state/lock/names`."""
+    return ContainerEngine(name, root / STATE_DIR / LOCK / "names")
 
 
 def state_base() -> Path:
@@ -156,15 +163,20 @@ def summary(stderr: bytes) -> str:
                                                                          "from daemon: ")
 
 
-class Engine:
+class ContainerEngine:
     """One container engine (`docker` or `podman`), run as its command-line client.
+
+    The commands that change the names of images (`tag`, `rmi`, `commit` and `import` with a
+    name) go through `rename`, which holds the lock file `names_lock` (shared by every process
+    using the store; none if None): podman loses one of two names given to an image at once.
 
     Raises BuildError for another name, MissingTool naming the Debian package (and, for docker,
     `--engine podman`) if the client is not installed. Nothing is asked of the engine until
     `check` or a call.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, names_lock: Path | None = None) -> None:
+        self.names_lock = names_lock
         if name not in _FLAVOURS:
             raise BuildError(f"unknown engine {name!r}: expected {' or '.join(ENGINES)}")
         self.name = name
@@ -211,6 +223,14 @@ class Engine:
             raise failure(f"{self.name} {args[0]} failed", summary(stderr))
         return output or b""
 
+    async def rename(self, *args: str, stdin: IO[bytes] | None = None) -> bytes:
+        """`ENGINE ARGS`, a command changing image names, holding `names_lock` (see the
+        class)."""
+        if self.names_lock is None:
+            return await self(*args, stdin=stdin)
+        async with FileLock(self.names_lock):
+            return await self(*args, stdin=stdin)
+
     async def quietly(self, *args: str) -> bool:
         """Run `ENGINE ARGS`, its output discarded; whether it succeeded (for removals that may
         find nothing to remove)."""
@@ -237,8 +257,11 @@ class Engine:
         """Remove the names `images` (the images too, once nothing else names or uses them).
         Raises BuildError if one is there and cannot be removed."""
         for image in images:
-            if not await self.quietly("rmi", image) and await self.image_exists(image):
-                await self("rmi", image)
+            try:
+                await self.rename("rmi", image)
+            except BuildError:
+                if await self.image_exists(image):
+                    raise
 
     async def containers(self, start: str) -> list[str]:
         """The names of the containers whose names start with `start`, running or not."""
