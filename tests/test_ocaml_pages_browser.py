@@ -69,6 +69,8 @@ def test_the_commit_page_rebuild_failed_and_the_badge(
         # The branch's history links to the commit's page.
         page.locator(f'#history tr[data-commit="{commit}"] a').click()
         page.wait_for_url(commit_page)
+        # The commit failed with its first failed build: the other jobs may still run.
+        reload_until(page, "!document.querySelector('#matrix [data-result=\"pending\"]')")
         expect(page.locator("#message")).to_contain_text("Say goodbye")
         expect(page.locator("#author")).to_have_text("Ann <ann@example.com>")
         expect(page.locator("#branches")).to_have_text("main (head)")
