@@ -97,8 +97,13 @@ def new_docker_root(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
 
 
 def engine_lines(*args: str) -> list[str]:
-    """What `ENGINE ARGS` prints, a line each."""
-    done = subprocess.run([_ENGINE_PATH, *args], check=True, capture_output=True, text=True)
+    """What `ENGINE ARGS` prints, a line each. Asked again, as the docker store asks, when the
+    engine fails because another process removed something it was listing."""
+    for attempt in range(5):
+        done = subprocess.run([_ENGINE_PATH, *args], capture_output=True, text=True)
+        if done.returncode == 0 or "not known" not in done.stderr or attempt == 4:
+            break
+    done.check_returncode()
     return done.stdout.split()
 
 

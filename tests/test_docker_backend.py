@@ -314,6 +314,31 @@ async def test_secrets_are_in_no_image_and_no_file_left(builder: Builder, store:
     assert leftovers == []
 
 
+async def test_a_listing_that_meets_a_removal_is_asked_for_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A client failing as podman's `images` does when an image goes while it lists them,
+    # twice, then answering; or failing otherwise.
+    client = tmp_path / "podman"
+    client.write_text(f"""#!/bin/sh
+n=0; [ -f {tmp_path}/calls ] && read n < {tmp_path}/calls; echo $((n + 1)) > {tmp_path}/calls
+case "$1:$n" in
+  images:0|images:1)
+    echo 'Error: retrieving parent of image "f2": reading image "bd": image not known' >&2
+    exit 125 ;;
+  images:*) echo localhost/p:a ;;
+  *) echo 'Error: something else' >&2; exit 125 ;;
+esac
+""")
+    client.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    engine = ContainerEngine("podman")
+    assert await engine.tags("localhost/p") == {"localhost/p:a"}
+    assert (tmp_path / "calls").read_text() == "3\n"
+    with pytest.raises(BuildError, match=r"^podman ps failed: something else$"):
+        await engine.containers("p-Run-")
+    assert (tmp_path / "calls").read_text() == "4\n"
+
+
 def test_engine_messages_are_one_line() -> None:
     podman = (b'Error: 1 error occurred:\n\t* copying to container: error during bulk transfer '
               b'for copier.request{Request:"PUT", Directory:"/etc"}: copier: put: error '

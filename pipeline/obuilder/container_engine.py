@@ -48,6 +48,9 @@ _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _SAFE = re.compile(r"[a-z0-9_.-]")
 # How long a command that only asks the engine something may take: a guard, not a measure.
 _ASK_TIMEOUT = 120
+_LISTING_ATTEMPTS = 5
+# The engines' words for a thing that another process removed while they looked at it.
+_GONE = re.compile(r"not known|no such (image|container|volume)", re.IGNORECASE)
 
 
 ENGINE_FILE = "engine"
@@ -240,9 +243,18 @@ class ContainerEngine:
         return await process.wait() == 0
 
     async def lines(self, *args: str) -> list[str]:
-        """The non-empty lines `ENGINE ARGS` prints (a listing)."""
-        return [line for line in (await self(*args)).decode(errors="replace").splitlines()
-                if line.strip()]
+        """The non-empty lines `ENGINE ARGS` prints (a listing). A listing that fails because
+        something listed went meanwhile (podman's `images` then cannot find an image's parent)
+        is asked for again, a few times."""
+        for attempt in range(_LISTING_ATTEMPTS):
+            try:
+                output = await self(*args)
+                break
+            except BuildError as error:
+                if attempt == _LISTING_ATTEMPTS - 1 or not _GONE.search(str(error)):
+                    raise
+                await asyncio.sleep(0.1 * (attempt + 1))
+        return [line for line in output.decode(errors="replace").splitlines() if line.strip()]
 
     async def image_exists(self, image: str) -> bool:
         """Whether `image` is in the engine."""
