@@ -38,11 +38,13 @@ ANALYSIS = "(analysis)"
 async def statuses(state: Path, repo: Repo, store: str, mirror: str, *options: str
                    ) -> dict[str, dict[str, Any]]:
     """The final status of each branch of `repo` ("main" passes, "broken" fails its tests)
-    under the OCaml CI pipeline with `options`, its state in `state`."""
+    under the OCaml CI pipeline with `options`, its state in `state`: every job finished, since
+    a commit fails at its first failed build while its other jobs may still run."""
     found = {}
     async with p.Engine(ci(repo, store, mirror, *options), state_dir=state):
         for branch in ("main", "broken"):
-            found[branch] = await final_status(state, repo, branch, await head(repo, branch))
+            found[branch] = await final_status(state, repo, branch, await head(repo, branch),
+                                               settled=True)
     return found
 
 
