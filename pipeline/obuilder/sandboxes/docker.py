@@ -46,7 +46,7 @@ import tarfile
 import time
 import weakref
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -264,7 +264,7 @@ class DockerSandbox:
                                                  interactive=stdin is not None))
             # Made as runc makes it (root's, mode 0755) if missing: podman refuses to start
             # in a missing workdir, and docker would make it differently.
-            await self._put(name, config.cwd, [], uid=0, gid=0, what="workdir")
+            await self._put(name, image, config.cwd, [], uid=0, gid=0, what="workdir")
             attach = ["--interactive"] if stdin is not None else []
             proc = await asyncio.create_subprocess_exec(
                 self.engine.path, "start", "--attach", *attach, name, cwd=scratch,
@@ -418,23 +418,30 @@ class DockerSandbox:
             for entry, target in zip(plan.sources, plan.targets, strict=True):
                 if isinstance(entry, Dir):
                     items = [(child, posixpath.basename(child.path)) for child in entry.entries]
-                    await self._put(container, target, items, plan.src_dir, uid=uid, gid=gid)
+                    await self._put(container, image, target, items, plan.src_dir, uid=uid,
+                                    gid=gid)
                 else:
-                    await self._put(container, posixpath.dirname(target),
+                    await self._put(container, image, posixpath.dirname(target),
                                     [(entry, posixpath.basename(target))], plan.src_dir,
                                     uid=uid, gid=gid)
             await self.engine.rename("commit", container, image)
 
-    async def _put(self, container: str, directory: str, items: Sequence[tuple[Entry, str]],
-                   src_dir: Path = Path("/"), *, uid: int, gid: int, what: str = "copy") -> None:
-        """Write `items` (read from `src_dir`) into `directory` of `container`, making the
-        directory and those above it that are missing (owned by `uid:gid`, mode 0755), and
-        only those. Raises BuildError starting with `what` if a directory on the way is not
-        one, or if the engine refuses the copy."""
+    async def _put(self, container: str, image: str, directory: str,
+                   items: Sequence[tuple[Entry, str]], src_dir: Path = Path("/"), *, uid: int,
+                   gid: int, what: str = "copy") -> None:
+        """Write `items` (read from `src_dir`) into `directory` of `container` (made of
+        `image`), making the directory and those above it that are missing (owned by
+        `uid:gid`, mode 0755), and only those. Raises BuildError starting with `what` if a
+        directory on the way is not one, or if the engine refuses the copy.
+
+        What is there is looked for in a container of its own: `_peek` stops `cp` half-way,
+        after which podman may fail to start or commit the container it copied from."""
         missing: list[str] = []
         where = directory
         scratch = self._private("copy")
-        try:
+        async with AsyncExitStack() as stack:
+            stack.push_async_callback(asyncio.to_thread, shutil.rmtree, scratch, True)
+            probe = None
             while True:
                 refused = None
                 if items or missing:
@@ -450,8 +457,10 @@ class DockerSandbox:
                         refused = error
                 if where == "/" and refused is None:
                     return
+                if probe is None:
+                    probe = await stack.enter_async_context(self._container(image))
                 # The engine says the same when `where` is missing and when it is a file.
-                found = await self._peek(container, where, content=False)
+                found = await self._peek(probe, where, content=False)
                 if found is None and where != "/":
                     missing.insert(0, posixpath.basename(where))
                     where = posixpath.dirname(where)
@@ -462,8 +471,6 @@ class DockerSandbox:
                 if refused is None:
                     return
                 raise BuildError(f"{what}: {refused}") from refused
-        finally:
-            await asyncio.to_thread(shutil.rmtree, scratch, True)
 
     async def read_file(self, image: str, path: str) -> bytes:
         """See `Workspace.read`, in the image `image`."""
